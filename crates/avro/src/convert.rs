@@ -1,0 +1,804 @@
+//! Record ⇄ Avro `Value`, one impl per wire type. Field order follows the `.avsc`.
+
+use crate::{Compiled, DecodeError};
+use apache_avro::types::Value;
+use meterflow_types::*;
+
+pub trait Record: Sized {
+    const NAME: &'static str;
+    #[doc(hidden)]
+    fn compiled() -> &'static Compiled;
+    fn to_value(&self) -> Value;
+    fn from_value(v: Value) -> Result<Self, DecodeError>;
+}
+
+fn s(v: &str) -> Value {
+    Value::String(v.to_string())
+}
+fn ts(v: Millis) -> Value {
+    Value::TimestampMillis(v)
+}
+fn dec(d: Dec) -> Value {
+    Value::Decimal(apache_avro::Decimal::from(d.raw().to_be_bytes()))
+}
+fn opt(v: Option<Value>) -> Value {
+    match v {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(v) => Value::Union(1, Box::new(v)),
+    }
+}
+fn rec(fields: Vec<(&str, Value)>) -> Value {
+    Value::Record(
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
+}
+
+/// Named access to a decoded record's fields.
+struct Fields {
+    schema: &'static str,
+    fields: Vec<(String, Value)>,
+}
+
+impl Fields {
+    fn new(schema: &'static str, v: Value) -> Result<Fields, DecodeError> {
+        match v {
+            Value::Record(fields) => Ok(Fields { schema, fields }),
+            other => Err(DecodeError::InvalidValue {
+                schema,
+                detail: format!("expected a record, got {other:?}"),
+            }),
+        }
+    }
+    fn bad(&self, name: &str, what: &str) -> DecodeError {
+        DecodeError::InvalidValue {
+            schema: self.schema,
+            detail: format!("field {name}: {what}"),
+        }
+    }
+    fn take(&mut self, name: &str) -> Result<Value, DecodeError> {
+        let i = self
+            .fields
+            .iter()
+            .position(|(k, _)| k == name)
+            .ok_or_else(|| self.bad(name, "missing"))?;
+        Ok(std::mem::replace(&mut self.fields[i].1, Value::Null))
+    }
+    fn string(&mut self, name: &str) -> Result<String, DecodeError> {
+        match self.take(name)? {
+            Value::String(s) => Ok(s),
+            _ => Err(self.bad(name, "not a string")),
+        }
+    }
+    fn long(&mut self, name: &str) -> Result<i64, DecodeError> {
+        match self.take(name)? {
+            Value::Long(v) | Value::TimestampMillis(v) => Ok(v),
+            Value::Int(v) => Ok(v as i64),
+            _ => Err(self.bad(name, "not a long")),
+        }
+    }
+    fn int(&mut self, name: &str) -> Result<i32, DecodeError> {
+        match self.take(name)? {
+            Value::Int(v) => Ok(v),
+            _ => Err(self.bad(name, "not an int")),
+        }
+    }
+    fn boolean(&mut self, name: &str) -> Result<bool, DecodeError> {
+        match self.take(name)? {
+            Value::Boolean(v) => Ok(v),
+            _ => Err(self.bad(name, "not a boolean")),
+        }
+    }
+    fn bytes(&mut self, name: &str) -> Result<Vec<u8>, DecodeError> {
+        match self.take(name)? {
+            Value::Bytes(v) => Ok(v),
+            _ => Err(self.bad(name, "not bytes")),
+        }
+    }
+    fn dec_value(&self, name: &str, v: Value) -> Result<Dec, DecodeError> {
+        let Value::Decimal(d) = v else {
+            return Err(self.bad(name, "not a decimal"));
+        };
+        let b: Vec<u8> = Vec::try_from(&d).map_err(|e| self.bad(name, &e.to_string()))?;
+        if b.is_empty() || b.len() > 16 {
+            return Err(self.bad(name, "decimal does not fit 128 bits"));
+        }
+        let fill = if b[0] & 0x80 != 0 { 0xFF } else { 0 };
+        let mut buf = [fill; 16];
+        buf[16 - b.len()..].copy_from_slice(&b);
+        let raw = i128::from_be_bytes(buf);
+        let d = Dec::from_raw(raw);
+        Dec::ZERO
+            .checked_add(d)
+            .map_err(|e| self.bad(name, &e.to_string()))
+    }
+    fn dec(&mut self, name: &str) -> Result<Dec, DecodeError> {
+        let v = self.take(name)?;
+        self.dec_value(name, v)
+    }
+    fn union(&mut self, name: &str) -> Result<Option<Value>, DecodeError> {
+        match self.take(name)? {
+            Value::Union(_, b) => match *b {
+                Value::Null => Ok(None),
+                v => Ok(Some(v)),
+            },
+            Value::Null => Ok(None),
+            _ => Err(self.bad(name, "not a union")),
+        }
+    }
+    fn opt_string(&mut self, name: &str) -> Result<Option<String>, DecodeError> {
+        match self.union(name)? {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(self.bad(name, "not a string")),
+        }
+    }
+    fn opt_long(&mut self, name: &str) -> Result<Option<i64>, DecodeError> {
+        match self.union(name)? {
+            None => Ok(None),
+            Some(Value::Long(v)) => Ok(Some(v)),
+            Some(_) => Err(self.bad(name, "not a long")),
+        }
+    }
+    fn opt_dec(&mut self, name: &str) -> Result<Option<Dec>, DecodeError> {
+        match self.union(name)? {
+            None => Ok(None),
+            Some(v) => self.dec_value(name, v).map(Some),
+        }
+    }
+    fn opt_bytes(&mut self, name: &str) -> Result<Option<Vec<u8>>, DecodeError> {
+        match self.union(name)? {
+            None => Ok(None),
+            Some(Value::Bytes(b)) => Ok(Some(b)),
+            Some(_) => Err(self.bad(name, "not bytes")),
+        }
+    }
+    fn record(&mut self, name: &str) -> Result<Fields, DecodeError> {
+        let v = self.take(name)?;
+        Fields::new(self.schema, v)
+    }
+}
+
+fn counters_value(c: &Counters) -> Value {
+    rec(c
+        .fields()
+        .iter()
+        .map(|(k, v)| (*k, Value::Long(*v)))
+        .collect())
+}
+fn counters_from(mut f: Fields) -> Result<Counters, DecodeError> {
+    Ok(Counters {
+        cpu_time_ns: f.long("cpu_time_ns")?,
+        net_rx_bytes: f.long("net_rx_bytes")?,
+        net_tx_bytes: f.long("net_tx_bytes")?,
+        disk_read_bytes: f.long("disk_read_bytes")?,
+        disk_write_bytes: f.long("disk_write_bytes")?,
+    })
+}
+
+impl Record for Sample {
+    const NAME: &'static str = "Sample";
+    fn compiled() -> &'static Compiled {
+        crate::sample_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("id", s(&self.id)),
+            ("instance_id", s(&self.instance_id)),
+            ("node_id", s(&self.node_id)),
+            ("site", s(&self.site)),
+            ("kind", s(&self.kind)),
+            ("incarnation", s(&self.incarnation)),
+            ("seq", Value::Long(self.seq)),
+            ("interval_start", ts(self.interval_start)),
+            ("interval_end", ts(self.interval_end)),
+            ("counters", counters_value(&self.counters)),
+            ("deltas", counters_value(&self.deltas)),
+            ("vcpus", Value::Int(self.vcpus)),
+            ("memory_alloc_bytes", Value::Long(self.memory_alloc_bytes)),
+            (
+                "memory_used_bytes",
+                opt(self.memory_used_bytes.map(Value::Long)),
+            ),
+            ("owner_hint", opt(self.owner_hint.as_deref().map(s))),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        Ok(Sample {
+            id: f.string("id")?,
+            instance_id: f.string("instance_id")?,
+            node_id: f.string("node_id")?,
+            site: f.string("site")?,
+            kind: f.string("kind")?,
+            incarnation: f.string("incarnation")?,
+            seq: f.long("seq")?,
+            interval_start: f.long("interval_start")?,
+            interval_end: f.long("interval_end")?,
+            counters: counters_from(f.record("counters")?)?,
+            deltas: counters_from(f.record("deltas")?)?,
+            vcpus: f.int("vcpus")?,
+            memory_alloc_bytes: f.long("memory_alloc_bytes")?,
+            memory_used_bytes: f.opt_long("memory_used_bytes")?,
+            owner_hint: f.opt_string("owner_hint")?,
+        })
+    }
+}
+
+impl Record for NodeHeartbeat {
+    const NAME: &'static str = "NodeHeartbeat";
+    fn compiled() -> &'static Compiled {
+        crate::node_heartbeat_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("node_id", s(&self.node_id)),
+            ("site", s(&self.site)),
+            ("version", s(&self.version)),
+            ("time", ts(self.time)),
+            ("instances", Value::Int(self.instances)),
+            ("retired", Value::Boolean(self.retired)),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        Ok(NodeHeartbeat {
+            node_id: f.string("node_id")?,
+            site: f.string("site")?,
+            version: f.string("version")?,
+            time: f.long("time")?,
+            instances: f.int("instances")?,
+            retired: f.boolean("retired")?,
+        })
+    }
+}
+
+impl Record for InstanceState {
+    const NAME: &'static str = "InstanceState";
+    fn compiled() -> &'static Compiled {
+        crate::instance_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("instance_id", s(&self.instance_id)),
+            ("node_id", s(&self.node_id)),
+            ("site", s(&self.site)),
+            ("kind", s(&self.kind)),
+            ("name", s(&self.name)),
+            ("state", s(&self.state)),
+            ("hypervisor", s(&self.hypervisor)),
+            ("flavor", opt(self.flavor.as_deref().map(s))),
+            ("vcpus", Value::Int(self.vcpus)),
+            ("memory_alloc_bytes", Value::Long(self.memory_alloc_bytes)),
+            ("first_seen", ts(self.first_seen)),
+            ("last_seen", ts(self.last_seen)),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        Ok(InstanceState {
+            instance_id: f.string("instance_id")?,
+            node_id: f.string("node_id")?,
+            site: f.string("site")?,
+            kind: f.string("kind")?,
+            name: f.string("name")?,
+            state: f.string("state")?,
+            hypervisor: f.string("hypervisor")?,
+            flavor: f.opt_string("flavor")?,
+            vcpus: f.int("vcpus")?,
+            memory_alloc_bytes: f.long("memory_alloc_bytes")?,
+            first_seen: f.long("first_seen")?,
+            last_seen: f.long("last_seen")?,
+        })
+    }
+}
+
+impl Record for Ownership {
+    const NAME: &'static str = "Ownership";
+    fn compiled() -> &'static Compiled {
+        crate::ownership_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("instance_id", s(&self.instance_id)),
+            ("user_id", s(&self.user_id)),
+            ("entity_id", s(&self.entity_id)),
+            ("project", opt(self.project.as_deref().map(s))),
+            ("valid_from", ts(self.valid_from)),
+            ("source", s(&self.source)),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        Ok(Ownership {
+            instance_id: f.string("instance_id")?,
+            user_id: f.string("user_id")?,
+            entity_id: f.string("entity_id")?,
+            project: f.opt_string("project")?,
+            valid_from: f.long("valid_from")?,
+            source: f.string("source")?,
+        })
+    }
+}
+
+impl Record for Usage {
+    const NAME: &'static str = "Usage";
+    fn compiled() -> &'static Compiled {
+        crate::usage_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("id", s(&self.id)),
+            ("sample_id", s(&self.sample_id)),
+            ("instance_id", s(&self.instance_id)),
+            ("entity_id", s(&self.entity_id)),
+            ("user_id", s(&self.user_id)),
+            ("project", opt(self.project.as_deref().map(s))),
+            ("node_id", s(&self.node_id)),
+            ("site", s(&self.site)),
+            ("kind", s(&self.kind)),
+            ("flavor", opt(self.flavor.as_deref().map(s))),
+            ("interval_start", ts(self.interval_start)),
+            ("interval_end", ts(self.interval_end)),
+            ("vcpu_seconds", dec(self.vcpu_seconds)),
+            ("cpu_seconds", dec(self.cpu_seconds)),
+            ("memory_byte_seconds", dec(self.memory_byte_seconds)),
+            (
+                "memory_used_byte_seconds",
+                opt(self.memory_used_byte_seconds.map(dec)),
+            ),
+            ("net_rx_bytes", dec(self.net_rx_bytes)),
+            ("net_tx_bytes", dec(self.net_tx_bytes)),
+            ("disk_read_bytes", dec(self.disk_read_bytes)),
+            ("disk_write_bytes", dec(self.disk_write_bytes)),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        Ok(Usage {
+            id: f.string("id")?,
+            sample_id: f.string("sample_id")?,
+            instance_id: f.string("instance_id")?,
+            entity_id: f.string("entity_id")?,
+            user_id: f.string("user_id")?,
+            project: f.opt_string("project")?,
+            node_id: f.string("node_id")?,
+            site: f.string("site")?,
+            kind: f.string("kind")?,
+            flavor: f.opt_string("flavor")?,
+            interval_start: f.long("interval_start")?,
+            interval_end: f.long("interval_end")?,
+            vcpu_seconds: f.dec("vcpu_seconds")?,
+            cpu_seconds: f.dec("cpu_seconds")?,
+            memory_byte_seconds: f.dec("memory_byte_seconds")?,
+            memory_used_byte_seconds: f.opt_dec("memory_used_byte_seconds")?,
+            net_rx_bytes: f.dec("net_rx_bytes")?,
+            net_tx_bytes: f.dec("net_tx_bytes")?,
+            disk_read_bytes: f.dec("disk_read_bytes")?,
+            disk_write_bytes: f.dec("disk_write_bytes")?,
+        })
+    }
+}
+
+impl Record for RatedEvent {
+    const NAME: &'static str = "RatedEvent";
+    fn compiled() -> &'static Compiled {
+        crate::rated_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("id", s(&self.id)),
+            ("rule_id", s(&self.rule_id)),
+            ("rule_version", Value::Int(self.rule_version)),
+            ("entity_id", s(&self.entity_id)),
+            ("resource_id", s(&self.resource_id)),
+            ("window_start", ts(self.window_start)),
+            ("window_end", ts(self.window_end)),
+            ("unit", s(&self.unit)),
+            ("quantity", dec(self.quantity)),
+            ("unit_price", dec(self.unit_price)),
+            ("amount", dec(self.amount)),
+            ("currency", s(&self.currency)),
+            ("adjustment", Value::Boolean(self.adjustment)),
+            ("usage_records", Value::Long(self.usage_records)),
+            ("source_partition", Value::Int(self.source_partition)),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        Ok(RatedEvent {
+            id: f.string("id")?,
+            rule_id: f.string("rule_id")?,
+            rule_version: f.int("rule_version")?,
+            entity_id: f.string("entity_id")?,
+            resource_id: f.string("resource_id")?,
+            window_start: f.long("window_start")?,
+            window_end: f.long("window_end")?,
+            unit: f.string("unit")?,
+            quantity: f.dec("quantity")?,
+            unit_price: f.dec("unit_price")?,
+            amount: f.dec("amount")?,
+            currency: f.string("currency")?,
+            adjustment: f.boolean("adjustment")?,
+            usage_records: f.long("usage_records")?,
+            source_partition: f.int("source_partition")?,
+        })
+    }
+}
+
+impl Record for Watermark {
+    const NAME: &'static str = "Watermark";
+    fn compiled() -> &'static Compiled {
+        crate::watermark_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("stage", s(&self.stage)),
+            ("source_partition", Value::Int(self.source_partition)),
+            ("source_partitions", Value::Int(self.source_partitions)),
+            ("time", ts(self.time)),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        let w = Watermark {
+            stage: f.string("stage")?,
+            source_partition: f.int("source_partition")?,
+            source_partitions: f.int("source_partitions")?,
+            time: f.long("time")?,
+        };
+        if w.source_partitions <= 0
+            || w.source_partition < 0
+            || w.source_partition >= w.source_partitions
+        {
+            return Err(f.bad("source_partition", "outside 0..source_partitions"));
+        }
+        Ok(w)
+    }
+}
+
+impl Record for DlqRecord {
+    const NAME: &'static str = "DlqRecord";
+    fn compiled() -> &'static Compiled {
+        crate::dlq_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("id", s(&self.id)),
+            ("stage", s(&self.stage)),
+            ("topic", s(&self.topic)),
+            ("partition", Value::Int(self.partition)),
+            ("offset", Value::Long(self.offset)),
+            ("reason_code", s(&self.reason_code)),
+            ("reason", s(&self.reason)),
+            ("key", opt(self.key.clone().map(Value::Bytes))),
+            ("payload", Value::Bytes(self.payload.clone())),
+            ("time", ts(self.time)),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        Ok(DlqRecord {
+            id: f.string("id")?,
+            stage: f.string("stage")?,
+            topic: f.string("topic")?,
+            partition: f.int("partition")?,
+            offset: f.long("offset")?,
+            reason_code: f.string("reason_code")?,
+            reason: f.string("reason")?,
+            key: f.opt_bytes("key")?,
+            payload: f.bytes("payload")?,
+            time: f.long("time")?,
+        })
+    }
+}
+
+impl Record for RaterCheckpoint {
+    const NAME: &'static str = "RaterCheckpoint";
+    fn compiled() -> &'static Compiled {
+        crate::rater_checkpoint_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("ruleset", s(&self.ruleset)),
+            ("partition", Value::Int(self.partition)),
+            ("resume_offset", Value::Long(self.resume_offset)),
+            ("position", Value::Long(self.position)),
+            (
+                "source_times",
+                Value::Array(self.source_times.iter().map(|t| Value::Long(*t)).collect()),
+            ),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        let ruleset = f.string("ruleset")?;
+        let partition = f.int("partition")?;
+        let resume_offset = f.long("resume_offset")?;
+        let position = f.long("position")?;
+        let Value::Array(items) = f.take("source_times")? else {
+            return Err(f.bad("source_times", "not an array"));
+        };
+        let mut source_times = Vec::with_capacity(items.len());
+        for it in items {
+            match it {
+                Value::Long(t) => source_times.push(t),
+                _ => return Err(f.bad("source_times", "item not a long")),
+            }
+        }
+        Ok(RaterCheckpoint {
+            ruleset,
+            partition,
+            resume_offset,
+            position,
+            source_times,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::*;
+    use apache_avro::Schema;
+
+    fn d(s: &str) -> Dec {
+        s.parse().expect("decimal")
+    }
+
+    fn sample() -> Sample {
+        Sample {
+            id: "s1".into(),
+            instance_id: "i-1".into(),
+            node_id: "n1".into(),
+            site: "eu-1".into(),
+            kind: "vm".into(),
+            incarnation: "7".into(),
+            seq: 3,
+            interval_start: 1_700_000_000_000,
+            interval_end: 1_700_000_010_000,
+            counters: Counters {
+                cpu_time_ns: 10,
+                net_rx_bytes: 1,
+                net_tx_bytes: 2,
+                disk_read_bytes: 3,
+                disk_write_bytes: 4,
+            },
+            deltas: Counters {
+                cpu_time_ns: 5,
+                ..Default::default()
+            },
+            vcpus: 2,
+            memory_alloc_bytes: 1 << 30,
+            memory_used_bytes: Some(1 << 29),
+            owner_hint: None,
+        }
+    }
+    fn usage() -> Usage {
+        Usage {
+            id: "u".into(),
+            sample_id: "s".into(),
+            instance_id: "i".into(),
+            entity_id: "e".into(),
+            user_id: "u1".into(),
+            project: Some("p".into()),
+            node_id: "n".into(),
+            site: "x".into(),
+            kind: "vm".into(),
+            flavor: None,
+            interval_start: 0,
+            interval_end: 10,
+            vcpu_seconds: d("20"),
+            cpu_seconds: d("0.000000001"),
+            memory_byte_seconds: d("-99999999999999999999999999999.999999999"),
+            memory_used_byte_seconds: Some(d("1.5")),
+            net_rx_bytes: d("0"),
+            net_tx_bytes: d("170141183460469231731.687303715"),
+            disk_read_bytes: d("-1"),
+            disk_write_bytes: d("256"),
+        }
+    }
+    fn rated() -> RatedEvent {
+        RatedEvent {
+            id: "r".into(),
+            rule_id: "vcpu".into(),
+            rule_version: 1,
+            entity_id: "e".into(),
+            resource_id: String::new(),
+            window_start: 0,
+            window_end: 3_600_000,
+            unit: "vcpu_hour".into(),
+            quantity: d("2"),
+            unit_price: d("0.036"),
+            amount: d("0.072"),
+            currency: "USD".into(),
+            adjustment: false,
+            usage_records: 360,
+            source_partition: 2,
+        }
+    }
+
+    fn round_trip<R: Record + PartialEq + std::fmt::Debug + Clone>(r: R, json: &str) {
+        assert!(
+            value_is_valid(&r),
+            "{} value does not validate against its schema",
+            R::NAME
+        );
+        let bytes = encode(&r);
+        assert_eq!(decode::<R>(&bytes).expect("decodes"), r);
+        // the Rust type's fields are exactly the .avsc's fields, in order
+        let Value::Record(fields) = r.to_value() else {
+            panic!("record")
+        };
+        let Schema::Record(rs) = Schema::parse_str(json).expect("schema") else {
+            panic!("record schema")
+        };
+        let names: Vec<_> = fields.iter().map(|(k, _)| k.clone()).collect();
+        let schema_names: Vec<_> = rs.fields.iter().map(|f| f.name.clone()).collect();
+        assert_eq!(names, schema_names, "{} disagrees with its .avsc", R::NAME);
+        // every truncation is an error, never a panic
+        for cut in 0..bytes.len() {
+            assert!(
+                decode::<R>(&bytes[..cut]).is_err(),
+                "{} truncated at {cut} decoded",
+                R::NAME
+            );
+        }
+    }
+
+    #[test]
+    fn every_type_round_trips_and_agrees_with_its_avsc() {
+        round_trip(sample(), schemas::SAMPLE);
+        let mut s2 = sample();
+        s2.memory_used_bytes = None;
+        s2.owner_hint = Some("acme".into());
+        round_trip(s2, schemas::SAMPLE);
+        round_trip(
+            NodeHeartbeat {
+                node_id: "n".into(),
+                site: "s".into(),
+                version: "0.1".into(),
+                time: 5,
+                instances: 3,
+                retired: true,
+            },
+            schemas::NODE_HEARTBEAT,
+        );
+        round_trip(
+            InstanceState {
+                instance_id: "i".into(),
+                node_id: "n".into(),
+                site: "s".into(),
+                kind: "vm".into(),
+                name: "web".into(),
+                state: "running".into(),
+                hypervisor: "test".into(),
+                flavor: Some("m1.small".into()),
+                vcpus: 1,
+                memory_alloc_bytes: 2,
+                first_seen: 3,
+                last_seen: 4,
+            },
+            schemas::INSTANCE,
+        );
+        round_trip(
+            Ownership {
+                instance_id: "i".into(),
+                user_id: "u".into(),
+                entity_id: "e".into(),
+                project: None,
+                valid_from: 9,
+                source: "cli".into(),
+            },
+            schemas::OWNERSHIP,
+        );
+        round_trip(usage(), schemas::USAGE);
+        round_trip(rated(), schemas::RATED);
+        round_trip(
+            Watermark {
+                stage: "enricher".into(),
+                source_partition: 1,
+                source_partitions: 3,
+                time: 77,
+            },
+            schemas::WATERMARK,
+        );
+        round_trip(
+            DlqRecord {
+                id: "x".into(),
+                stage: "enricher".into(),
+                topic: "t".into(),
+                partition: 0,
+                offset: 5,
+                reason_code: "undecodable".into(),
+                reason: "why".into(),
+                key: Some(vec![1, 2]),
+                payload: vec![0, 255],
+                time: 1,
+            },
+            schemas::DLQ,
+        );
+        round_trip(
+            RaterCheckpoint {
+                ruleset: "r".into(),
+                partition: 1,
+                resume_offset: 5,
+                position: 9,
+                source_times: vec![i64::MIN, 3],
+            },
+            schemas::RATER_CHECKPOINT,
+        );
+    }
+
+    #[test]
+    fn topics_dispatch_on_the_schema_fingerprint() {
+        let hb = NodeHeartbeat {
+            node_id: "n".into(),
+            site: "s".into(),
+            version: "v".into(),
+            time: 5,
+            instances: 0,
+            retired: false,
+        };
+        assert_eq!(
+            decode_samples_msg(&encode(&sample())).expect("ok"),
+            SamplesMsg::Sample(sample())
+        );
+        assert_eq!(
+            decode_samples_msg(&encode(&hb)).expect("ok"),
+            SamplesMsg::Heartbeat(hb)
+        );
+        assert!(matches!(
+            decode_usage_msg(&encode(&usage())),
+            Ok(UsageMsg::Usage(_))
+        ));
+        assert!(matches!(
+            decode_rated_msg(&encode(&rated())),
+            Ok(RatedMsg::Rated(_))
+        ));
+    }
+
+    #[test]
+    fn bad_bytes_get_reason_codes() {
+        assert_eq!(
+            decode_samples_msg(b"hello world").map_err(|e| e.reason_code()),
+            Err("undecodable")
+        );
+        assert_eq!(
+            decode_samples_msg(&encode(&usage())).map_err(|e| e.reason_code()),
+            Err("wrong_schema")
+        );
+        assert_eq!(
+            decode_samples_msg(&vec![0u8; MAX_MESSAGE_BYTES + 1]).map_err(|e| e.reason_code()),
+            Err("oversized")
+        );
+        let mut b = encode(&sample());
+        b.push(0);
+        assert_eq!(
+            decode::<Sample>(&b).map_err(|e| e.reason_code()),
+            Err("undecodable")
+        );
+        // a decimal longer than 128 bits
+        let mut v = usage().to_value();
+        if let Value::Record(f) = &mut v {
+            f[12].1 = Value::Decimal(apache_avro::Decimal::from(vec![1u8; 17]));
+        }
+        assert_eq!(
+            Usage::from_value(v).map_err(|e| e.reason_code()),
+            Err("invalid_value")
+        );
+        // invalid watermark partition
+        let w = Watermark {
+            stage: "e".into(),
+            source_partition: 3,
+            source_partitions: 3,
+            time: 0,
+        };
+        assert_eq!(
+            decode::<Watermark>(&encode(&w)).map_err(|e| e.reason_code()),
+            Err("invalid_value")
+        );
+    }
+}

@@ -1,0 +1,210 @@
+//! The only crate that knows Avro. Every record travels as Avro single-object encoding
+//! (`C3 01`, the schema's 8-byte CRC-64-AVRO fingerprint, then the datum), so a consumer
+//! can tell which schema a message claims before decoding it, and reject the rest with a
+//! reason code instead of guessing.
+
+use apache_avro::types::Value;
+use apache_avro::{rabin::Rabin, Schema};
+use meterflow_types::*;
+use std::sync::OnceLock;
+
+mod convert;
+pub use convert::Record;
+
+/// Wire schemas, compiled in from `schemas/*.avsc`.
+pub mod schemas {
+    pub const SAMPLE: &str = include_str!("../../../schemas/sample.avsc");
+    pub const NODE_HEARTBEAT: &str = include_str!("../../../schemas/node_heartbeat.avsc");
+    pub const INSTANCE: &str = include_str!("../../../schemas/instance.avsc");
+    pub const OWNERSHIP: &str = include_str!("../../../schemas/ownership.avsc");
+    pub const USAGE: &str = include_str!("../../../schemas/usage.avsc");
+    pub const RATED: &str = include_str!("../../../schemas/rated.avsc");
+    pub const WATERMARK: &str = include_str!("../../../schemas/watermark.avsc");
+    pub const DLQ: &str = include_str!("../../../schemas/dlq.avsc");
+    pub const RATER_CHECKPOINT: &str = include_str!("../../../schemas/rater_checkpoint.avsc");
+}
+
+/// Messages larger than this are refused before decoding (reason `oversized`).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("message of {0} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")]
+    Oversized(usize),
+    #[error("not Avro single-object encoding (missing C3 01 header)")]
+    NoHeader,
+    #[error("schema fingerprint {0} is not one this stage accepts")]
+    UnknownSchema(String),
+    #[error("undecodable {schema} datum: {detail}")]
+    Undecodable {
+        schema: &'static str,
+        detail: String,
+    },
+    #[error("invalid value in {schema}: {detail}")]
+    InvalidValue {
+        schema: &'static str,
+        detail: String,
+    },
+}
+
+impl DecodeError {
+    /// Stable reason code for the dead-letter topic.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            DecodeError::Oversized(_) => "oversized",
+            DecodeError::NoHeader => "undecodable",
+            DecodeError::UnknownSchema(_) => "wrong_schema",
+            DecodeError::Undecodable { .. } => "undecodable",
+            DecodeError::InvalidValue { .. } => "invalid_value",
+        }
+    }
+}
+
+#[doc(hidden)]
+pub struct Compiled {
+    pub schema: Schema,
+    pub header: [u8; 10],
+}
+
+fn compile(json: &str) -> Compiled {
+    // The schemas are compiled into the binary and checked by the tests below.
+    #[allow(clippy::expect_used)]
+    let schema = Schema::parse_str(json).expect("embedded schema parses");
+    let fp = schema.fingerprint::<Rabin>();
+    let mut header = [0u8; 10];
+    header[0] = 0xC3;
+    header[1] = 0x01;
+    header[2..10].copy_from_slice(&fp.bytes[..8]);
+    Compiled { schema, header }
+}
+
+macro_rules! compiled {
+    ($fn:ident, $json:expr) => {
+        pub(crate) fn $fn() -> &'static Compiled {
+            static C: OnceLock<Compiled> = OnceLock::new();
+            C.get_or_init(|| compile($json))
+        }
+    };
+}
+compiled!(sample_c, schemas::SAMPLE);
+compiled!(node_heartbeat_c, schemas::NODE_HEARTBEAT);
+compiled!(instance_c, schemas::INSTANCE);
+compiled!(ownership_c, schemas::OWNERSHIP);
+compiled!(usage_c, schemas::USAGE);
+compiled!(rated_c, schemas::RATED);
+compiled!(watermark_c, schemas::WATERMARK);
+compiled!(dlq_c, schemas::DLQ);
+compiled!(rater_checkpoint_c, schemas::RATER_CHECKPOINT);
+
+/// Encode one record as Avro single-object encoding.
+pub fn encode<R: Record>(r: &R) -> Vec<u8> {
+    let c = R::compiled();
+    // A value built by `to_value` always matches its own schema (tested).
+    #[allow(clippy::expect_used)]
+    let datum =
+        apache_avro::to_avro_datum(&c.schema, r.to_value()).expect("record matches its schema");
+    let mut out = Vec::with_capacity(10 + datum.len());
+    out.extend_from_slice(&c.header);
+    out.extend_from_slice(&datum);
+    out
+}
+
+/// Decode a record of a known type.
+pub fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
+    let body = check_header(bytes, R::compiled())?;
+    decode_body::<R>(body)
+}
+
+fn check_header<'a>(bytes: &'a [u8], c: &Compiled) -> Result<&'a [u8], DecodeError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError::Oversized(bytes.len()));
+    }
+    if bytes.len() < 10 || bytes[0] != 0xC3 || bytes[1] != 0x01 {
+        return Err(DecodeError::NoHeader);
+    }
+    if bytes[..10] != c.header {
+        return Err(DecodeError::UnknownSchema(hex(&bytes[2..10])));
+    }
+    Ok(&bytes[10..])
+}
+
+fn decode_body<R: Record>(mut body: &[u8]) -> Result<R, DecodeError> {
+    let c = R::compiled();
+    let v = apache_avro::from_avro_datum(&c.schema, &mut body, None).map_err(|e| {
+        DecodeError::Undecodable {
+            schema: R::NAME,
+            detail: e.to_string(),
+        }
+    })?;
+    if !body.is_empty() {
+        return Err(DecodeError::Undecodable {
+            schema: R::NAME,
+            detail: format!("{} trailing bytes", body.len()),
+        });
+    }
+    R::from_value(v)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// What may appear on the samples topic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SamplesMsg {
+    Sample(Sample),
+    Heartbeat(NodeHeartbeat),
+}
+/// What may appear on the usage topic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UsageMsg {
+    Usage(Usage),
+    Watermark(Watermark),
+}
+/// What may appear on the rated topic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RatedMsg {
+    Rated(RatedEvent),
+    Watermark(Watermark),
+}
+
+fn dispatch2<A: Record, B: Record>(bytes: &[u8]) -> Result<Result<A, B>, DecodeError> {
+    if bytes.len() >= 10 && bytes[..10] == B::compiled().header {
+        return decode::<B>(bytes).map(Err);
+    }
+    decode::<A>(bytes).map(Ok)
+}
+
+pub fn decode_samples_msg(bytes: &[u8]) -> Result<SamplesMsg, DecodeError> {
+    Ok(match dispatch2::<Sample, NodeHeartbeat>(bytes)? {
+        Ok(s) => SamplesMsg::Sample(s),
+        Err(h) => SamplesMsg::Heartbeat(h),
+    })
+}
+pub fn decode_usage_msg(bytes: &[u8]) -> Result<UsageMsg, DecodeError> {
+    Ok(match dispatch2::<Usage, Watermark>(bytes)? {
+        Ok(u) => UsageMsg::Usage(u),
+        Err(w) => UsageMsg::Watermark(w),
+    })
+}
+pub fn decode_rated_msg(bytes: &[u8]) -> Result<RatedMsg, DecodeError> {
+    Ok(match dispatch2::<RatedEvent, Watermark>(bytes)? {
+        Ok(r) => RatedMsg::Rated(r),
+        Err(w) => RatedMsg::Watermark(w),
+    })
+}
+
+/// The schema of a record type, for tools and tests.
+pub fn schema_of<R: Record>() -> &'static Schema {
+    &R::compiled().schema
+}
+
+/// Turn a value into JSON for display (used by `meterflow` tooling).
+pub fn value_is_valid<R: Record>(r: &R) -> bool {
+    r.to_value().validate(&R::compiled().schema)
+}
+
+#[doc(hidden)]
+pub fn _value_of<R: Record>(r: &R) -> Value {
+    r.to_value()
+}

@@ -1,0 +1,73 @@
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// How a stage makes its output exact.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// Offsets committed only after the output was acknowledged; deterministic ids make
+    /// every downstream stage drop the duplicates a replay produces. Works on any broker.
+    #[default]
+    AtLeastOnce,
+    /// Kafka transactions: output and input offsets commit atomically (read_committed).
+    /// Needs a broker with transactions; the ids keep it exact either way.
+    ExactlyOnce,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topics {
+    pub samples: String,
+    pub instances: String,
+    pub ownership: String,
+    pub usage: String,
+    pub rated: String,
+    pub dlq: String,
+    pub control: String,
+    pub rater_state: String,
+}
+
+impl Default for Topics {
+    fn default() -> Topics {
+        Topics {
+            samples: "meterflow.samples".into(),
+            instances: "meterflow.instances".into(),
+            ownership: "meterflow.ownership".into(),
+            usage: "meterflow.usage".into(),
+            rated: "meterflow.rated".into(),
+            dlq: "meterflow.dlq".into(),
+            control: "meterflow.control".into(),
+            rater_state: "meterflow.rater-state".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap servers.
+    pub brokers: String,
+    pub delivery: Delivery,
+    pub topics: Topics,
+    /// Partitions for topics meterflow creates.
+    pub partitions: i32,
+    pub replication: i32,
+    /// Producer linger (batching) in milliseconds.
+    pub linger_ms: u32,
+    /// Raw librdkafka properties, applied last.
+    pub client: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> KafkaConfig {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            delivery: Delivery::AtLeastOnce,
+            topics: Topics::default(),
+            partitions: 4,
+            replication: 1,
+            linger_ms: 5,
+            client: BTreeMap::new(),
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The only crate that knows rdkafka: client configuration, topic creation, a stage's
+//! consume → produce → commit loop with the delivery model as a type, the dead-letter
+//! helper, compacted-table reads and the embedded (mock) broker for `meterflow up`.
+
+mod config;
+mod outbox;
+mod stage;
+mod table;
+
+pub use config::{Delivery, KafkaConfig, Topics};
+pub use outbox::Outbox;
+pub use rdkafka::message::{Message, OwnedMessage};
+pub use stage::now_ms;
+pub use stage::{Assignment, Batch, StageIo};
+pub use table::{high_watermarks, read_table, TableRecord};
+
+use anyhow::{Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureProducer;
+use std::time::Duration;
+
+pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", client_id)
+        .set("broker.address.family", "v4")
+        .set("log_level", "3")
+        .set("partitioner", "murmur2_random");
+    for (k, v) in &cfg.client {
+        c.set(k, v);
+    }
+    c
+}
+
+/// An idempotent producer: ordered per partition, no duplicates from retries.
+pub fn producer(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    transactional_id: Option<&str>,
+) -> Result<FutureProducer> {
+    let mut c = client_config(cfg, client_id);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set("message.timeout.ms", "120000")
+        .set("queue.buffering.max.messages", "500000");
+    if let Some(t) = transactional_id {
+        c.set("transactional.id", t);
+    }
+    c.create().context("creating Kafka producer")
+}
+
+/// Create the topics meterflow uses if they do not exist (compacted where the brief says so).
+pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg, "meterflow-admin")
+        .create()
+        .context("creating Kafka admin client")?;
+    let t = &cfg.topics;
+    let compact = [("cleanup.policy", "compact")];
+    let plain: [(&str, &str); 0] = [];
+    let specs: Vec<(&str, i32, &[(&str, &str)])> = vec![
+        (&t.samples, cfg.partitions, &plain),
+        (&t.instances, cfg.partitions, &compact),
+        (&t.ownership, cfg.partitions, &compact),
+        (&t.usage, cfg.partitions, &plain),
+        (&t.rated, cfg.partitions, &plain),
+        (&t.dlq, 1, &plain),
+        (&t.control, 1, &compact),
+        (&t.rater_state, 1, &compact),
+    ];
+    let existing = topic_names(cfg)?;
+    let new: Vec<NewTopic<'_>> = specs
+        .iter()
+        .filter(|(name, _, _)| !existing.iter().any(|e| e == name))
+        .map(|(name, parts, conf)| {
+            let mut nt = NewTopic::new(name, *parts, TopicReplication::Fixed(cfg.replication));
+            for (k, v) in conf.iter() {
+                nt = nt.set(k, v);
+            }
+            nt
+        })
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    let res = admin
+        .create_topics(
+            new.iter(),
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
+        .await
+        .context("creating topics")?;
+    for r in res {
+        match r {
+            Ok(_) => {}
+            Err((name, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                tracing::debug!(topic = %name, "topic exists")
+            }
+            Err((name, code)) => anyhow::bail!("creating topic {name}: {code}"),
+        }
+    }
+    // Wait until every topic is visible in metadata with its partitions.
+    for _ in 0..100 {
+        let names = topic_names(cfg)?;
+        if specs.iter().all(|(n, _, _)| names.iter().any(|e| e == n)) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("topics did not appear in metadata")
+}
+
+fn topic_names(cfg: &KafkaConfig) -> Result<Vec<String>> {
+    let c: BaseConsumer = client_config(cfg, "meterflow-meta").create()?;
+    let md = c
+        .fetch_metadata(None, Duration::from_secs(10))
+        .context("fetching metadata")?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter(|t| !t.partitions().is_empty())
+        .map(|t| t.name().to_string())
+        .collect())
+}
+
+/// Number of partitions of a topic.
+pub fn partition_count(cfg: &KafkaConfig, topic: &str) -> Result<i32> {
+    let c: BaseConsumer = client_config(cfg, "meterflow-meta").create()?;
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .context("fetching metadata")?;
+    let n = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    anyhow::ensure!(n > 0, "topic {topic} has no partitions (does it exist?)");
+    Ok(n as i32)
+}
+
+/// The in-process broker for `meterflow up` and fault-injection tests: librdkafka's mock
+/// cluster. Ephemeral: everything is gone when the process exits.
+pub struct EmbeddedBroker {
+    cluster: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+}
+
+impl EmbeddedBroker {
+    pub fn start() -> Result<EmbeddedBroker> {
+        let cluster =
+            rdkafka::mocking::MockCluster::new(1).context("starting the embedded mock broker")?;
+        Ok(EmbeddedBroker { cluster })
+    }
+    pub fn bootstrap_servers(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+    pub fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
+        self.cluster
+            .create_topic(name, partitions, 1)
+            .context("creating topic on the embedded broker")
+    }
+}

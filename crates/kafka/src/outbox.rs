@@ -1,0 +1,69 @@
+//! Producing with acknowledgement tracking: queue records, then `flush` waits until every
+//! one of them is acknowledged by the broker (or fails loudly).
+
+use anyhow::{bail, Result};
+use rdkafka::producer::future_producer::DeliveryFuture;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::time::Duration;
+
+pub struct Outbox {
+    pub producer: FutureProducer,
+    pending: Vec<DeliveryFuture>,
+}
+
+impl Outbox {
+    pub fn new(producer: FutureProducer) -> Outbox {
+        Outbox {
+            producer,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Queue one record; `partition = None` partitions by key (murmur2, as Java clients do).
+    pub async fn send(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        partition: Option<i32>,
+    ) -> Result<()> {
+        loop {
+            let mut rec = FutureRecord::to(topic).key(key).payload(payload);
+            if let Some(p) = partition {
+                rec = rec.partition(p);
+            }
+            match self.producer.send_result(rec) {
+                Ok(f) => {
+                    self.pending.push(f);
+                    return Ok(());
+                }
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => {
+                    self.flush().await?;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => bail!("producing to {topic}: {e}"),
+            }
+        }
+    }
+
+    /// Wait for every queued record's acknowledgement.
+    pub async fn flush(&mut self) -> Result<()> {
+        for f in self.pending.drain(..) {
+            match f.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => bail!("delivery failed: {e}"),
+                Err(_) => bail!("delivery canceled (producer gone)"),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}

@@ -1,0 +1,110 @@
+//! What every meterflow service shares at run time: layered configuration, tracing,
+//! graceful shutdown on SIGTERM/SIGINT, metrics, and the `/metrics` + `/healthz` endpoint.
+
+pub mod config;
+pub mod http;
+pub mod metrics;
+
+pub use config::{load, HttpConfig};
+pub use metrics::{Counter, Gauge, Metrics};
+
+use std::future::Future;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Handed to a service's `run`: when to stop, and where to count.
+#[derive(Clone)]
+pub struct Ctx {
+    pub shutdown: CancellationToken,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Ctx {
+    pub fn new() -> Ctx {
+        Ctx {
+            shutdown: CancellationToken::new(),
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+}
+
+impl Default for Ctx {
+    fn default() -> Ctx {
+        Ctx::new()
+    }
+}
+
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("METERFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Cancel `token` on SIGTERM or SIGINT.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = term => tracing::info!("SIGTERM: shutting down"),
+        }
+        token.cancel();
+    });
+}
+
+/// The whole `main` of a service binary: `meterflow-<name> [--config FILE]`.
+/// Config layers: defaults → FILE (TOML) → `METERFLOW__SECTION__KEY` environment.
+pub fn service_main<C, F, Fut>(name: &str, run: F) -> anyhow::Result<()>
+where
+    C: serde::de::DeserializeOwned + serde::Serialize + Default + HasHttp,
+    F: FnOnce(C, Ctx) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    init_tracing();
+    let mut args = std::env::args().skip(1);
+    let mut file = std::env::var("METERFLOW_CONFIG").ok();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" | "-c" => file = args.next(),
+            "--help" | "-h" => {
+                println!("meterflow-{name} [--config FILE]\n\nConfiguration: defaults, then FILE (TOML), then METERFLOW__SECTION__KEY environment variables.");
+                return Ok(());
+            }
+            other => anyhow::bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    let cfg: C = load(file.as_deref().map(std::path::Path::new))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let ctx = Ctx::new();
+        cancel_on_signals(ctx.shutdown.clone());
+        if let Some(addr) = cfg.http().listen.clone() {
+            http::serve(&addr, ctx.metrics.clone(), ctx.shutdown.clone()).await?;
+        }
+        tracing::info!(service = name, "starting");
+        let r = run(cfg, ctx.clone()).await;
+        ctx.shutdown.cancel();
+        match &r {
+            Ok(()) => tracing::info!(service = name, "stopped"),
+            Err(e) => tracing::error!(service = name, error = format!("{e:#}"), "failed"),
+        }
+        r
+    })
+}
+
+/// Service configs expose their HTTP section so `service_main` can start the endpoint.
+pub trait HasHttp {
+    fn http(&self) -> &HttpConfig;
+}

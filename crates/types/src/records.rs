@@ -1,0 +1,215 @@
+//! One Rust type per wire schema in `schemas/*.avsc`. Field order here is the schema's
+//! field order; `meterflow-avro` converts and its tests check the two agree.
+
+use crate::{id, Dec, Millis};
+use serde::{Deserialize, Serialize};
+
+/// Cumulative counters of one instance, as read from the hypervisor or cgroup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub cpu_time_ns: i64,
+    pub net_rx_bytes: i64,
+    pub net_tx_bytes: i64,
+    pub disk_read_bytes: i64,
+    pub disk_write_bytes: i64,
+}
+
+impl Counters {
+    pub fn fields(&self) -> [(&'static str, i64); 5] {
+        [
+            ("cpu_time_ns", self.cpu_time_ns),
+            ("net_rx_bytes", self.net_rx_bytes),
+            ("net_tx_bytes", self.net_tx_bytes),
+            ("disk_read_bytes", self.disk_read_bytes),
+            ("disk_write_bytes", self.disk_write_bytes),
+        ]
+    }
+}
+
+/// `meterflow.samples`, key = instance_id: one instance's usage over one poll interval.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sample {
+    /// derive("sample", instance_id, incarnation, seq)
+    pub id: String,
+    pub instance_id: String,
+    pub node_id: String,
+    pub site: String,
+    /// "vm" or "container"
+    pub kind: String,
+    /// Changes when the instance's counters restart from zero (reboot, migration, re-created cgroup).
+    pub incarnation: String,
+    /// Per-incarnation poll sequence, starting at 0 for the baseline observation.
+    pub seq: i64,
+    pub interval_start: Millis,
+    pub interval_end: Millis,
+    /// Cumulative counters at interval_end.
+    pub counters: Counters,
+    /// Counter increase over the interval (never negative).
+    pub deltas: Counters,
+    /// Gauges at interval_end.
+    pub vcpus: i32,
+    pub memory_alloc_bytes: i64,
+    /// Used memory when the source reports it (balloon stats, cgroup working set); never invented.
+    pub memory_used_bytes: Option<i64>,
+    /// Owner fields discovered on the node (domain metadata, pod labels), if any.
+    pub owner_hint: Option<String>,
+}
+
+impl Sample {
+    pub fn make_id(instance_id: &str, incarnation: &str, seq: i64) -> String {
+        id::derive("sample", &[instance_id, incarnation, &seq.to_string()])
+    }
+    pub fn interval_ms(&self) -> i64 {
+        self.interval_end - self.interval_start
+    }
+}
+
+/// Poll marker, written by every collector to every partition of the samples topic after
+/// each complete poll: "this node has published everything up to `time`". Also the node
+/// heartbeat (silent vs idle). `retired` = the node will publish nothing more.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHeartbeat {
+    pub node_id: String,
+    pub site: String,
+    pub version: String,
+    pub time: Millis,
+    pub instances: i32,
+    pub retired: bool,
+}
+
+/// `meterflow.instances`, key = instance_id (compacted): cluster state + registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceState {
+    pub instance_id: String,
+    pub node_id: String,
+    pub site: String,
+    pub kind: String,
+    pub name: String,
+    pub state: String,
+    pub hypervisor: String,
+    pub flavor: Option<String>,
+    pub vcpus: i32,
+    pub memory_alloc_bytes: i64,
+    pub first_seen: Millis,
+    pub last_seen: Millis,
+}
+
+/// `meterflow.ownership`, key = `<instance_id>|<valid_from>` (compacted, so every
+/// version of an instance's ownership history survives compaction).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ownership {
+    pub instance_id: String,
+    pub user_id: String,
+    pub entity_id: String,
+    pub project: Option<String>,
+    pub valid_from: Millis,
+    /// "cli", "import", "metadata", "fleet"
+    pub source: String,
+}
+
+impl Ownership {
+    pub fn key(&self) -> String {
+        format!("{}|{}", self.instance_id, self.valid_from)
+    }
+}
+
+/// `meterflow.usage`, key = entity_id: a sample joined with its owner and instance
+/// state; quantities integrated over the interval, decimal (scale 9).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// derive("usage", sample_id, entity_id, interval_start)
+    pub id: String,
+    pub sample_id: String,
+    pub instance_id: String,
+    pub entity_id: String,
+    pub user_id: String,
+    pub project: Option<String>,
+    pub node_id: String,
+    pub site: String,
+    pub kind: String,
+    pub flavor: Option<String>,
+    pub interval_start: Millis,
+    pub interval_end: Millis,
+    pub vcpu_seconds: Dec,
+    pub cpu_seconds: Dec,
+    pub memory_byte_seconds: Dec,
+    pub memory_used_byte_seconds: Option<Dec>,
+    pub net_rx_bytes: Dec,
+    pub net_tx_bytes: Dec,
+    pub disk_read_bytes: Dec,
+    pub disk_write_bytes: Dec,
+}
+
+impl Usage {
+    pub fn make_id(sample_id: &str, entity_id: &str, interval_start: Millis) -> String {
+        id::derive(
+            "usage",
+            &[sample_id, entity_id, &interval_start.to_string()],
+        )
+    }
+}
+
+/// `meterflow.rated`, key = entity_id: one revenue event, the public rated-usage contract.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RatedEvent {
+    /// derive("rated", rule_id, rule_version, window_start, entity_id, unit, resource_id[, usage_id for adjustments])
+    pub id: String,
+    pub rule_id: String,
+    pub rule_version: i32,
+    pub entity_id: String,
+    pub resource_id: String,
+    pub window_start: Millis,
+    pub window_end: Millis,
+    pub unit: String,
+    pub quantity: Dec,
+    pub unit_price: Dec,
+    pub amount: Dec,
+    pub currency: String,
+    /// A correction for a window that had already closed (late usage).
+    pub adjustment: bool,
+    /// Number of usage records this event was computed from.
+    pub usage_records: i64,
+    /// Usage partition whose records produced the event.
+    pub source_partition: i32,
+}
+
+/// Progress marker broadcast to every partition of a stage's output topic:
+/// "everything from my input partition `source_partition` (of `source_partitions`)
+/// up to event time `time` has been written and committed".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watermark {
+    pub stage: String,
+    pub source_partition: i32,
+    pub source_partitions: i32,
+    pub time: Millis,
+}
+
+/// `meterflow.dlq`: bad input, with a reason code and the original bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DlqRecord {
+    /// derive("dlq", topic, partition, offset)
+    pub id: String,
+    pub stage: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub reason_code: String,
+    pub reason: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub time: Millis,
+}
+
+/// The rater's durable progress for one usage partition, written to its state topic
+/// after the outputs it covers were acknowledged and before the offset commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaterCheckpoint {
+    pub ruleset: String,
+    pub partition: i32,
+    /// Replay from here: the first offset of any record in a still-open window.
+    pub resume_offset: i64,
+    /// Everything before this offset has been handled.
+    pub position: i64,
+    /// Latest marker time per source (enricher input) partition, index = partition.
+    pub source_times: Vec<i64>,
+}

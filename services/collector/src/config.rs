@@ -1,0 +1,82 @@
+use meterflow_kafka::KafkaConfig;
+use meterflow_runtime::{HasHttp, HttpConfig};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectorConfig {
+    pub kafka: KafkaConfig,
+    pub http: HttpConfig,
+    /// This node's id (default: the host name).
+    pub node_id: String,
+    pub site: String,
+    /// Event time between polls.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: std::time::Duration,
+    /// Re-register every instance on the instances topic at least this often (event time).
+    #[serde(with = "humantime_serde")]
+    pub registration_interval: std::time::Duration,
+    /// libvirt connection URI, e.g. `qemu:///system` or `test:///default`; none = no VMs.
+    pub libvirt_uri: Option<String>,
+    /// A deterministic simulated fleet (demos, tests, load).
+    pub fleet: Option<crate::fleet::FleetConfig>,
+    pub clock: ClockConfig,
+    /// Stop after this many polls (the first poll is the baseline).
+    pub polls: Option<u64>,
+    /// On exit, tell downstream this node is retired (complete forever). For bounded runs.
+    pub retire_on_exit: bool,
+    /// Where the last acknowledged observation of every instance is kept.
+    pub state_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockConfig {
+    /// Event-time milliseconds per wall-clock millisecond (1 = real time; 3600 = an hour a second).
+    pub speed: u32,
+    /// Event time of the first poll (RFC 3339); default: now.
+    pub start: Option<String>,
+}
+
+impl Default for ClockConfig {
+    fn default() -> ClockConfig {
+        ClockConfig {
+            speed: 1,
+            start: None,
+        }
+    }
+}
+
+impl Default for CollectorConfig {
+    fn default() -> CollectorConfig {
+        CollectorConfig {
+            kafka: KafkaConfig::default(),
+            http: HttpConfig::default(),
+            node_id: hostname(),
+            site: "default".into(),
+            poll_interval: std::time::Duration::from_secs(10),
+            registration_interval: std::time::Duration::from_secs(300),
+            libvirt_uri: None,
+            fleet: None,
+            clock: ClockConfig::default(),
+            polls: None,
+            retire_on_exit: false,
+            state_file: None,
+        }
+    }
+}
+
+impl HasHttp for CollectorConfig {
+    fn http(&self) -> &HttpConfig {
+        &self.http
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".into())
+}

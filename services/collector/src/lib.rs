@@ -1,0 +1,348 @@
+//! The collector: one per node. Reads every instance from its sources (libvirt VMs, a
+//! simulated fleet), turns readings into exact interval samples keyed by instance id,
+//! registers instances on the compacted instances topic, publishes owners discovered
+//! in metadata, and after each complete poll writes a poll marker (node heartbeat) to
+//! every samples partition so downstream knows how far this node is complete.
+
+pub mod config;
+pub mod fleet;
+pub mod libvirt;
+pub mod sampler;
+pub mod source;
+
+pub use config::CollectorConfig;
+
+use anyhow::{Context, Result};
+use meterflow_kafka::{ensure_topics, partition_count, producer, Outbox};
+use meterflow_runtime::Ctx;
+use meterflow_types::{InstanceState, Millis, NodeHeartbeat, Ownership, Sample};
+use sampler::Sampler;
+use source::{Reading, SourceError};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// All configured sources of one node.
+pub struct Sources {
+    libvirt: Option<libvirt::LibvirtSource>,
+    fleet: Option<(Vec<fleet::SimInstance>, Millis)>,
+}
+
+impl Sources {
+    pub fn open(cfg: &CollectorConfig, fleet_start: Millis) -> Result<Sources> {
+        let deadline = cfg
+            .poll_interval
+            .min(Duration::from_secs(30))
+            .max(Duration::from_secs(5));
+        let libvirt = cfg
+            .libvirt_uri
+            .as_deref()
+            .map(|u| libvirt::LibvirtSource::open(u, deadline))
+            .transpose()?;
+        let fleet = cfg.fleet.as_ref().map(|f| (f.model(), fleet_start));
+        Ok(Sources { libvirt, fleet })
+    }
+
+    /// Read every instance at event time `t`.
+    pub async fn poll(&self, t: Millis) -> (Vec<Reading>, Vec<SourceError>) {
+        let mut readings = Vec::new();
+        let mut errors = Vec::new();
+        if let Some((model, start)) = &self.fleet {
+            readings.extend(model.iter().map(|m| m.reading(t - start)));
+        }
+        if let Some(lv) = &self.libvirt {
+            match lv.poll().await {
+                Ok((r, e)) => {
+                    readings.extend(r);
+                    errors.extend(e);
+                }
+                Err(reason) => errors.push(SourceError {
+                    instance: "*".into(),
+                    reason,
+                }),
+            }
+        }
+        (readings, errors)
+    }
+}
+
+fn state_of(r: &Reading, node: &str, site: &str, first_seen: Millis, t: Millis) -> InstanceState {
+    InstanceState {
+        instance_id: r.instance_id.clone(),
+        node_id: node.to_string(),
+        site: site.to_string(),
+        kind: r.kind.to_string(),
+        name: r.name.clone(),
+        state: r.state.clone(),
+        hypervisor: r.hypervisor.clone(),
+        flavor: r.flavor.clone(),
+        vcpus: r.vcpus,
+        memory_alloc_bytes: r.memory_alloc_bytes,
+        first_seen,
+        last_seen: t,
+    }
+}
+
+/// Per-node bookkeeping of what was registered and which owners were published.
+#[derive(Default)]
+struct Registry {
+    instances: HashMap<String, (InstanceState, Millis)>,
+    owners: HashMap<String, (String, String)>,
+}
+
+pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
+    ensure_topics(&cfg.kafka).await?;
+    let topics = cfg.kafka.topics.clone();
+    let partitions = partition_count(&cfg.kafka, &topics.samples)?;
+    let mut out = Outbox::new(producer(
+        &cfg.kafka,
+        &format!("collector-{}", cfg.node_id),
+        None,
+    )?);
+    let mut sampler = Sampler::new(&cfg.node_id, &cfg.site, cfg.state_file.as_deref())?;
+    let poll_ms = cfg.poll_interval.as_millis() as i64;
+    anyhow::ensure!(poll_ms > 0, "poll_interval must be positive");
+    let speed = cfg.clock.speed.max(1) as i64;
+    let start = match (&cfg.clock.start, sampler.last_time()) {
+        (_, Some(last)) => last + poll_ms,
+        (Some(s), None) => meterflow_types::time::parse_rfc3339(s).map_err(anyhow::Error::msg)?,
+        (None, None) => meterflow_kafka::now_ms().div_euclid(poll_ms) * poll_ms,
+    };
+    let fleet_start = cfg
+        .clock
+        .start
+        .as_deref()
+        .map(meterflow_types::time::parse_rfc3339)
+        .transpose()
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or(start);
+    let sources = Sources::open(&cfg, fleet_start)?;
+    let m = &ctx.metrics;
+    let labels = [("node", cfg.node_id.as_str())];
+    let samples_total = m.counter(
+        "meterflow_collector_samples_total",
+        "Samples published.",
+        &labels,
+    );
+    let errors_total = m.counter(
+        "meterflow_collector_source_errors_total",
+        "Instances skipped for a poll because a source failed.",
+        &labels,
+    );
+    let polls_total = m.counter(
+        "meterflow_collector_polls_total",
+        "Complete polls.",
+        &labels,
+    );
+    let last_poll = m.gauge(
+        "meterflow_collector_last_poll_time_ms",
+        "Event time of the last complete poll.",
+        &labels,
+    );
+    let mut reg = Registry::default();
+    let mut logged_errors: HashMap<String, String> = HashMap::new();
+    let wall0 = Instant::now();
+    let mut last_t = None;
+    let mut k: i64 = 0;
+    loop {
+        if cfg.polls.is_some_and(|n| k as u64 >= n) {
+            break;
+        }
+        let due = wall0 + Duration::from_millis((k * poll_ms / speed) as u64);
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(due.into()) => {}
+        }
+        let t = start + k * poll_ms;
+        let (readings, errors) = sources.poll(t).await;
+        for e in &errors {
+            errors_total.inc();
+            if logged_errors.get(&e.instance) != Some(&e.reason) {
+                tracing::warn!(instance = %e.instance, reason = %e.reason, "instance skipped this poll");
+                logged_errors.insert(e.instance.clone(), e.reason.clone());
+            }
+        }
+        // owners first, so the enricher rarely has to park a sample
+        for r in &readings {
+            if let Some(o) = &r.owner {
+                let ent = (o.user_id.clone(), o.entity_id.clone());
+                if reg.owners.get(&r.instance_id) != Some(&ent) {
+                    let rec = Ownership {
+                        instance_id: r.instance_id.clone(),
+                        user_id: o.user_id.clone(),
+                        entity_id: o.entity_id.clone(),
+                        project: o.project.clone(),
+                        valid_from: if r.hypervisor == "simulated" {
+                            fleet_start
+                        } else {
+                            t
+                        },
+                        source: if r.hypervisor == "simulated" {
+                            "fleet".into()
+                        } else {
+                            "metadata".into()
+                        },
+                    };
+                    out.send(
+                        &topics.ownership,
+                        rec.key().as_bytes(),
+                        &meterflow_avro::encode(&rec),
+                        None,
+                    )
+                    .await?;
+                    reg.owners.insert(r.instance_id.clone(), ent);
+                }
+            }
+        }
+        for r in &readings {
+            let first_seen = reg
+                .instances
+                .get(&r.instance_id)
+                .map(|(s, _)| s.first_seen)
+                .unwrap_or(t);
+            let st = state_of(r, &cfg.node_id, &cfg.site, first_seen, t);
+            let due_reg = match reg.instances.get(&r.instance_id) {
+                None => true,
+                Some((prev, at)) => {
+                    prev.state != st.state
+                        || prev.vcpus != st.vcpus
+                        || prev.memory_alloc_bytes != st.memory_alloc_bytes
+                        || t - at >= cfg.registration_interval.as_millis() as i64
+                }
+            };
+            if due_reg {
+                out.send(
+                    &topics.instances,
+                    r.instance_id.as_bytes(),
+                    &meterflow_avro::encode(&st),
+                    None,
+                )
+                .await?;
+                reg.instances.insert(r.instance_id.clone(), (st, t));
+            }
+            if !r.is_running() {
+                continue;
+            }
+            match sampler.observe(r, t) {
+                Ok(s) => {
+                    out.send(
+                        &topics.samples,
+                        s.instance_id.as_bytes(),
+                        &meterflow_avro::encode(&s),
+                        None,
+                    )
+                    .await?;
+                    samples_total.inc();
+                }
+                Err(e) => {
+                    errors_total.inc();
+                    tracing::warn!(instance = %r.instance_id, reason = %e, "bad reading skipped");
+                }
+            }
+        }
+        out.flush().await?;
+        send_heartbeat(
+            &mut out,
+            &topics,
+            partitions,
+            &cfg,
+            t,
+            readings.len() as i32,
+            false,
+        )
+        .await?;
+        out.flush().await?;
+        sampler.save()?;
+        polls_total.inc();
+        last_poll.set(t);
+        last_t = Some(t);
+        k += 1;
+    }
+    let bounded_done = cfg.polls.is_some_and(|n| k as u64 >= n);
+    if cfg.retire_on_exit || bounded_done {
+        let t = last_t.unwrap_or(start);
+        send_heartbeat(&mut out, &topics, partitions, &cfg, t, 0, true).await?;
+        out.flush().await?;
+        tracing::info!(node = %cfg.node_id, polls = k, "node retired");
+    }
+    Ok(())
+}
+
+/// Poll marker to every samples partition, and the node's row in the node table
+/// (key `node/<id>` on the compacted instances topic).
+async fn send_heartbeat(
+    out: &mut Outbox,
+    topics: &meterflow_kafka::Topics,
+    partitions: i32,
+    cfg: &CollectorConfig,
+    t: Millis,
+    instances: i32,
+    retired: bool,
+) -> Result<()> {
+    let hb = NodeHeartbeat {
+        node_id: cfg.node_id.clone(),
+        site: cfg.site.clone(),
+        version: VERSION.into(),
+        time: t,
+        instances,
+        retired,
+    };
+    let bytes = meterflow_avro::encode(&hb);
+    for p in 0..partitions {
+        out.send(&topics.samples, cfg.node_id.as_bytes(), &bytes, Some(p))
+            .await?;
+    }
+    out.send(
+        &topics.instances,
+        format!("node/{}", cfg.node_id).as_bytes(),
+        &bytes,
+        None,
+    )
+    .await
+}
+
+/// `meterflow collect --once --print`: observe every instance twice, `gap` apart, and
+/// return one JSON object per instance: its id, state, owner fields and the interval
+/// sample between the two observations (null for instances that are not running).
+pub async fn poll_once_json(
+    cfg: &CollectorConfig,
+    gap: Duration,
+) -> Result<Vec<serde_json::Value>> {
+    let t0 = meterflow_kafka::now_ms();
+    let sources = Sources::open(cfg, t0).context("opening sources")?;
+    let mut sampler = Sampler::new(&cfg.node_id, &cfg.site, None)?;
+    let (first, _) = sources.poll(t0).await;
+    for r in first.iter().filter(|r| r.is_running()) {
+        let _ = sampler.observe(r, t0);
+    }
+    tokio::time::sleep(gap).await;
+    let t1 = t0 + gap.as_millis() as i64;
+    let (readings, errors) = sources.poll(t1).await;
+    for e in errors {
+        tracing::warn!(instance = %e.instance, reason = %e.reason, "instance skipped");
+    }
+    let mut out = Vec::new();
+    for r in readings {
+        let sample: Option<Sample> = if r.is_running() {
+            sampler.observe(&r, t1).ok()
+        } else {
+            None
+        };
+        out.push(serde_json::json!({
+            "instance_id": r.instance_id,
+            "name": r.name,
+            "kind": r.kind,
+            "state": r.state,
+            "node_id": cfg.node_id,
+            "site": cfg.site,
+            "flavor": r.flavor,
+            "owner": r.owner,
+            "vcpus": r.vcpus,
+            "memory_alloc_bytes": r.memory_alloc_bytes,
+            "memory_used_bytes": r.memory_used_bytes,
+            "sample": sample,
+        }));
+    }
+    Ok(out)
+}

@@ -1,0 +1,243 @@
+//! The pure part of the enricher: who owned an instance when, and a sample's usage
+//! integrated over its interval and split between owners at ownership changes.
+
+use meterflow_types::{Dec, InstanceState, Millis, Ownership, Sample, Usage};
+use std::collections::HashMap;
+
+/// Ownership history per instance, ordered by `valid_from`.
+#[derive(Default, Debug)]
+pub struct Owners {
+    by_instance: HashMap<String, Vec<Ownership>>,
+}
+
+impl Owners {
+    pub fn insert(&mut self, o: Ownership) {
+        let v = self.by_instance.entry(o.instance_id.clone()).or_default();
+        match v.binary_search_by_key(&o.valid_from, |x| x.valid_from) {
+            Ok(i) => v[i] = o,
+            Err(i) => v.insert(i, o),
+        }
+    }
+
+    /// Owner segments covering `[start, end)`: `(segment_start, segment_end, owner)`.
+    /// `None` if the instance had no owner at `start` (the sample must be parked).
+    pub fn segments(
+        &self,
+        instance: &str,
+        start: Millis,
+        end: Millis,
+    ) -> Option<Vec<(Millis, Millis, &Ownership)>> {
+        let v = self.by_instance.get(instance)?;
+        let first = v.iter().rposition(|o| o.valid_from <= start)?;
+        let mut out = Vec::new();
+        let mut i = first;
+        let mut s = start;
+        loop {
+            let next = v.get(i + 1).map(|o| o.valid_from).filter(|t| *t < end);
+            let e = next.unwrap_or(end);
+            out.push((s, e, &v[i]));
+            match next {
+                Some(t) => {
+                    s = t;
+                    i += 1;
+                }
+                None => break,
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Quantities of one sample integrated over its interval (decimal, scale 9).
+/// Gauges (vCPUs, memory) are the values observed at the interval's end, held over it.
+pub fn quantities(s: &Sample) -> [Option<Dec>; 8] {
+    let ms = (s.interval_end - s.interval_start) as i128;
+    let q = |v: i128, places: u32| Dec::from_scaled(v, places).ok();
+    [
+        q(s.vcpus as i128 * ms, 3),
+        q(s.deltas.cpu_time_ns as i128, 9),
+        q(s.memory_alloc_bytes as i128 * ms, 3),
+        s.memory_used_bytes.and_then(|m| q(m as i128 * ms, 3)),
+        Some(Dec::from_int(s.deltas.net_rx_bytes)),
+        Some(Dec::from_int(s.deltas.net_tx_bytes)),
+        Some(Dec::from_int(s.deltas.disk_read_bytes)),
+        Some(Dec::from_int(s.deltas.disk_write_bytes)),
+    ]
+}
+
+/// Why a sample cannot be billed at all (dead-letter reason code, detail).
+pub fn validate(s: &Sample, now: Millis, max_future: Millis) -> Result<(), (&'static str, String)> {
+    if s.interval_end < s.interval_start {
+        return Err((
+            "bad_interval",
+            format!(
+                "interval ends {} before it starts {}",
+                s.interval_end, s.interval_start
+            ),
+        ));
+    }
+    if s.interval_end > now + max_future {
+        return Err((
+            "future_timestamp",
+            format!(
+                "interval_end {} is more than {max_future} ms ahead of now",
+                s.interval_end
+            ),
+        ));
+    }
+    for (name, v) in s.deltas.fields().iter().chain(s.counters.fields().iter()) {
+        if *v < 0 {
+            return Err(("negative_counter", format!("{name} = {v}")));
+        }
+    }
+    if s.vcpus < 0 || s.memory_alloc_bytes < 0 || s.memory_used_bytes.is_some_and(|m| m < 0) {
+        return Err(("negative_gauge", "a gauge is negative".into()));
+    }
+    if s.instance_id.is_empty() {
+        return Err(("unknown_instance", "empty instance id".into()));
+    }
+    Ok(())
+}
+
+/// Usage records for one sample, one per owner segment, quantities split pro rata by
+/// time so the parts add up to the sample exactly.
+pub fn usage_for(
+    s: &Sample,
+    segments: &[(Millis, Millis, &Ownership)],
+    state: Option<&InstanceState>,
+) -> Vec<Usage> {
+    let q = quantities(s);
+    let weights: Vec<i64> = segments.iter().map(|(a, b, _)| b - a).collect();
+    let split: Vec<Option<Vec<Dec>>> = q
+        .iter()
+        .map(|v| v.map(|d| d.split_pro_rata(&weights)))
+        .collect();
+    let part = |k: usize, i: usize| split[k].as_ref().map(|v| v[i]).unwrap_or(Dec::ZERO);
+    segments
+        .iter()
+        .enumerate()
+        .map(|(i, (a, b, o))| Usage {
+            id: Usage::make_id(&s.id, &o.entity_id, *a),
+            sample_id: s.id.clone(),
+            instance_id: s.instance_id.clone(),
+            entity_id: o.entity_id.clone(),
+            user_id: o.user_id.clone(),
+            project: o.project.clone(),
+            node_id: s.node_id.clone(),
+            site: s.site.clone(),
+            kind: s.kind.clone(),
+            flavor: state.and_then(|st| st.flavor.clone()),
+            interval_start: *a,
+            interval_end: *b,
+            vcpu_seconds: part(0, i),
+            cpu_seconds: part(1, i),
+            memory_byte_seconds: part(2, i),
+            memory_used_byte_seconds: split[3].as_ref().map(|v| v[i]),
+            net_rx_bytes: part(4, i),
+            net_tx_bytes: part(5, i),
+            disk_read_bytes: part(6, i),
+            disk_write_bytes: part(7, i),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meterflow_types::Counters;
+
+    fn own(entity: &str, from: Millis) -> Ownership {
+        Ownership {
+            instance_id: "i".into(),
+            user_id: "u".into(),
+            entity_id: entity.into(),
+            project: None,
+            valid_from: from,
+            source: "cli".into(),
+        }
+    }
+    fn sample(start: Millis, end: Millis) -> Sample {
+        Sample {
+            id: "s".into(),
+            instance_id: "i".into(),
+            node_id: "n".into(),
+            site: "x".into(),
+            kind: "vm".into(),
+            incarnation: "1".into(),
+            seq: 1,
+            interval_start: start,
+            interval_end: end,
+            counters: Counters::default(),
+            deltas: Counters {
+                cpu_time_ns: 3_000_000_001,
+                net_tx_bytes: 10,
+                ..Default::default()
+            },
+            vcpus: 2,
+            memory_alloc_bytes: 1 << 30,
+            memory_used_bytes: None,
+            owner_hint: None,
+        }
+    }
+
+    #[test]
+    fn usage_integrates_gauges_over_the_interval() {
+        let mut o = Owners::default();
+        o.insert(own("acme", 0));
+        let s = sample(10_000, 20_000);
+        let segs = o.segments("i", 10_000, 20_000).expect("owned");
+        let u = usage_for(&s, &segs, None);
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].vcpu_seconds.to_string(), "20");
+        assert_eq!(u[0].cpu_seconds.to_string(), "3.000000001");
+        assert_eq!(u[0].memory_byte_seconds, Dec::from_int(10 * (1 << 30)));
+        assert_eq!(u[0].memory_used_byte_seconds, None);
+    }
+
+    #[test]
+    fn owner_change_mid_interval_splits_usage_exactly() {
+        let mut o = Owners::default();
+        o.insert(own("acme", 0));
+        o.insert(own("globex", 17_500));
+        let s = sample(10_000, 20_000);
+        let segs = o.segments("i", 10_000, 20_000).expect("owned");
+        let u = usage_for(&s, &segs, None);
+        assert_eq!(
+            u.iter().map(|u| u.entity_id.as_str()).collect::<Vec<_>>(),
+            vec!["acme", "globex"]
+        );
+        assert_eq!(u[0].vcpu_seconds.to_string(), "15");
+        assert_eq!(u[1].vcpu_seconds.to_string(), "5");
+        assert_eq!(u[0].net_tx_bytes + u[1].net_tx_bytes, Dec::from_int(10));
+        assert_eq!(
+            u[0].cpu_seconds + u[1].cpu_seconds,
+            "3.000000001".parse().expect("dec")
+        );
+        assert_ne!(u[0].id, u[1].id);
+    }
+
+    #[test]
+    fn usage_before_the_first_owner_is_parked() {
+        let mut o = Owners::default();
+        assert!(o.segments("i", 0, 10).is_none());
+        o.insert(own("acme", 5));
+        assert!(o.segments("i", 0, 10).is_none());
+        assert_eq!(o.segments("i", 5, 10).expect("owned").len(), 1);
+    }
+
+    #[test]
+    fn bad_samples_get_reason_codes() {
+        let mut s = sample(10, 5);
+        assert_eq!(validate(&s, 0, 1000).map_err(|e| e.0), Err("bad_interval"));
+        s = sample(0, 10_000);
+        assert_eq!(
+            validate(&s, 0, 1000).map_err(|e| e.0),
+            Err("future_timestamp")
+        );
+        s.deltas.net_rx_bytes = -1;
+        assert_eq!(
+            validate(&s, 100_000, 1000).map_err(|e| e.0),
+            Err("negative_counter")
+        );
+    }
+}
