@@ -1,1 +1,471 @@
+//! The rater: evaluates SQL rating rules (DataFusion) over event-time tumbling windows
+//! of usage, per usage partition (an entity's usage is always on one partition), and
+//! emits revenue events keyed by entity id.
+//!
+//! A window closes, once, when the partition's watermark (the minimum of the enricher
+//! markers from every samples partition) passes its end plus the rule's lateness. Later
+//! usage is never dropped: it becomes an adjustment event for the window it belongs to.
+//!
+//! Crash safety: after the outputs of a batch are acknowledged, a checkpoint per
+//! partition goes to the rater-state topic — the first offset of any record still in
+//! an open window (`resume_offset`), the position read up to, and the source watermarks
+//! — and then the offset `resume_offset` is committed. A restarted member replays from
+//! the committed offset, skips records of windows the checkpoint shows closed up to the
+//! checkpointed position, and so rebuilds exactly the open windows.
 
+pub mod rules;
+
+use anyhow::{Context, Result};
+use meterflow_avro::UsageMsg;
+use meterflow_kafka::{ensure_topics, partition_count, read_table, KafkaConfig, Message, StageIo};
+use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
+use meterflow_types::watermark::SourceTimes;
+use meterflow_types::window::Tumbling;
+use meterflow_types::{Dec, Millis, RatedEvent, RaterCheckpoint, Usage, Watermark};
+use rules::Engine;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaterConfig {
+    pub kafka: KafkaConfig,
+    pub http: HttpConfig,
+    pub group: String,
+    pub member: String,
+    pub rules_dir: PathBuf,
+    /// Memory pool of the rule engine, in MiB.
+    pub memory_limit_mb: usize,
+    /// Time limit of one rule evaluation.
+    #[serde(with = "humantime_serde")]
+    pub eval_timeout: Duration,
+    pub batch_size: usize,
+}
+
+impl Default for RaterConfig {
+    fn default() -> RaterConfig {
+        RaterConfig {
+            kafka: KafkaConfig::default(),
+            http: HttpConfig::default(),
+            group: "meterflow-rater".into(),
+            member: format!("rater-{}", std::process::id()),
+            rules_dir: PathBuf::from("rules"),
+            memory_limit_mb: 256,
+            eval_timeout: Duration::from_secs(10),
+            batch_size: 5000,
+        }
+    }
+}
+
+impl HasHttp for RaterConfig {
+    fn http(&self) -> &HttpConfig {
+        &self.http
+    }
+}
+
+/// Split a usage record into its pieces in the windows it overlaps, quantities pro rata
+/// by time so the pieces add up to the record exactly.
+pub fn split_usage(u: &Usage, w: Tumbling) -> Vec<(Millis, Usage)> {
+    let pieces = w.pieces(u.interval_start, u.interval_end);
+    if pieces.len() == 1 {
+        return vec![(pieces[0].0, u.clone())];
+    }
+    let weights: Vec<i64> = pieces.iter().map(|(_, ms)| *ms).collect();
+    let sp = |d: Dec| d.split_pro_rata(&weights);
+    let (vc, cs, mb, nr, nt, dr, dw) = (
+        sp(u.vcpu_seconds),
+        sp(u.cpu_seconds),
+        sp(u.memory_byte_seconds),
+        sp(u.net_rx_bytes),
+        sp(u.net_tx_bytes),
+        sp(u.disk_read_bytes),
+        sp(u.disk_write_bytes),
+    );
+    let mu = u.memory_used_byte_seconds.map(sp);
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, (ws, _))| {
+            let mut p = u.clone();
+            p.interval_start = u.interval_start.max(*ws);
+            p.interval_end = u.interval_end.min(ws + w.size);
+            p.vcpu_seconds = vc[i];
+            p.cpu_seconds = cs[i];
+            p.memory_byte_seconds = mb[i];
+            p.memory_used_byte_seconds = mu.as_ref().map(|v| v[i]);
+            p.net_rx_bytes = nr[i];
+            p.net_tx_bytes = nt[i];
+            p.disk_read_bytes = dr[i];
+            p.disk_write_bytes = dw[i];
+            (*ws, p)
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Win {
+    rows: Vec<(i64, Usage)>,
+    ids: HashSet<String>,
+}
+
+struct PartState {
+    sources: SourceTimes,
+    /// Open windows per rule.
+    windows: Vec<BTreeMap<Millis, Win>>,
+    position: Option<i64>,
+    /// From the checkpoint: records before this offset were already handled.
+    replay_until: i64,
+    last_marker: Option<Millis>,
+}
+
+impl PartState {
+    fn new(rules: usize, cp: Option<&RaterCheckpoint>) -> PartState {
+        PartState {
+            sources: cp
+                .map(|c| SourceTimes::from_vec(&c.source_times))
+                .unwrap_or_default(),
+            windows: (0..rules).map(|_| BTreeMap::new()).collect(),
+            position: None,
+            replay_until: cp.map(|c| c.position).unwrap_or(0),
+            last_marker: None,
+        }
+    }
+    fn resume_offset(&self) -> Option<i64> {
+        let open = self
+            .windows
+            .iter()
+            .flat_map(|m| m.values())
+            .flat_map(|w| w.rows.iter().map(|(o, _)| *o))
+            .min();
+        open.or(self.position)
+    }
+}
+
+fn closed(w_end: Millis, lateness: Millis, watermark: Option<Millis>) -> bool {
+    watermark.is_some_and(|wm| w_end.saturating_add(lateness) <= wm)
+}
+
+pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
+    let sources = rules::load_dir(&cfg.rules_dir)?;
+    let mut engine = Engine::new(sources, cfg.memory_limit_mb << 20, cfg.eval_timeout).await?;
+    let ruleset = engine.ruleset_id();
+    tracing::info!(rules = engine.rules.len(), %ruleset, "rules compiled");
+    ensure_topics(&cfg.kafka).await?;
+    let topics = cfg.kafka.topics.clone();
+    let usage_parts = partition_count(&cfg.kafka, &topics.usage)?;
+    let rated_parts = partition_count(&cfg.kafka, &topics.rated)?;
+    let mut io = StageIo::new(
+        &cfg.kafka,
+        "rater",
+        &cfg.group,
+        &[&topics.usage],
+        &cfg.member,
+    )?;
+    let m = &ctx.metrics;
+    let events_total = m.counter(
+        "meterflow_rater_revenue_events_total",
+        "Revenue events emitted.",
+        &[],
+    );
+    let adjustments_total = m.counter(
+        "meterflow_rater_adjustments_total",
+        "Adjustment events for late usage.",
+        &[],
+    );
+    let dup_total = m.counter(
+        "meterflow_rater_duplicates_total",
+        "Duplicate usage records dropped.",
+        &[],
+    );
+    let dlq_total = m.counter(
+        "meterflow_dead_letters_total",
+        "Messages sent to the dead-letter topic.",
+        &[("stage", "rater")],
+    );
+    let failed_total = m.counter(
+        "meterflow_rater_rule_failures_total",
+        "Rule evaluations that failed (rule quarantined).",
+        &[],
+    );
+    let mut quarantined: HashSet<usize> = HashSet::new();
+    let mut parts: HashMap<i32, PartState> = HashMap::new();
+    let nrules = engine.rules.len();
+    let windows: Vec<Tumbling> = engine
+        .rules
+        .iter()
+        .map(|r| Tumbling::new(r.source.header.window))
+        .collect();
+    let lateness: Vec<Millis> = engine
+        .rules
+        .iter()
+        .map(|r| r.source.header.lateness)
+        .collect();
+    while !ctx.shutdown.is_cancelled() {
+        let batch = io
+            .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
+            .await?;
+        for r in &batch.rebalances {
+            if let meterflow_kafka::Assignment::Revoked(ps) = r {
+                for (_, p) in ps {
+                    parts.remove(p);
+                }
+            }
+        }
+        // state for partitions seen for the first time: from their checkpoints
+        let new: Vec<i32> = batch
+            .messages
+            .iter()
+            .map(|m| m.partition())
+            .filter(|p| !parts.contains_key(p))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if !new.is_empty() {
+            let cps = load_checkpoints(&cfg.kafka, &ruleset)?;
+            for p in new {
+                let cp = cps.get(&p);
+                if let Some(c) = cp {
+                    tracing::info!(
+                        partition = p,
+                        resume = c.resume_offset,
+                        position = c.position,
+                        "resuming from checkpoint"
+                    );
+                }
+                parts.insert(p, PartState::new(nrules, cp));
+            }
+        }
+        let mut out: Vec<RatedEvent> = Vec::new();
+        for msg in &batch.messages {
+            let p = msg.partition();
+            let Some(st) = parts.get_mut(&p) else {
+                continue;
+            };
+            let off = msg.offset();
+            st.position = Some(st.position.map_or(off + 1, |x| x.max(off + 1)));
+            let replaying = off < st.replay_until;
+            match meterflow_avro::decode_usage_msg(msg.payload().unwrap_or_default()) {
+                Err(e) => {
+                    if !replaying {
+                        io.dead_letter(msg, e.reason_code(), &e.to_string()).await?;
+                        dlq_total.inc();
+                    }
+                }
+                Ok(UsageMsg::Watermark(w)) => {
+                    if !replaying {
+                        st.sources.observe(
+                            w.source_partition as usize,
+                            w.source_partitions as usize,
+                            w.time,
+                        );
+                    }
+                }
+                Ok(UsageMsg::Usage(u)) => {
+                    let wm = st.sources.min();
+                    for r in 0..nrules {
+                        if quarantined.contains(&r) {
+                            continue;
+                        }
+                        for (ws, piece) in split_usage(&u, windows[r]) {
+                            if closed(ws + windows[r].size, lateness[r], wm) {
+                                if replaying {
+                                    continue; // handled before the checkpoint
+                                }
+                                match engine.evaluate(r, ws, &[&piece], p, Some(&u.id)).await {
+                                    Ok(ev) => {
+                                        adjustments_total.add(ev.len() as u64);
+                                        out.extend(ev);
+                                    }
+                                    Err(e) => {
+                                        tracing::error!(error = %e, "rule quarantined");
+                                        failed_total.inc();
+                                        quarantined.insert(r);
+                                    }
+                                }
+                                continue;
+                            }
+                            let win = st.windows[r].entry(ws).or_default();
+                            if win.ids.insert(u.id.clone()) {
+                                win.rows.push((off, piece));
+                            } else {
+                                dup_total.inc();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // close the windows the watermark has passed
+        let mut markers: Vec<(i32, Millis)> = Vec::new();
+        for (p, st) in parts.iter_mut() {
+            let Some(wm) = st.sources.min() else { continue };
+            for r in 0..nrules {
+                let due: Vec<Millis> = st.windows[r]
+                    .keys()
+                    .copied()
+                    .filter(|ws| closed(ws + windows[r].size, lateness[r], Some(wm)))
+                    .collect();
+                for ws in due {
+                    let Some(win) = st.windows[r].remove(&ws) else {
+                        continue;
+                    };
+                    if quarantined.contains(&r) {
+                        continue;
+                    }
+                    let rows: Vec<&Usage> = win.rows.iter().map(|(_, u)| u).collect();
+                    match engine.evaluate(r, ws, &rows, *p, None).await {
+                        Ok(ev) => out.extend(ev),
+                        Err(e) => {
+                            tracing::error!(error = %e, "rule quarantined");
+                            failed_total.inc();
+                            quarantined.insert(r);
+                        }
+                    }
+                }
+            }
+            let through = (0..nrules)
+                .map(|r| wm.saturating_sub(lateness[r]))
+                .min()
+                .unwrap_or(wm);
+            if st.last_marker.is_none_or(|l| through > l) {
+                markers.push((*p, through));
+                st.last_marker = Some(through);
+            }
+        }
+        for ev in &out {
+            io.send(
+                &topics.rated,
+                ev.entity_id.as_bytes(),
+                &meterflow_avro::encode(ev),
+                None,
+            )
+            .await?;
+        }
+        events_total.add(out.len() as u64);
+        io.commit(&[])
+            .await
+            .context("acknowledging revenue events")?;
+        for (p, t) in markers {
+            let w = Watermark {
+                stage: "rater".into(),
+                source_partition: p,
+                source_partitions: usage_parts,
+                time: t,
+            };
+            let bytes = meterflow_avro::encode(&w);
+            for rp in 0..rated_parts {
+                io.send(&topics.rated, b"", &bytes, Some(rp)).await?;
+            }
+        }
+        // checkpoints, then offsets
+        let mut offsets = Vec::new();
+        for (p, st) in parts.iter() {
+            let (Some(pos), Some(resume)) = (st.position, st.resume_offset()) else {
+                continue;
+            };
+            let cp = RaterCheckpoint {
+                ruleset: ruleset.clone(),
+                partition: *p,
+                resume_offset: resume,
+                position: pos.max(st.replay_until),
+                source_times: st.sources.to_vec(),
+            };
+            io.send(
+                &topics.rater_state,
+                format!("{ruleset}|{p}").as_bytes(),
+                &meterflow_avro::encode(&cp),
+                None,
+            )
+            .await?;
+            offsets.push((topics.usage.clone(), *p, resume));
+        }
+        if !batch.messages.is_empty() || !offsets.is_empty() {
+            io.commit(&[]).await?;
+            io.commit(&offsets).await?;
+        }
+        if engine.rules.len() == quarantined.len() {
+            anyhow::bail!("every rule is quarantined");
+        }
+        let _ = &mut engine;
+    }
+    Ok(())
+}
+
+fn load_checkpoints(cfg: &KafkaConfig, ruleset: &str) -> Result<HashMap<i32, RaterCheckpoint>> {
+    let recs = tokio::task::block_in_place(|| {
+        read_table(
+            cfg,
+            &[&cfg.topics.rater_state],
+            &HashMap::new(),
+            Duration::from_secs(60),
+        )
+    })?;
+    let mut out = HashMap::new();
+    for r in recs {
+        let Some(p) = r.payload else { continue };
+        if let Ok(cp) = meterflow_avro::decode::<RaterCheckpoint>(&p) {
+            if cp.ruleset == ruleset {
+                out.insert(cp.partition, cp);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(start: Millis, end: Millis, vcpu: &str) -> Usage {
+        Usage {
+            id: "u".into(),
+            sample_id: "s".into(),
+            instance_id: "i".into(),
+            entity_id: "e".into(),
+            user_id: "u".into(),
+            project: None,
+            node_id: "n".into(),
+            site: "x".into(),
+            kind: "vm".into(),
+            flavor: None,
+            interval_start: start,
+            interval_end: end,
+            vcpu_seconds: vcpu.parse().expect("dec"),
+            cpu_seconds: Dec::ZERO,
+            memory_byte_seconds: Dec::from_int(7),
+            memory_used_byte_seconds: None,
+            net_rx_bytes: Dec::ZERO,
+            net_tx_bytes: Dec::from_int(3),
+            disk_read_bytes: Dec::ZERO,
+            disk_write_bytes: Dec::ZERO,
+        }
+    }
+
+    #[test]
+    fn interval_crossing_a_window_boundary_is_split_pro_rata() {
+        let u = usage(3_000_000, 4_200_000, "2400");
+        let parts = split_usage(&u, Tumbling::new(3_600_000));
+        assert_eq!(parts.len(), 2);
+        assert_eq!((parts[0].0, parts[1].0), (0, 3_600_000));
+        assert_eq!(parts[0].1.vcpu_seconds.to_string(), "1200");
+        assert_eq!(parts[1].1.vcpu_seconds.to_string(), "1200");
+        assert_eq!(parts[0].1.interval_end, 3_600_000);
+        assert_eq!(
+            parts[0].1.net_tx_bytes + parts[1].1.net_tx_bytes,
+            Dec::from_int(3)
+        );
+        assert_eq!(
+            parts[0].1.memory_byte_seconds + parts[1].1.memory_byte_seconds,
+            Dec::from_int(7)
+        );
+    }
+
+    #[test]
+    fn a_window_closes_only_after_end_plus_lateness() {
+        assert!(!closed(100, 10, None));
+        assert!(!closed(100, 10, Some(109)));
+        assert!(closed(100, 10, Some(110)));
+    }
+}

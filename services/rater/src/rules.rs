@@ -1,0 +1,736 @@
+//! Rating rules: one SELECT per `.sql` file with a header, compiled once per rule
+//! version into a DataFusion logical plan over a `usage` table whose rows are swapped
+//! per evaluation. Rules are untrusted SQL: DDL, DML and statements are refused, URL
+//! tables and recursive CTEs are off, memory is bounded and every evaluation has a
+//! time limit.
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{
+    Array, ArrayRef, Decimal128Array, Decimal128Builder, Int64Array, RecordBatch, StringArray,
+    StringBuilder, TimestampMillisecondBuilder,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::Session;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use meterflow_types::window::humantime_ms;
+use meterflow_types::{id, Dec, Millis, RatedEvent, Usage};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("{file}:{line}: {msg}")]
+    Header {
+        file: String,
+        line: usize,
+        msg: String,
+    },
+    #[error("{file}: {msg}")]
+    Sql { file: String, msg: String },
+    #[error("{file}: output column {column}: {msg}")]
+    Contract {
+        file: String,
+        column: String,
+        msg: String,
+    },
+    #[error("rule {rule}: evaluation failed: {msg}")]
+    Eval { rule: String, msg: String },
+    #[error("{0}")]
+    Io(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleHeader {
+    pub name: String,
+    pub version: i32,
+    pub window: Millis,
+    pub lateness: Millis,
+    pub currency: String,
+    pub description: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct RuleSource {
+    pub path: PathBuf,
+    pub header: RuleHeader,
+    pub sql: String,
+}
+
+/// Parse the `-- key: value` header at the top of a rule file.
+pub fn parse_rule(path: &Path, text: &str) -> Result<RuleSource, RuleError> {
+    let file = path.display().to_string();
+    let err = |line: usize, msg: String| RuleError::Header {
+        file: file.clone(),
+        line,
+        msg,
+    };
+    let (mut name, mut version, mut window, mut lateness, mut currency, mut description) =
+        (None, None, None, Some(0), None, String::new());
+    let mut body_start = text.len();
+    let mut offset = 0;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(c) = t.strip_prefix("--") {
+            if let Some((k, v)) = c.split_once(':') {
+                let v = v.trim();
+                match k.trim() {
+                    "name" => name = Some(v.to_string()),
+                    "version" => version = Some(v.parse::<i32>().map_err(|_| err(i + 1, format!("version {v:?} is not an integer")))?),
+                    "window" => window = Some(humantime_ms(v).map_err(|e| err(i + 1, e))?),
+                    "lateness" => lateness = Some(if v == "0" || v == "0s" { 0 } else { humantime_ms(v).map_err(|e| err(i + 1, e))? }),
+                    "currency" => {
+                        if v.len() != 3 || !v.bytes().all(|b| b.is_ascii_uppercase()) {
+                            return Err(err(i + 1, format!("currency {v:?} is not an ISO 4217 code")));
+                        }
+                        currency = Some(v.to_string())
+                    }
+                    "description" => description = v.to_string(),
+                    other => return Err(err(i + 1, format!("unknown header key {other:?} (name, version, window, lateness, currency, description)"))),
+                }
+            }
+        } else if !t.is_empty() {
+            body_start = offset;
+            break;
+        }
+        offset += line.len() + 1;
+    }
+    let header = RuleHeader {
+        name: name.ok_or_else(|| err(1, "missing `-- name:`".into()))?,
+        version: version.ok_or_else(|| err(1, "missing `-- version:`".into()))?,
+        window: window.ok_or_else(|| err(1, "missing `-- window:`".into()))?,
+        lateness: lateness.unwrap_or(0),
+        currency: currency.ok_or_else(|| err(1, "missing `-- currency:`".into()))?,
+        description,
+    };
+    let sql = text[body_start.min(text.len())..]
+        .trim()
+        .trim_end_matches(';')
+        .to_string();
+    if sql.is_empty() {
+        return Err(err(1, "no SELECT after the header".into()));
+    }
+    Ok(RuleSource {
+        path: path.to_path_buf(),
+        header,
+        sql,
+    })
+}
+
+/// Every `*.sql` file in `dir`, sorted by name.
+pub fn load_dir(dir: &Path) -> Result<Vec<RuleSource>, RuleError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| RuleError::Io(format!("reading rules dir {}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(RuleError::Io(format!(
+            "no *.sql rules in {}",
+            dir.display()
+        )));
+    }
+    files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| RuleError::Io(format!("{}: {e}", f.display())))?;
+            parse_rule(f, &text)
+        })
+        .collect()
+}
+
+/// The `usage` table a rule reads: one row per usage record and window piece.
+pub fn usage_schema() -> SchemaRef {
+    let dec = || DataType::Decimal128(38, 9);
+    let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("window_start", ts(), false),
+        Field::new("window_end", ts(), false),
+        Field::new("entity_id", DataType::Utf8, false),
+        Field::new("user_id", DataType::Utf8, false),
+        Field::new("project", DataType::Utf8, true),
+        Field::new("instance_id", DataType::Utf8, false),
+        Field::new("node_id", DataType::Utf8, false),
+        Field::new("site", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("flavor", DataType::Utf8, true),
+        Field::new("interval_start", ts(), false),
+        Field::new("interval_end", ts(), false),
+        Field::new("vcpu_seconds", dec(), false),
+        Field::new("cpu_seconds", dec(), false),
+        Field::new("memory_byte_seconds", dec(), false),
+        Field::new("memory_used_byte_seconds", dec(), true),
+        Field::new("net_rx_bytes", dec(), false),
+        Field::new("net_tx_bytes", dec(), false),
+        Field::new("disk_read_bytes", dec(), false),
+        Field::new("disk_write_bytes", dec(), false),
+    ]))
+}
+
+/// Build the `usage` batch for rows of one window.
+pub fn usage_batch(
+    window_start: Millis,
+    window_end: Millis,
+    rows: &[&Usage],
+) -> Result<RecordBatch, RuleError> {
+    let n = rows.len();
+    let ts = |f: &dyn Fn(&Usage) -> Millis| -> ArrayRef {
+        let mut b = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
+        for r in rows {
+            b.append_value(f(r));
+        }
+        Arc::new(b.finish())
+    };
+    let st = |f: &dyn Fn(&Usage) -> Option<&str>| -> ArrayRef {
+        let mut b = StringBuilder::with_capacity(n, n * 16);
+        for r in rows {
+            b.append_option(f(r));
+        }
+        Arc::new(b.finish())
+    };
+    let de = |f: &dyn Fn(&Usage) -> Option<Dec>| -> Result<ArrayRef, RuleError> {
+        let mut b = Decimal128Builder::with_capacity(n)
+            .with_precision_and_scale(38, 9)
+            .map_err(|e| RuleError::Io(e.to_string()))?;
+        for r in rows {
+            b.append_option(f(r).map(Dec::raw));
+        }
+        Ok(Arc::new(b.finish()))
+    };
+    let cols: Vec<ArrayRef> = vec![
+        ts(&|_| window_start),
+        ts(&|_| window_end),
+        st(&|r| Some(&r.entity_id)),
+        st(&|r| Some(&r.user_id)),
+        st(&|r| r.project.as_deref()),
+        st(&|r| Some(&r.instance_id)),
+        st(&|r| Some(&r.node_id)),
+        st(&|r| Some(&r.site)),
+        st(&|r| Some(&r.kind)),
+        st(&|r| r.flavor.as_deref()),
+        ts(&|r| r.interval_start),
+        ts(&|r| r.interval_end),
+        de(&|r| Some(r.vcpu_seconds))?,
+        de(&|r| Some(r.cpu_seconds))?,
+        de(&|r| Some(r.memory_byte_seconds))?,
+        de(&|r| r.memory_used_byte_seconds)?,
+        de(&|r| Some(r.net_rx_bytes))?,
+        de(&|r| Some(r.net_tx_bytes))?,
+        de(&|r| Some(r.disk_read_bytes))?,
+        de(&|r| Some(r.disk_write_bytes))?,
+    ];
+    RecordBatch::try_new(usage_schema(), cols).map_err(|e| RuleError::Io(e.to_string()))
+}
+
+/// A table whose batches are swapped before each evaluation, so a plan built once per
+/// rule version reads the current window.
+#[derive(Debug)]
+struct SwapTable {
+    schema: SchemaRef,
+    batches: Arc<Mutex<Vec<RecordBatch>>>,
+}
+
+#[async_trait]
+impl TableProvider for SwapTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let batches = self.batches.lock().map(|b| b.clone()).unwrap_or_default();
+        Ok(MemorySourceConfig::try_new_exec(
+            &[batches],
+            self.schema.clone(),
+            projection.cloned(),
+        )?)
+    }
+}
+
+/// A compiled rule: its header and its logical plan.
+pub struct Rule {
+    pub source: RuleSource,
+    plan: LogicalPlan,
+    has_resource: bool,
+}
+
+/// One DataFusion session per rater worker, with the rules compiled against it.
+pub struct Engine {
+    ctx: SessionContext,
+    table: Arc<Mutex<Vec<RecordBatch>>>,
+    pub rules: Vec<Rule>,
+    pub eval_timeout: Duration,
+}
+
+const REQUIRED: [(&str, bool); 5] = [
+    ("entity_id", false),
+    ("unit", false),
+    ("quantity", true),
+    ("unit_price", true),
+    ("amount", true),
+];
+
+impl Engine {
+    pub async fn new(
+        sources: Vec<RuleSource>,
+        memory_limit: usize,
+        eval_timeout: Duration,
+    ) -> Result<Engine, RuleError> {
+        let mut config = SessionConfig::new()
+            .with_target_partitions(1)
+            .with_information_schema(false);
+        config.options_mut().sql_parser.parse_float_as_decimal = true;
+        config.options_mut().execution.enable_recursive_ctes = false;
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(memory_limit, 1.0)
+            .build_arc()
+            .map_err(|e| RuleError::Io(e.to_string()))?;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let table = Arc::new(Mutex::new(Vec::new()));
+        ctx.register_table(
+            "usage",
+            Arc::new(SwapTable {
+                schema: usage_schema(),
+                batches: table.clone(),
+            }),
+        )
+        .map_err(|e| RuleError::Io(e.to_string()))?;
+        let mut rules = Vec::new();
+        for s in sources {
+            let file = s.path.display().to_string();
+            if rules
+                .iter()
+                .any(|r: &Rule| r.source.header.name == s.header.name)
+            {
+                return Err(RuleError::Sql {
+                    file,
+                    msg: format!("duplicate rule name {:?}", s.header.name),
+                });
+            }
+            let opts = SQLOptions::new()
+                .with_allow_ddl(false)
+                .with_allow_dml(false)
+                .with_allow_statements(false);
+            let df = ctx
+                .sql_with_options(&s.sql, opts)
+                .await
+                .map_err(|e| RuleError::Sql {
+                    file: file.clone(),
+                    msg: e.to_string(),
+                })?;
+            let plan = df.logical_plan().clone();
+            let schema = plan.schema();
+            for (col, numeric) in REQUIRED {
+                let f =
+                    schema
+                        .field_with_unqualified_name(col)
+                        .map_err(|_| RuleError::Contract {
+                            file: file.clone(),
+                            column: col.into(),
+                            msg:
+                                "missing (required: entity_id, unit, quantity, unit_price, amount)"
+                                    .into(),
+                        })?;
+                check_type(f.data_type(), numeric).map_err(|msg| RuleError::Contract {
+                    file: file.clone(),
+                    column: col.into(),
+                    msg,
+                })?;
+            }
+            let has_resource = match schema.field_with_unqualified_name("resource_id") {
+                Ok(f) => {
+                    check_type(f.data_type(), false).map_err(|msg| RuleError::Contract {
+                        file: file.clone(),
+                        column: "resource_id".into(),
+                        msg,
+                    })?;
+                    true
+                }
+                Err(_) => false,
+            };
+            rules.push(Rule {
+                source: s,
+                plan,
+                has_resource,
+            });
+        }
+        Ok(Engine {
+            ctx,
+            table,
+            rules,
+            eval_timeout,
+        })
+    }
+
+    /// A stable name for the rule set (names and versions), used to key checkpoints.
+    pub fn ruleset_id(&self) -> String {
+        let parts: Vec<String> = self
+            .rules
+            .iter()
+            .map(|r| format!("{}@{}", r.source.header.name, r.source.header.version))
+            .collect();
+        id::derive(
+            "ruleset",
+            &parts.iter().map(String::as_str).collect::<Vec<_>>(),
+        )[..12]
+            .to_string()
+    }
+
+    /// Evaluate rule `idx` over the rows of one window. `adjustment_of` marks the output
+    /// as a correction computed from that late usage record.
+    pub async fn evaluate(
+        &self,
+        idx: usize,
+        window_start: Millis,
+        rows: &[&Usage],
+        partition: i32,
+        adjustment_of: Option<&str>,
+    ) -> Result<Vec<RatedEvent>, RuleError> {
+        let rule = &self.rules[idx];
+        let h = &rule.source.header;
+        let window_end = window_start + h.window;
+        let batch = usage_batch(window_start, window_end, rows)?;
+        if let Ok(mut t) = self.table.lock() {
+            *t = vec![batch];
+        }
+        let fail = |msg: String| RuleError::Eval {
+            rule: h.name.clone(),
+            msg,
+        };
+        let run = async {
+            let df = self.ctx.execute_logical_plan(rule.plan.clone()).await?;
+            df.collect().await
+        };
+        let out = tokio::time::timeout(self.eval_timeout, run)
+            .await
+            .map_err(|_| fail(format!("exceeded the {:?} time limit", self.eval_timeout)))?
+            .map_err(|e| fail(e.to_string()))?;
+        let mut events = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for b in &out {
+            let strings = |name: &str| -> Result<StringArray, RuleError> {
+                let c = b
+                    .column_by_name(name)
+                    .ok_or_else(|| fail(format!("no column {name}")))?;
+                let c = cast(c, &DataType::Utf8).map_err(|e| fail(e.to_string()))?;
+                c.as_any()
+                    .downcast_ref::<StringArray>()
+                    .cloned()
+                    .ok_or_else(|| fail(format!("{name} is not text")))
+            };
+            let entity = strings("entity_id")?;
+            let unit = strings("unit")?;
+            let resource = if rule.has_resource {
+                Some(strings("resource_id")?)
+            } else {
+                None
+            };
+            let q = decimals(b, "quantity").map_err(fail)?;
+            let p = decimals(b, "unit_price").map_err(fail)?;
+            let a = decimals(b, "amount").map_err(fail)?;
+            for i in 0..b.num_rows() {
+                if entity.is_null(i) || unit.is_null(i) {
+                    return Err(fail(format!(
+                        "row {i}: entity_id and unit must not be null"
+                    )));
+                }
+                let (Some(qv), Some(pv), Some(av)) = (q[i], p[i], a[i]) else {
+                    return Err(fail(format!(
+                        "row {i}: quantity, unit_price and amount must not be null"
+                    )));
+                };
+                let res = resource
+                    .as_ref()
+                    .map(|r| {
+                        if r.is_null(i) {
+                            String::new()
+                        } else {
+                            r.value(i).to_string()
+                        }
+                    })
+                    .unwrap_or_default();
+                let key = (
+                    entity.value(i).to_string(),
+                    unit.value(i).to_string(),
+                    res.clone(),
+                );
+                if !seen.insert(key.clone()) {
+                    return Err(fail(format!(
+                        "two rows for entity {:?} unit {:?} resource {:?} in one window",
+                        key.0, key.1, key.2
+                    )));
+                }
+                let ws = window_start.to_string();
+                let ver = h.version.to_string();
+                let mut parts = vec![
+                    h.name.as_str(),
+                    ver.as_str(),
+                    ws.as_str(),
+                    key.0.as_str(),
+                    key.1.as_str(),
+                    key.2.as_str(),
+                ];
+                if let Some(u) = adjustment_of {
+                    parts.push(u);
+                }
+                events.push(RatedEvent {
+                    id: id::derive("rated", &parts),
+                    rule_id: h.name.clone(),
+                    rule_version: h.version,
+                    entity_id: key.0,
+                    resource_id: key.2,
+                    window_start,
+                    window_end,
+                    unit: key.1,
+                    quantity: qv,
+                    unit_price: pv,
+                    amount: av,
+                    currency: h.currency.clone(),
+                    adjustment: adjustment_of.is_some(),
+                    usage_records: rows.len() as i64,
+                    source_partition: partition,
+                });
+            }
+        }
+        Ok(events)
+    }
+}
+
+fn check_type(t: &DataType, numeric: bool) -> Result<(), String> {
+    match (numeric, t) {
+        (false, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) => Ok(()),
+        (false, other) => Err(format!("must be text, is {other}")),
+        (
+            true,
+            DataType::Decimal128(_, _)
+            | DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64,
+        ) => Ok(()),
+        (true, DataType::Float16 | DataType::Float32 | DataType::Float64) => Err(
+            "is a float; money and quantities must be DECIMAL (write CAST(x AS DECIMAL(38,9)))"
+                .into(),
+        ),
+        (true, other) => Err(format!("must be DECIMAL or integer, is {other}")),
+    }
+}
+
+/// A decimal or integer column as `Dec` (scale 9). Values with more than 9 decimals
+/// are rounded half-to-even to 9, the contract's resolution.
+fn decimals(b: &RecordBatch, name: &str) -> Result<Vec<Option<Dec>>, String> {
+    let c = b
+        .column_by_name(name)
+        .ok_or_else(|| format!("no column {name}"))?;
+    match c.data_type() {
+        DataType::Decimal128(_, s) => {
+            let s = *s as i32;
+            let a = c
+                .as_any()
+                .downcast_ref::<Decimal128Array>()
+                .ok_or("decimal column")?;
+            (0..a.len())
+                .map(|i| {
+                    if a.is_null(i) {
+                        return Ok(None);
+                    }
+                    let v = a.value(i);
+                    let raw = if s <= 9 {
+                        v.checked_mul(10i128.pow((9 - s) as u32))
+                            .ok_or_else(|| format!("{name} overflows"))?
+                    } else {
+                        round_half_even_div(v, 10i128.pow((s - 9) as u32))
+                    };
+                    Ok(Some(Dec::from_raw(raw)))
+                })
+                .collect()
+        }
+        _ => {
+            let c = cast(c, &DataType::Int64).map_err(|e| e.to_string())?;
+            let a = c
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .ok_or("integer column")?;
+            Ok((0..a.len())
+                .map(|i| {
+                    if a.is_null(i) {
+                        None
+                    } else {
+                        Some(Dec::from_int(a.value(i)))
+                    }
+                })
+                .collect())
+        }
+    }
+}
+
+fn round_half_even_div(v: i128, d: i128) -> i128 {
+    let q = v.div_euclid(d);
+    let r = v.rem_euclid(d);
+    if r * 2 > d || (r * 2 == d && q % 2 != 0) {
+        q + 1
+    } else {
+        q
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(entity: &str, vcpu: &str, mem: i64, tx: i64) -> Usage {
+        Usage {
+            id: format!("u-{entity}-{vcpu}"),
+            sample_id: "s".into(),
+            instance_id: "i".into(),
+            entity_id: entity.into(),
+            user_id: "u".into(),
+            project: None,
+            node_id: "n".into(),
+            site: "x".into(),
+            kind: "vm".into(),
+            flavor: None,
+            interval_start: 0,
+            interval_end: 60_000,
+            vcpu_seconds: vcpu.parse().expect("dec"),
+            cpu_seconds: Dec::ZERO,
+            memory_byte_seconds: Dec::from_int(mem),
+            memory_used_byte_seconds: None,
+            net_rx_bytes: Dec::ZERO,
+            net_tx_bytes: Dec::from_int(tx),
+            disk_read_bytes: Dec::ZERO,
+            disk_write_bytes: Dec::ZERO,
+        }
+    }
+
+    async fn engine() -> Engine {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../rules");
+        Engine::new(
+            load_dir(&dir).expect("rules load"),
+            64 << 20,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("rules compile")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn shipped_rules_price_exactly_in_decimal() {
+        let e = engine().await;
+        let rows = [
+            usage("acme", "3600", 3_600_000_000_000, 2_000_000_000),
+            usage("acme", "0.5", 0, 0),
+            usage("globex", "7200", 0, 1),
+        ];
+        let refs: Vec<&Usage> = rows.iter().collect();
+        let idx = |n: &str| {
+            e.rules
+                .iter()
+                .position(|r| r.source.header.name == n)
+                .expect("rule")
+        };
+        let mut v = e
+            .evaluate(idx("vcpu_hours"), 0, &refs, 0, None)
+            .await
+            .expect("eval");
+        v.sort_by(|a, b| a.entity_id.cmp(&b.entity_id));
+        assert_eq!(v.len(), 2);
+        assert_eq!(
+            (
+                v[0].entity_id.as_str(),
+                v[0].amount.to_string(),
+                v[0].unit.as_str()
+            ),
+            ("acme", "0.036005".to_string(), "vcpu_hour")
+        );
+        assert_eq!(v[0].quantity.to_string(), "1.000138889");
+        assert_eq!(v[0].unit_price.to_string(), "0.036");
+        assert_eq!(v[1].amount.to_string(), "0.072");
+        assert_eq!(v[0].window_end, 3_600_000);
+        let m = e
+            .evaluate(idx("memory_gb_hours"), 0, &refs, 0, None)
+            .await
+            .expect("eval");
+        let acme = m.iter().find(|r| r.entity_id == "acme").expect("acme");
+        assert_eq!(
+            (acme.quantity.to_string(), acme.amount.to_string()),
+            ("1".to_string(), "0.0045".to_string())
+        );
+        let n = e
+            .evaluate(idx("network_egress_gb"), 0, &refs, 0, None)
+            .await
+            .expect("eval");
+        let g = n.iter().find(|r| r.entity_id == "globex").expect("globex");
+        assert_eq!(
+            g.amount.to_string(),
+            "0",
+            "9e-11 rounds half-even to 0 at 9 places"
+        );
+        assert_eq!(
+            n.iter()
+                .find(|r| r.entity_id == "acme")
+                .expect("acme")
+                .amount
+                .to_string(),
+            "0.18"
+        );
+        // ids are deterministic; an adjustment gets its own id
+        let again = e
+            .evaluate(idx("vcpu_hours"), 0, &refs, 0, None)
+            .await
+            .expect("eval");
+        assert!(again.iter().any(|r| r.id == v[0].id));
+        let adj = e
+            .evaluate(idx("vcpu_hours"), 0, &refs[..1], 0, Some("late-1"))
+            .await
+            .expect("eval");
+        assert!(adj[0].adjustment && adj[0].id != v[0].id);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn hostile_and_broken_rules_are_refused_with_the_file_named() {
+        let cases = [
+            ("CREATE TABLE x AS SELECT 1", "DDL"),
+            ("COPY (SELECT 1) TO '/tmp/x.csv'", ""),
+            ("SELECT * FROM '/etc/passwd'", ""),
+            ("INSERT INTO usage SELECT * FROM usage", ""),
+            ("SET datafusion.execution.batch_size = 1", ""),
+            ("SELECT entity_id, 'x' AS unit, 1.5::double AS quantity, 1 AS unit_price, 1 AS amount FROM usage", "float"),
+            ("SELECT entity_id, 'x' AS unit, 1 AS quantity, 1 AS unit_price FROM usage", "amount"),
+            ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT 'e' AS entity_id, 'x' AS unit, n AS quantity, 1 AS unit_price, 1 AS amount FROM r", ""),
+        ];
+        for (sql, hint) in cases {
+            let text =
+                format!("-- name: bad\n-- version: 1\n-- window: 1h\n-- currency: USD\n{sql}\n");
+            let src = parse_rule(Path::new("rules/bad.sql"), &text).expect("header parses");
+            let err = Engine::new(vec![src], 64 << 20, Duration::from_secs(5))
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {sql}"));
+            let msg = err.to_string();
+            assert!(msg.contains("rules/bad.sql"), "{msg}");
+            assert!(
+                msg.to_lowercase().contains(&hint.to_lowercase()),
+                "{sql}: {msg}"
+            );
+        }
+        let e = parse_rule(Path::new("r.sql"), "-- name: x\n-- version: one\nSELECT 1")
+            .expect_err("bad version");
+        assert_eq!(e.to_string(), "r.sql:2: version \"one\" is not an integer");
+    }
+}
