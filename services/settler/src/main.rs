@@ -1,1 +1,3 @@
-fn main() {}
+fn main() -> anyhow::Result<()> {
+    meterflow_runtime::service_main("settler", meterflow_settler::run)
+}

@@ -1,0 +1,300 @@
+//! Settlement files for one entity and billing period: `lines.csv`, `lines.parquet`
+//! and `manifest.json`, written atomically (temp file, fsync, rename) and byte-identical
+//! when regenerated from the same events. Rounding happens here, once per line, to the
+//! currency's minor unit (half to even); totals are sums of rounded lines.
+
+use anyhow::{Context, Result};
+use datafusion::arrow::array::{
+    ArrayRef, BooleanArray, Decimal128Array, Int32Array, Int64Array, RecordBatch, StringArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::file::properties::WriterProperties;
+use meterflow_types::decimal::minor_units;
+use meterflow_types::time::fmt_rfc3339;
+use meterflow_types::{Dec, Millis, RatedEvent};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema_version: u32,
+    pub entity_id: String,
+    pub period: String,
+    pub period_start: String,
+    pub period_end: String,
+    /// 1 for the first settlement; corrections after close are later versions holding the delta.
+    pub version: u32,
+    pub previous: Option<String>,
+    pub line_count: usize,
+    /// Per currency, the sum of the rounded lines.
+    pub totals: BTreeMap<String, String>,
+    /// File name → SHA-256.
+    pub files: BTreeMap<String, String>,
+    pub rule_versions: Vec<String>,
+    /// Rated-topic offsets the lines came from: partition → [first, last].
+    pub input_offsets: BTreeMap<i32, [i64; 2]>,
+    pub ids: Vec<String>,
+}
+
+/// The directory of one entity's files for one period.
+pub fn entity_dir(root: &Path, period_label: &str, entity: &str) -> PathBuf {
+    let safe: String = entity
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.@".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    root.join(format!("period={period_label}"))
+        .join(format!("entity={safe}"))
+}
+
+/// Versions already written for an entity and period (1, 2, ...), with their manifests.
+pub fn existing(dir: &Path) -> Result<Vec<Manifest>> {
+    let mut out = Vec::new();
+    for v in 1.. {
+        let f = dir.join(version_name(v, "manifest.json"));
+        if !f.exists() {
+            break;
+        }
+        out.push(
+            serde_json::from_slice(&std::fs::read(&f)?)
+                .with_context(|| format!("reading {}", f.display()))?,
+        );
+    }
+    Ok(out)
+}
+
+fn version_name(v: u32, base: &str) -> String {
+    if v == 1 {
+        base.to_string()
+    } else {
+        format!("v{v}.{base}")
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(d) = path.parent() {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn sha(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// A line's rounded amount.
+pub fn rounded(e: &RatedEvent) -> Dec {
+    e.amount.round_half_even(minor_units(&e.currency))
+}
+
+pub fn csv(events: &[(i32, i64, RatedEvent)]) -> String {
+    let mut s = String::from("id,entity_id,rule_id,rule_version,resource_id,window_start,window_end,unit,quantity,unit_price,amount,currency,amount_unrounded,adjustment\n");
+    let esc = |v: &str| {
+        if v.contains([',', '"', '\n']) {
+            format!("\"{}\"", v.replace('"', "\"\""))
+        } else {
+            v.to_string()
+        }
+    };
+    for (_, _, e) in events {
+        s.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            e.id,
+            esc(&e.entity_id),
+            esc(&e.rule_id),
+            e.rule_version,
+            esc(&e.resource_id),
+            fmt_rfc3339(e.window_start),
+            fmt_rfc3339(e.window_end),
+            esc(&e.unit),
+            e.quantity,
+            e.unit_price,
+            rounded(e).to_fixed(minor_units(&e.currency)),
+            e.currency,
+            e.amount,
+            e.adjustment
+        ));
+    }
+    s
+}
+
+fn parquet(events: &[(i32, i64, RatedEvent)]) -> Result<Vec<u8>> {
+    let dec = || DataType::Decimal128(38, 9);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("entity_id", DataType::Utf8, false),
+        Field::new("rule_id", DataType::Utf8, false),
+        Field::new("rule_version", DataType::Int32, false),
+        Field::new("resource_id", DataType::Utf8, false),
+        Field::new("window_start_ms", DataType::Int64, false),
+        Field::new("window_end_ms", DataType::Int64, false),
+        Field::new("unit", DataType::Utf8, false),
+        Field::new("quantity", dec(), false),
+        Field::new("unit_price", dec(), false),
+        Field::new("amount", dec(), false),
+        Field::new("currency", DataType::Utf8, false),
+        Field::new("amount_unrounded", dec(), false),
+        Field::new("adjustment", DataType::Boolean, false),
+    ]));
+    let ev: Vec<&RatedEvent> = events.iter().map(|(_, _, e)| e).collect();
+    let s = |f: &dyn Fn(&RatedEvent) -> &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(ev.iter().map(|e| f(e))))
+    };
+    let d = |f: &dyn Fn(&RatedEvent) -> Dec| -> Result<ArrayRef> {
+        Ok(Arc::new(
+            Decimal128Array::from_iter_values(ev.iter().map(|e| f(e).raw()))
+                .with_precision_and_scale(38, 9)?,
+        ))
+    };
+    let cols: Vec<ArrayRef> = vec![
+        s(&|e| &e.id),
+        s(&|e| &e.entity_id),
+        s(&|e| &e.rule_id),
+        Arc::new(Int32Array::from_iter_values(
+            ev.iter().map(|e| e.rule_version),
+        )),
+        s(&|e| &e.resource_id),
+        Arc::new(Int64Array::from_iter_values(
+            ev.iter().map(|e| e.window_start),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            ev.iter().map(|e| e.window_end),
+        )),
+        s(&|e| &e.unit),
+        d(&|e| e.quantity)?,
+        d(&|e| e.unit_price)?,
+        d(&|e| rounded(e))?,
+        s(&|e| &e.currency),
+        d(&|e| e.amount)?,
+        Arc::new(BooleanArray::from(
+            ev.iter().map(|e| e.adjustment).collect::<Vec<_>>(),
+        )),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), cols)?;
+    let mut buf = Vec::new();
+    let props = WriterProperties::builder()
+        .set_created_by("meterflow".into())
+        .build();
+    let mut w = ArrowWriter::try_new(&mut buf, schema, Some(props))?;
+    w.write(&batch)?;
+    w.close()?;
+    Ok(buf)
+}
+
+/// Write a new version of an entity's settlement for a period. Events are sorted into
+/// a canonical order first, so the same events always give the same bytes.
+pub fn write_version(
+    root: &Path,
+    period_label: &str,
+    bounds: (Millis, Millis),
+    entity: &str,
+    mut events: Vec<(i32, i64, RatedEvent)>,
+) -> Result<Manifest> {
+    let dir = entity_dir(root, period_label, entity);
+    std::fs::create_dir_all(&dir)?;
+    let prev = existing(&dir)?;
+    let version = prev.len() as u32 + 1;
+    events.sort_by(|a, b| {
+        (a.2.window_start, &a.2.rule_id, &a.2.resource_id, &a.2.id).cmp(&(
+            b.2.window_start,
+            &b.2.rule_id,
+            &b.2.resource_id,
+            &b.2.id,
+        ))
+    });
+    let csv_bytes = csv(&events).into_bytes();
+    let pq = parquet(&events)?;
+    let csv_name = version_name(version, "lines.csv");
+    let pq_name = version_name(version, "lines.parquet");
+    let mut totals: BTreeMap<String, Dec> = BTreeMap::new();
+    for (_, _, e) in &events {
+        *totals.entry(e.currency.clone()).or_default() += rounded(e);
+    }
+    let mut offsets: BTreeMap<i32, [i64; 2]> = BTreeMap::new();
+    for (p, o, _) in &events {
+        let e = offsets.entry(*p).or_insert([*o, *o]);
+        e[0] = e[0].min(*o);
+        e[1] = e[1].max(*o);
+    }
+    let mut rules: Vec<String> = events
+        .iter()
+        .map(|(_, _, e)| format!("{}@{}", e.rule_id, e.rule_version))
+        .collect();
+    rules.sort();
+    rules.dedup();
+    let manifest = Manifest {
+        schema_version: SCHEMA_VERSION,
+        entity_id: entity.to_string(),
+        period: period_label.to_string(),
+        period_start: fmt_rfc3339(bounds.0),
+        period_end: fmt_rfc3339(bounds.1),
+        version,
+        previous: (version > 1).then(|| version_name(version - 1, "manifest.json")),
+        line_count: events.len(),
+        totals: totals
+            .iter()
+            .map(|(c, d)| (c.clone(), d.to_fixed(minor_units(c))))
+            .collect(),
+        files: [
+            (csv_name.clone(), sha(&csv_bytes)),
+            (pq_name.clone(), sha(&pq)),
+        ]
+        .into_iter()
+        .collect(),
+        rule_versions: rules,
+        input_offsets: offsets,
+        ids: events.iter().map(|(_, _, e)| e.id.clone()).collect(),
+    };
+    write_atomic(&dir.join(&csv_name), &csv_bytes)?;
+    write_atomic(&dir.join(&pq_name), &pq)?;
+    // the manifest last: its presence means the version is complete
+    write_atomic(
+        &dir.join(version_name(version, "manifest.json")),
+        &serde_json::to_vec_pretty(&manifest)?,
+    )?;
+    Ok(manifest)
+}
+
+/// Every manifest under a settlement root (all periods, entities, versions).
+pub fn all_manifests(root: &Path) -> Result<Vec<Manifest>> {
+    let mut out = Vec::new();
+    if !root.exists() {
+        return Ok(out);
+    }
+    let mut periods: Vec<PathBuf> = std::fs::read_dir(root)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    periods.sort();
+    for p in periods {
+        let mut ents: Vec<PathBuf> = std::fs::read_dir(&p)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        ents.sort();
+        for e in ents {
+            out.extend(existing(&e)?);
+        }
+    }
+    Ok(out)
+}
