@@ -1,1 +1,3 @@
+//! End-to-end tests: real binaries, real libvirt test driver, real Parquet and CSV.
 
+mod up;

@@ -132,6 +132,8 @@ mod tests {
         s.observe(1, 3, 70);
         assert_eq!(s.min(), Some(50));
         s.observe(2, 3, 40); // never backwards
+        assert_eq!(s.min(), Some(50));
+        s.observe(2, 3, 90);
         assert_eq!(s.min(), Some(70));
         assert_eq!(SourceTimes::from_vec(&s.to_vec()), s);
     }

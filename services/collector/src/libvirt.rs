@@ -27,6 +27,8 @@ pub struct LibvirtSource {
 
 impl LibvirtSource {
     pub fn open(uri: &str, deadline: Duration) -> anyhow::Result<LibvirtSource> {
+        // libvirt prints every error to stderr by default; ours are returned and logged once.
+        virt::error::clear_error_callback();
         let conn = Connect::open_read_only(Some(uri))
             .map_err(|e| anyhow::anyhow!("opening libvirt {uri}: {e}"))?;
         let (tx, rx) = mpsc::channel::<tokio::sync::oneshot::Sender<Result<PollResult, String>>>();
