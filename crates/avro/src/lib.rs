@@ -3,7 +3,6 @@
 //! can tell which schema a message claims before decoding it, and reject the rest with a
 //! reason code instead of guessing.
 
-use apache_avro::types::Value;
 use apache_avro::{rabin::Rabin, Schema};
 use meterflow_types::*;
 use std::sync::OnceLock;
@@ -199,12 +198,7 @@ pub fn schema_of<R: Record>() -> &'static Schema {
     &R::compiled().schema
 }
 
-/// Turn a value into JSON for display (used by `meterflow` tooling).
+/// Whether a record's Avro value validates against its schema.
 pub fn value_is_valid<R: Record>(r: &R) -> bool {
     r.to_value().validate(&R::compiled().schema)
-}
-
-#[doc(hidden)]
-pub fn _value_of<R: Record>(r: &R) -> Value {
-    r.to_value()
 }

@@ -149,7 +149,7 @@ fn closed(w_end: Millis, lateness: Millis, watermark: Option<Millis>) -> bool {
 
 pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
     let sources = rules::load_dir(&cfg.rules_dir)?;
-    let mut engine = Engine::new(sources, cfg.memory_limit_mb << 20, cfg.eval_timeout).await?;
+    let engine = Engine::new(sources, cfg.memory_limit_mb << 20, cfg.eval_timeout).await?;
     let ruleset = engine.ruleset_id();
     tracing::info!(rules = engine.rules.len(), %ruleset, "rules compiled");
     ensure_topics(&cfg.kafka).await?;
@@ -388,7 +388,6 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         if engine.rules.len() == quarantined.len() {
             anyhow::bail!("every rule is quarantined");
         }
-        let _ = &mut engine;
     }
     Ok(())
 }

@@ -225,8 +225,3 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     }
     Ok(())
 }
-
-/// Kafka config accessor for tools.
-pub fn kafka(cfg: &SettlerConfig) -> &KafkaConfig {
-    &cfg.kafka
-}
