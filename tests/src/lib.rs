@@ -1,7 +1,16 @@
-//! Helpers for the end-to-end tests: locating the service binaries built in the same
-//! profile as the tests (`cargo build --workspace --bins` runs first in scripts/test.sh).
+//! Helpers for the end-to-end tests: the service binaries built in the same profile as
+//! the tests (`cargo build --workspace --bins` runs first in scripts/test.sh), a Tansu
+//! broker as a separate process, service processes with their logs, and the settlement
+//! files read back.
 
-use std::path::PathBuf;
+pub mod expect;
+pub mod pipeline;
+pub mod settled;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// Path of a workspace binary next to the test executable's profile directory.
 pub fn bin(name: &str) -> PathBuf {
@@ -19,4 +28,243 @@ pub fn bin(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// The Tansu binary: `$METERFLOW_TANSU`, else `~/.cache/meterflow/tansu/bin/tansu`, else
+/// `tansu` on PATH. Panics (never skips) with the command that installs it.
+pub fn tansu_bin() -> PathBuf {
+    let candidates = [
+        std::env::var_os("METERFLOW_TANSU").map(PathBuf::from),
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/meterflow/tansu/bin/tansu")),
+    ];
+    for p in candidates.into_iter().flatten() {
+        if p.is_file() {
+            return p;
+        }
+    }
+    if let Ok(out) = Command::new("sh").args(["-c", "command -v tansu"]).output() {
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && !s.is_empty() {
+            return PathBuf::from(s);
+        }
+    }
+    panic!(
+        "the Tansu broker is not installed; these end-to-end tests need it. Install it with\n  \
+         bash scripts/setup.sh --tests\n(or: cargo install tansu --version 0.6.0 --locked --features dynostore,libsql \
+         --root ~/.cache/meterflow/tansu), or point METERFLOW_TANSU at the binary"
+    );
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_for_port(port: u16, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A process with its output in a log file; SIGKILLed when dropped.
+pub struct Proc {
+    pub name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    pub starts: u32,
+}
+
+impl Proc {
+    pub fn start(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        dir: &Path,
+    ) -> Proc {
+        let mut p = Proc {
+            name: name.to_string(),
+            program: program.to_path_buf(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            dir: dir.to_path_buf(),
+            log: dir.join(format!("{name}.log")),
+            child: None,
+            starts: 0,
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let err = log.try_clone().expect("log file");
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.program.display()));
+        self.child = Some(child);
+        self.starts += 1;
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
+        let c = self.child.as_mut()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let st = self.wait(within);
+        if st.is_none() {
+            self.kill9();
+        }
+        st
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// The exit status if the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn wait(&mut self, within: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `n` lines of the log, for failure messages.
+    pub fn tail(&self, n: usize) -> String {
+        let l = self.log();
+        let lines: Vec<&str> = l.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A Tansu broker in its own process, on a port of its own.
+pub struct Tansu {
+    pub proc: Proc,
+    pub port: u16,
+    storage: String,
+}
+
+impl Tansu {
+    /// In-memory storage: fast, gone when the process ends.
+    pub fn start(dir: &Path) -> Tansu {
+        Tansu::start_with(dir, "memory://tansu/")
+    }
+
+    /// `storage` is a Tansu storage URL, e.g. `sqlite://broker.db` (relative to `dir`).
+    pub fn start_with(dir: &Path, storage: &str) -> Tansu {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let bin = tansu_bin();
+        let proc = Proc::start(
+            "tansu",
+            &bin,
+            &[
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                storage,
+            ],
+            &[("RUST_LOG", "warn")],
+            dir,
+        );
+        let t = Tansu {
+            proc,
+            port,
+            storage: storage.to_string(),
+        };
+        t.await_listening();
+        t
+    }
+
+    fn await_listening(&self) {
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(30)),
+            "Tansu did not listen on {}: {}",
+            self.port,
+            self.proc.tail(20)
+        );
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn storage(&self) -> &str {
+        &self.storage
+    }
+
+    /// Kill the broker and start it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.proc.restart();
+        self.await_listening();
+    }
+}
+
+/// Wait until `f` holds, checking every 200 ms; panic with `what()` after `within`.
+/// A guard against hangs, not a performance threshold.
+pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let end = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < end, "gave up waiting: {}", what());
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

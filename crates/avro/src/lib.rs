@@ -108,6 +108,11 @@ pub fn encode<R: Record>(r: &R) -> Vec<u8> {
     out
 }
 
+/// The 10-byte single-object header (marker + schema fingerprint) of a record type.
+pub fn header_of<R: Record>() -> [u8; 10] {
+    R::compiled().header
+}
+
 /// Decode a record of a known type.
 pub fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
     let body = check_header(bytes, R::compiled())?;
@@ -160,6 +165,12 @@ pub enum UsageMsg {
     Usage(Usage),
     Watermark(Watermark),
 }
+/// What may appear on the instances topic: instance state, and node rows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InstancesMsg {
+    Instance(InstanceState),
+    Node(NodeHeartbeat),
+}
 /// What may appear on the rated topic.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RatedMsg {
@@ -184,6 +195,12 @@ pub fn decode_usage_msg(bytes: &[u8]) -> Result<UsageMsg, DecodeError> {
     Ok(match dispatch2::<Usage, Watermark>(bytes)? {
         Ok(u) => UsageMsg::Usage(u),
         Err(w) => UsageMsg::Watermark(w),
+    })
+}
+pub fn decode_instances_msg(bytes: &[u8]) -> Result<InstancesMsg, DecodeError> {
+    Ok(match dispatch2::<InstanceState, NodeHeartbeat>(bytes)? {
+        Ok(s) => InstancesMsg::Instance(s),
+        Err(h) => InstancesMsg::Node(h),
     })
 }
 pub fn decode_rated_msg(bytes: &[u8]) -> Result<RatedMsg, DecodeError> {

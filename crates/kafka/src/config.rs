@@ -54,6 +54,10 @@ pub struct KafkaConfig {
     pub replication: i32,
     /// Producer linger (batching) in milliseconds.
     pub linger_ms: u32,
+    /// On partition assignment, start this many records before the committed offset and
+    /// drop what lies below it: exact resumption on brokers that serve fetches by batch
+    /// base offset (Tansu 0.6). 0 turns it off (fine on Apache Kafka).
+    pub resume_rewind: i64,
     /// Raw librdkafka properties, applied last.
     pub client: BTreeMap<String, String>,
 }
@@ -67,6 +71,7 @@ impl Default for KafkaConfig {
             partitions: 4,
             replication: 1,
             linger_ms: 5,
+            resume_rewind: 10_000,
             client: BTreeMap::new(),
         }
     }

@@ -10,8 +10,8 @@ mod table;
 pub use config::{Delivery, KafkaConfig, Topics};
 pub use outbox::Outbox;
 pub use rdkafka::message::{Message, OwnedMessage};
-pub use stage::now_ms;
-pub use stage::{Assignment, Batch, StageIo};
+pub use stage::{default_member, now_ms};
+pub use stage::{Assignment, Batch, Coordinates, StageIo};
 pub use table::{high_watermarks, read_table, TableRecord};
 
 use anyhow::{Context, Result};

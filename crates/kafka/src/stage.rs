@@ -6,10 +6,12 @@ use crate::outbox::Outbox;
 use crate::{client_config, producer, Delivery, KafkaConfig};
 use anyhow::{Context, Result};
 use meterflow_types::{id, DlqRecord};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -21,9 +23,21 @@ pub enum Assignment {
     Revoked(Vec<(String, i32)>),
 }
 
-#[derive(Default)]
+/// The consumer's context: records assignment changes for the stage, and on every
+/// assignment starts each partition `rewind` records before its committed offset.
+///
+/// Why rewind: Kafka serves a fetch from the record batch that *contains* the requested
+/// offset, but Tansu 0.6 serves it from the first batch whose base offset is at or after
+/// it — a consumer resuming mid-batch would silently skip the rest of that batch.
+/// Starting up to `rewind` records earlier (no producer batch holds more: librdkafka's
+/// `batch.num.messages` caps it at 10 000) reaches a batch boundary on any broker;
+/// `next_batch` then drops every record below the committed offset, so the stage sees
+/// exactly the records after it, as it would on Kafka.
 pub struct Ctx {
     events: Mutex<Vec<Assignment>>,
+    /// (topic, partition) → committed offset at assignment: records below it are dropped.
+    floor: Mutex<HashMap<(String, i32), i64>>,
+    rewind: i64,
 }
 
 fn parts(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -35,24 +49,72 @@ fn parts(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 
 impl ClientContext for Ctx {}
 impl ConsumerContext for Ctx {
-    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = r {
-            if let Ok(mut ev) = self.events.lock() {
-                ev.push(Assignment::Revoked(parts(tpl)));
-            }
-        }
-    }
-    fn post_rebalance(&self, _c: &BaseConsumer<Self>, r: &Rebalance<'_>) {
-        match r {
-            Rebalance::Assign(tpl) => {
+    fn rebalance(&self, c: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut floors = Vec::new();
+                if self.rewind > 0 {
+                    match c.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+                        Ok(committed) => {
+                            for e in committed.elements() {
+                                if let Offset::Offset(o) = e.offset() {
+                                    let from = (o - self.rewind).max(0);
+                                    if tpl
+                                        .set_partition_offset(
+                                            e.topic(),
+                                            e.partition(),
+                                            Offset::Offset(from),
+                                        )
+                                        .is_ok()
+                                    {
+                                        floors.push(((e.topic().to_string(), e.partition()), o));
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "committed offsets unknown at assignment; resuming without rewind")
+                        }
+                    }
+                }
+                if let Ok(mut f) = self.floor.lock() {
+                    for k in parts(tpl) {
+                        f.remove(&k);
+                    }
+                    f.extend(floors);
+                }
+                if let Err(e) = c.assign(tpl) {
+                    tracing::error!(error = %e, "assigning partitions");
+                }
                 if let Ok(mut ev) = self.events.lock() {
                     ev.push(Assignment::Assigned(parts(tpl)));
                 }
             }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
-            Rebalance::Revoke(_) => {}
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if let Ok(mut ev) = self.events.lock() {
+                    ev.push(Assignment::Revoked(parts(tpl)));
+                }
+                if let Err(e) = c.unassign() {
+                    tracing::error!(error = %e, "unassigning partitions");
+                }
+            }
+            other => {
+                let code: rdkafka::types::RDKafkaErrorCode = other.into();
+                tracing::warn!(error = %code, "rebalance error");
+                let _ = c.unassign();
+            }
         }
     }
+}
+
+/// Where a record came from, for the dead-letter topic.
+#[derive(Clone, Copy, Debug)]
+pub struct Coordinates<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
 }
 
 pub struct Batch {
@@ -73,7 +135,8 @@ pub struct StageIo {
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl StageIo {
-    /// `member` must be unique per running process (it names the transactional id).
+    /// `member` names this replica: stable across restarts, unique among running
+    /// replicas (static membership and transactional id).
     pub fn new(
         cfg: &KafkaConfig,
         stage: &str,
@@ -90,8 +153,15 @@ impl StageIo {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
             .set("max.poll.interval.ms", "300000");
+        if !member.is_empty() {
+            c.set("group.instance.id", format!("{stage}-{member}"));
+        }
         let consumer: StreamConsumer<Ctx> = c
-            .create_with_context(Ctx::default())
+            .create_with_context(Ctx {
+                events: Mutex::new(Vec::new()),
+                floor: Mutex::new(HashMap::new()),
+                rewind: cfg.resume_rewind,
+            })
             .context("creating Kafka consumer")?;
         consumer.subscribe(topics).context("subscribing")?;
         let txn_id = format!("{group}-{member}");
@@ -138,7 +208,19 @@ impl StageIo {
                 _ = shutdown.cancelled() => break,
                 r = tokio::time::timeout(left, self.consumer.recv()) => match r {
                     Err(_) => break,
-                    Ok(Ok(m)) => messages.push(m.detach()),
+                    Ok(Ok(m)) => {
+                        let below = self
+                            .consumer
+                            .context()
+                            .floor
+                            .lock()
+                            .ok()
+                            .and_then(|f| f.get(&(m.topic().to_string(), m.partition())).copied())
+                            .is_some_and(|floor| m.offset() < floor);
+                        if !below {
+                            messages.push(m.detach());
+                        }
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(stage = %self.stage, error = %e, "consumer error");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -186,24 +268,39 @@ impl StageIo {
         reason_code: &str,
         reason: &str,
     ) -> Result<()> {
-        tracing::warn!(stage = %self.stage, topic = m.topic(), partition = m.partition(), offset = m.offset(), reason_code, reason, "dead-lettered");
+        let at = Coordinates {
+            topic: m.topic(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key(),
+            payload: m.payload().unwrap_or_default(),
+        };
+        self.dead_letter_at(at, reason_code, reason).await
+    }
+
+    /// Dead-letter a record read outside the consumer group (e.g. a table topic). The
+    /// DLQ id derives from the source coordinates, so a record dead-lettered again after
+    /// a restart or by another replica carries the same id.
+    pub async fn dead_letter_at(
+        &mut self,
+        at: Coordinates<'_>,
+        reason_code: &str,
+        reason: &str,
+    ) -> Result<()> {
+        tracing::warn!(stage = %self.stage, topic = at.topic, partition = at.partition, offset = at.offset, reason_code, reason, "dead-lettered");
         let rec = DlqRecord {
             id: id::derive(
                 "dlq",
-                &[
-                    m.topic(),
-                    &m.partition().to_string(),
-                    &m.offset().to_string(),
-                ],
+                &[at.topic, &at.partition.to_string(), &at.offset.to_string()],
             ),
             stage: self.stage.clone(),
-            topic: m.topic().to_string(),
-            partition: m.partition(),
-            offset: m.offset(),
+            topic: at.topic.to_string(),
+            partition: at.partition,
+            offset: at.offset,
             reason_code: reason_code.to_string(),
             reason: reason.to_string(),
-            key: m.key().map(|k| k.to_vec()),
-            payload: m.payload().map(|p| p.to_vec()).unwrap_or_default(),
+            key: at.key.map(<[u8]>::to_vec),
+            payload: at.payload.to_vec(),
             time: now_ms(),
         };
         let bytes = meterflow_avro::encode(&rec);
@@ -280,6 +377,15 @@ impl StageIo {
     pub fn producer(&self) -> &FutureProducer {
         &self.out.producer
     }
+}
+
+/// A replica's default name: the host name (stable per machine or pod).
+pub fn default_member() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "meterflow".into())
 }
 
 pub fn now_ms() -> i64 {

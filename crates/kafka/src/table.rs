@@ -1,8 +1,17 @@
-//! Reading topics without a consumer group: whole compacted tables, and high watermarks.
+//! Reading topics without a consumer group: whole compacted tables, and end offsets.
+//!
+//! "The end" of a partition is where the broker's *fetch* responses say it is (the
+//! partition-EOF event), never the ListOffsets answer alone: Tansu 0.6 answers ListOffsets
+//! "latest" with the base offset of the newest record batch + 1, which is short of the
+//! true end whenever that batch holds more than one record. A reader that trusted it
+//! would silently miss records (it did: an owner lost, its usage billed as unallocated).
 
 use crate::{client_config, KafkaConfig};
 use anyhow::{Context, Result};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::ClientContext;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
@@ -17,76 +26,135 @@ pub struct TableRecord {
     pub payload: Option<Vec<u8>>,
 }
 
-/// High watermark (next offset) of every partition of `topic`.
-pub fn high_watermarks(cfg: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64)>> {
-    let c: BaseConsumer = client_config(cfg, "meterflow-hwm").create()?;
-    let n = crate::partition_count(cfg, topic)?;
-    (0..n)
-        .map(|p| {
-            let (_, hi) = c
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .context("fetching watermarks")?;
-            Ok((p, hi))
-        })
-        .collect()
+/// The table reader's client context: partition EOF is how it finds the end, not an error.
+struct Quiet;
+impl ClientContext for Quiet {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let eof = match &error {
+            KafkaError::PartitionEOF(_) => true,
+            KafkaError::Global(code) => *code == RDKafkaErrorCode::PartitionEOF,
+            _ => false,
+        };
+        if !eof {
+            tracing::error!(%error, reason, "librdkafka error (table reader)");
+        }
+    }
+}
+impl ConsumerContext for Quiet {}
+
+fn reader(cfg: &KafkaConfig, client_id: &str) -> Result<BaseConsumer<Quiet>> {
+    let mut c = client_config(cfg, client_id);
+    c.set("group.id", "meterflow-table-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "20")
+        .set("isolation.level", "read_committed");
+    c.create_with_context(Quiet)
+        .context("creating table reader")
 }
 
-/// Read `topics` from the beginning up to their high watermarks at the time of the call,
-/// starting each partition at `from` offsets where given (used to tail incrementally).
+/// Read every partition of `topic` from `start(p)` until each has reached the end the
+/// broker reported in a fetch; `on_record` sees every record on the way. Returns the
+/// next offset of every partition (its end at the time it was reached).
+fn read_to_end(
+    cfg: &KafkaConfig,
+    topic: &str,
+    start: impl Fn(i32) -> i64,
+    deadline: Instant,
+    mut on_record: impl FnMut(TableRecord),
+) -> Result<Vec<(i32, i64)>> {
+    let consumer = reader(cfg, "meterflow-table")?;
+    let n = crate::partition_count(cfg, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for p in 0..n {
+        let s = start(p);
+        tpl.add_partition_offset(topic, p, Offset::Offset(s))
+            .context("offset list")?;
+        next.insert(p, s);
+    }
+    consumer
+        .assign(&tpl)
+        .context("assigning table partitions")?;
+    let mut pending: Vec<i32> = (0..n).collect();
+    while !pending.is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out reading {topic} to the end (partitions {pending:?} never reached it)"
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                // the position is the end the fetch reported
+                if let Ok(pos) = consumer.position() {
+                    if let Some(Offset::Offset(o)) =
+                        pos.find_partition(topic, p).map(|e| e.offset())
+                    {
+                        let e = next.entry(p).or_default();
+                        *e = (*e).max(o);
+                    }
+                }
+                pending.retain(|x| *x != p);
+            }
+            Some(Err(e)) => return Err(e).context("reading table"),
+            Some(Ok(m)) => {
+                next.insert(m.partition(), m.offset() + 1);
+                on_record(TableRecord {
+                    topic: topic.to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| k.to_vec()),
+                    payload: m.payload().map(|p| p.to_vec()),
+                });
+            }
+        }
+    }
+    let mut v: Vec<(i32, i64)> = next.into_iter().collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// End offset (next offset to be written) of every partition of `topic`.
+pub fn high_watermarks(cfg: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64)>> {
+    let c = reader(cfg, "meterflow-hwm")?;
+    let n = crate::partition_count(cfg, topic)?;
+    // ListOffsets as a starting point only: it may be short of the end (Tansu: the last
+    // batch's base + 1), never past it; one record back is a batch base on every broker
+    let mut listed = HashMap::new();
+    for p in 0..n {
+        let (_, hi) = c
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .context("fetching watermarks")?;
+        listed.insert(p, (hi - 1).max(0));
+    }
+    read_to_end(
+        cfg,
+        topic,
+        |p| listed.get(&p).copied().unwrap_or(0),
+        Instant::now() + Duration::from_secs(30),
+        |_| {},
+    )
+}
+
+/// Read `topics` to their ends, starting each partition at `from` where given (used to
+/// tail incrementally) and at the beginning otherwise.
 pub fn read_table(
     cfg: &KafkaConfig,
     topics: &[&str],
     from: &HashMap<(String, i32), i64>,
     timeout: Duration,
 ) -> Result<Vec<TableRecord>> {
-    let mut c = client_config(cfg, "meterflow-table");
-    c.set("group.id", "meterflow-table-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("isolation.level", "read_committed");
-    let consumer: BaseConsumer = c.create().context("creating table reader")?;
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining: HashMap<(String, i32), i64> = HashMap::new();
-    for t in topics {
-        for (p, hi) in high_watermarks(cfg, t)? {
-            let start = from.get(&(t.to_string(), p)).copied().unwrap_or(0);
-            if hi > start {
-                tpl.add_partition_offset(t, p, Offset::Offset(start))
-                    .context("offset list")?;
-                remaining.insert((t.to_string(), p), hi);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    if remaining.is_empty() {
-        return Ok(out);
-    }
-    consumer
-        .assign(&tpl)
-        .context("assigning table partitions")?;
     let deadline = Instant::now() + timeout;
-    while !remaining.is_empty() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out reading {topics:?} to the end"
-        );
-        let Some(r) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let m = r.context("reading table")?;
-        let k = (m.topic().to_string(), m.partition());
-        out.push(TableRecord {
-            topic: k.0.clone(),
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key().map(|k| k.to_vec()),
-            payload: m.payload().map(|p| p.to_vec()),
-        });
-        if let Some(hi) = remaining.get(&k) {
-            if m.offset() + 1 >= *hi {
-                remaining.remove(&k);
-            }
-        }
+    let mut out = Vec::new();
+    for t in topics {
+        read_to_end(
+            cfg,
+            t,
+            |p| from.get(&(t.to_string(), p)).copied().unwrap_or(0),
+            deadline,
+            |r| out.push(r),
+        )?;
     }
     Ok(out)
 }

@@ -195,6 +195,10 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
                 }
             }
         }
+        // acknowledged before any sample they own is sent (different topics, no ordering)
+        if out.pending() > 0 {
+            out.flush().await?;
+        }
         for r in &readings {
             let first_seen = reg
                 .instances

@@ -12,11 +12,14 @@ pub mod join;
 
 use anyhow::Result;
 use join::Owners;
-use meterflow_avro::SamplesMsg;
-use meterflow_kafka::{ensure_topics, partition_count, read_table, KafkaConfig, Message, StageIo};
+use meterflow_avro::{InstancesMsg, SamplesMsg};
+use meterflow_kafka::{
+    ensure_topics, partition_count, read_table, Coordinates, KafkaConfig, Message, StageIo,
+    TableRecord,
+};
 use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
 use meterflow_types::watermark::NodeProgress;
-use meterflow_types::{InstanceState, Millis, NodeHeartbeat, Ownership, Sample, Watermark};
+use meterflow_types::{InstanceState, Millis, Ownership, Sample, Watermark};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -27,7 +30,9 @@ pub struct EnricherConfig {
     pub kafka: KafkaConfig,
     pub http: HttpConfig,
     pub group: String,
-    /// Unique per process; default host-pid.
+    /// This replica's stable name within its group (default: the host name): its static
+    /// group membership (`group.instance.id`, so a restart takes its partitions back
+    /// without a rebalance) and its transactional id. Unique among running replicas.
     pub member: String,
     /// A node silent this long (event time) behind the others no longer holds the watermark.
     #[serde(with = "humantime_serde")]
@@ -51,7 +56,7 @@ impl Default for EnricherConfig {
             kafka: KafkaConfig::default(),
             http: HttpConfig::default(),
             group: "meterflow-enricher".into(),
-            member: default_member(),
+            member: meterflow_kafka::default_member(),
             node_timeout: Duration::from_secs(900),
             unowned_deadline: Duration::from_secs(3600),
             unallocated_entity: "unallocated".into(),
@@ -68,13 +73,6 @@ impl HasHttp for EnricherConfig {
     }
 }
 
-pub fn default_member() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    format!("{host}-{}", std::process::id())
-}
-
 /// Instance state, ownership history and the node table, from their compacted topics.
 #[derive(Default)]
 pub struct Tables {
@@ -82,7 +80,10 @@ pub struct Tables {
     pub owners: Owners,
     pub nodes: BTreeMap<String, (Millis, bool)>,
     offsets: HashMap<(String, i32), i64>,
-    pub bad_records: u64,
+    /// How many times the tables were read to the end.
+    pub refreshes: u64,
+    /// Records that could not be decoded since the last `take_bad`: (record, reason code, reason).
+    bad: Vec<(TableRecord, &'static str, String)>,
 }
 
 impl Tables {
@@ -98,28 +99,34 @@ impl Tables {
             )
         })?;
         let n = recs.len();
+        self.refreshes += 1;
         for r in recs {
             self.offsets
                 .insert((r.topic.clone(), r.partition), r.offset + 1);
-            let Some(p) = r.payload else { continue }; // tombstone
+            let Some(p) = &r.payload else { continue }; // tombstone
             if r.topic == t.ownership {
-                match meterflow_avro::decode::<Ownership>(&p) {
+                match meterflow_avro::decode::<Ownership>(p) {
                     Ok(o) => self.owners.insert(o),
-                    Err(e) => {
-                        self.bad_records += 1;
-                        tracing::warn!(topic = %r.topic, offset = r.offset, error = %e, "bad ownership record ignored");
-                    }
+                    Err(e) => self.bad.push((r, e.reason_code(), e.to_string())),
                 }
-            } else if let Ok(s) = meterflow_avro::decode::<InstanceState>(&p) {
-                self.instances.insert(s.instance_id.clone(), s);
-            } else if let Ok(h) = meterflow_avro::decode::<NodeHeartbeat>(&p) {
-                self.nodes.insert(h.node_id, (h.time, h.retired));
             } else {
-                self.bad_records += 1;
-                tracing::warn!(topic = %r.topic, offset = r.offset, "bad instances record ignored");
+                match meterflow_avro::decode_instances_msg(p) {
+                    Ok(InstancesMsg::Instance(s)) => {
+                        self.instances.insert(s.instance_id.clone(), s);
+                    }
+                    Ok(InstancesMsg::Node(h)) => {
+                        self.nodes.insert(h.node_id, (h.time, h.retired));
+                    }
+                    Err(e) => self.bad.push((r, e.reason_code(), e.to_string())),
+                }
             }
         }
         Ok(n)
+    }
+
+    /// Undecodable table records found by `refresh` since the last call.
+    pub fn take_bad(&mut self) -> Vec<(TableRecord, &'static str, String)> {
+        std::mem::take(&mut self.bad)
     }
 }
 
@@ -128,6 +135,10 @@ struct Parked {
     sample: Sample,
     /// The partition's completeness just before this sample's offset.
     snapshot: Option<Millis>,
+    /// `Tables::refreshes` when it was parked: the unowned deadline only counts once the
+    /// tables were re-read after the sample arrived, so an owner published just before
+    /// it is always seen, however fast event time runs.
+    refreshes: u64,
 }
 
 #[derive(Default)]
@@ -222,6 +233,17 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             tables.refresh(&cfg.kafka)?;
             last_refresh = Instant::now();
         }
+        for (r, code, why) in tables.take_bad() {
+            let at = Coordinates {
+                topic: &r.topic,
+                partition: r.partition,
+                offset: r.offset,
+                key: r.key.as_deref(),
+                payload: r.payload.as_deref().unwrap_or_default(),
+            };
+            io.dead_letter_at(at, code, &why).await?;
+            c.dlq.inc();
+        }
         let now = meterflow_kafka::now_ms();
         for msg in &batch.messages {
             let p = msg.partition();
@@ -258,6 +280,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                             offset: msg.offset(),
                             sample: s,
                             snapshot,
+                            refreshes: tables.refreshes,
                         });
                     }
                 }
@@ -275,7 +298,9 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                     if emit(&mut io, &topics.usage, &tables, &pk.sample, None, &c).await? {
                         continue;
                     }
-                    if complete.is_some_and(|t| t - pk.sample.interval_end > deadline) {
+                    if tables.refreshes > pk.refreshes
+                        && complete.is_some_and(|t| t - pk.sample.interval_end > deadline)
+                    {
                         emit(
                             &mut io,
                             &topics.usage,

@@ -34,6 +34,9 @@ pub struct RaterConfig {
     pub kafka: KafkaConfig,
     pub http: HttpConfig,
     pub group: String,
+    /// This replica's stable name within its group (default: the host name): its static
+    /// group membership (`group.instance.id`, so a restart takes its partitions back
+    /// without a rebalance) and its transactional id. Unique among running replicas.
     pub member: String,
     pub rules_dir: PathBuf,
     /// Memory pool of the rule engine, in MiB.
@@ -50,7 +53,7 @@ impl Default for RaterConfig {
             kafka: KafkaConfig::default(),
             http: HttpConfig::default(),
             group: "meterflow-rater".into(),
-            member: format!("rater-{}", std::process::id()),
+            member: meterflow_kafka::default_member(),
             rules_dir: PathBuf::from("rules"),
             memory_limit_mb: 256,
             eval_timeout: Duration::from_secs(10),

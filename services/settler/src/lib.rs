@@ -24,6 +24,9 @@ pub struct SettlerConfig {
     pub kafka: KafkaConfig,
     pub http: HttpConfig,
     pub group: String,
+    /// This replica's stable name within its group (default: the host name): its static
+    /// group membership (`group.instance.id`, so a restart takes its partitions back
+    /// without a rebalance) and its transactional id. Unique among running replicas.
     pub member: String,
     pub out_dir: PathBuf,
     /// `month` (calendar, UTC), `day`, `week`, or a duration such as `6h`.
@@ -37,7 +40,7 @@ impl Default for SettlerConfig {
             kafka: KafkaConfig::default(),
             http: HttpConfig::default(),
             group: "meterflow-settler".into(),
-            member: format!("settler-{}", std::process::id()),
+            member: meterflow_kafka::default_member(),
             out_dir: PathBuf::from("settlements"),
             period: "month".into(),
             batch_size: 5000,

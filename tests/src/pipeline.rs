@@ -1,0 +1,296 @@
+//! The whole pipeline as separate processes on a Tansu broker: the four service binaries,
+//! configured through TOML files the way an operator would, fed by a bounded simulated
+//! fleet whose bill is known in closed form (see `expect`).
+
+use crate::expect::FleetRun;
+use crate::{bin, Proc, Tansu};
+use meterflow_kafka::KafkaConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const SERVICES: [&str; 3] = ["settler", "rater", "enricher"];
+
+pub struct Pipeline {
+    /// Kept (and printed) when a test fails, for the logs and files.
+    pub dir: Option<tempfile::TempDir>,
+    pub broker: Tansu,
+    pub kafka: KafkaConfig,
+    pub out: PathBuf,
+    pub run: FleetRun,
+    /// Event-time ms per wall ms of the collector's clock.
+    pub speed: u32,
+    pub period: String,
+    pub enricher: Proc,
+    pub rater: Proc,
+    pub settler: Proc,
+    pub collector: Option<Proc>,
+}
+
+/// `METERFLOW_TEST_LOG` overrides the services' log filter (e.g. to debug librdkafka).
+fn log_filter() -> String {
+    std::env::var("METERFLOW_TEST_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into())
+}
+
+fn rules_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules")
+}
+
+fn kafka_toml(brokers: &str) -> String {
+    let extra = std::env::var("METERFLOW_TEST_KAFKA_CLIENT").unwrap_or_default();
+    format!("[kafka]\nbrokers = \"{brokers}\"\npartitions = 4\n[kafka.client]\n{extra}\n")
+}
+
+impl Pipeline {
+    /// Broker, topics, and the three downstream services (the collector starts with
+    /// `start_collector`, so a test can act before any usage flows).
+    pub fn start(run: FleetRun, speed: u32, period: &str) -> Pipeline {
+        let dir = tempfile::tempdir().expect("tmp");
+        let broker = Tansu::start(dir.path());
+        let kafka = KafkaConfig {
+            brokers: broker.brokers(),
+            partitions: 4,
+            ..KafkaConfig::default()
+        };
+        block_on(meterflow_kafka::ensure_topics(&kafka)).expect("creating topics on Tansu");
+        let out = dir.path().join("settlements");
+        let k = kafka_toml(&kafka.brokers);
+        let svc = |name: &str, extra: String| {
+            let cfg = dir.path().join(format!("{name}.toml"));
+            std::fs::write(&cfg, format!("{extra}\n{k}")).expect("config");
+            Proc::start(
+                name,
+                &bin(&format!("meterflow-{name}")),
+                &["--config", cfg.to_str().expect("utf8 path")],
+                &[("METERFLOW_LOG", &log_filter())],
+                dir.path(),
+            )
+        };
+        let settler = svc(
+            "settler",
+            format!("out_dir = \"{}\"\nperiod = \"{period}\"\n", out.display()),
+        );
+        let rater = svc(
+            "rater",
+            format!("rules_dir = \"{}\"\n", rules_dir().display()),
+        );
+        let enricher = svc("enricher", String::new());
+        Pipeline {
+            dir: Some(dir),
+            broker,
+            kafka,
+            out,
+            run,
+            speed,
+            period: period.to_string(),
+            enricher,
+            rater,
+            settler,
+            collector: None,
+        }
+    }
+
+    pub fn start_collector(&mut self) {
+        let r = &self.run;
+        let cfg = self.path().join("collector.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "node_id = \"node-a\"\nsite = \"test\"\npoll_interval = \"{}ms\"\npolls = {}\n\
+                 retire_on_exit = true\nstate_file = \"collector.state\"\n\
+                 [clock]\nspeed = {}\nstart = \"{}\"\n\
+                 [fleet]\ninstances = {}\nentities = {}\nseed = {}\n{}",
+                r.poll_ms,
+                r.polls,
+                self.speed,
+                meterflow_types::time::fmt_rfc3339(r.start),
+                r.fleet.instances,
+                r.fleet.entities,
+                r.fleet.seed,
+                kafka_toml(&self.kafka.brokers)
+            ),
+        )
+        .expect("config");
+        self.collector = Some(Proc::start(
+            "collector",
+            &bin("meterflow-collector"),
+            &["--config", cfg.to_str().expect("utf8 path")],
+            &[("METERFLOW_LOG", &log_filter())],
+            &self.path(),
+        ));
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.as_ref().map(|d| d.path().to_path_buf()).unwrap_or_default()
+    }
+
+    pub fn procs(&mut self) -> Vec<&mut Proc> {
+        let mut v = vec![&mut self.enricher, &mut self.rater, &mut self.settler];
+        if let Some(c) = self.collector.as_mut() {
+            v.push(c);
+        }
+        v
+    }
+
+    /// Logs of every process, for a failure message.
+    pub fn logs(&mut self) -> String {
+        let mut s = String::new();
+        for p in self.procs() {
+            s.push_str(&format!("\n===== {} (started {}×) =====\n{}", p.name, p.starts, p.tail(40)));
+        }
+        s.push_str(&format!("\n===== tansu =====\n{}", self.broker.proc.tail(20)));
+        s
+    }
+
+    /// Panics with the logs if a downstream service has exited.
+    pub fn assert_services_alive(&mut self) {
+        let mut dead = Vec::new();
+        for p in [&mut self.enricher, &mut self.rater, &mut self.settler] {
+            if let Some(st) = p.exited() {
+                dead.push(format!("{} exited: {st}", p.name));
+            }
+        }
+        if !dead.is_empty() {
+            panic!("{dead:?}{}", self.logs());
+        }
+    }
+
+    /// Messages on `topic` so far (sum of high watermarks).
+    pub fn messages(&self, topic: &str) -> i64 {
+        meterflow_kafka::high_watermarks(&self.kafka, topic)
+            .map(|v| v.iter().map(|(_, h)| *h).sum())
+            .unwrap_or(0)
+    }
+
+    /// Per partition of `topic`: (end offset, offset `group` committed).
+    pub fn lag(&self, group: &str, topic: &str) -> anyhow::Result<Vec<(i32, i64, Option<i64>)>> {
+        let hw = meterflow_kafka::high_watermarks(&self.kafka, topic)?;
+        let mut c = meterflow_kafka::client_config(&self.kafka, "meterflow-test-lag");
+        c.set("group.id", group);
+        let consumer: BaseConsumer = c.create()?;
+        let mut tpl = TopicPartitionList::new();
+        for (p, _) in &hw {
+            tpl.add_partition(topic, *p);
+        }
+        let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).ok();
+        Ok(hw
+            .iter()
+            .map(|(p, h)| {
+                let c = got
+                    .as_ref()
+                    .and_then(|g| g.find_partition(topic, *p))
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    });
+                (*p, *h, c)
+            })
+            .collect())
+    }
+
+    /// Whether `group` has committed everything on `topic`.
+    pub fn caught_up(&self, group: &str, topic: &str) -> bool {
+        let Ok(l) = self.lag(group, topic) else {
+            return false;
+        };
+        !l.is_empty() && l.iter().all(|(_, h, c)| *h == 0 || c.is_some_and(|c| c >= *h))
+    }
+
+    fn lags(&self) -> String {
+        let t = &self.kafka.topics;
+        [
+            ("meterflow-enricher", &t.samples),
+            ("meterflow-rater", &t.usage),
+            ("meterflow-settler", &t.rated),
+        ]
+        .iter()
+        .map(|(g, topic)| format!("\n{g} on {topic} (partition, end, committed): {:?}", self.lag(g, topic)))
+        .collect()
+    }
+
+    /// Wait until the collector has finished, every stage has committed everything it
+    /// was given (twice in a row, a second apart), and `done()` holds; fail with the logs
+    /// if a service dies or `within` passes.
+    pub fn drain(&mut self, within: Duration, mut done: impl FnMut(&Path) -> bool) {
+        let end = std::time::Instant::now() + within;
+        let mut calm = 0;
+        loop {
+            self.assert_services_alive();
+            let collector_done = match self.collector.as_mut().map(|c| c.exited()) {
+                Some(Some(st)) => {
+                    assert!(st.success(), "collector failed: {st}{}", self.logs());
+                    true
+                }
+                _ => false,
+            };
+            let t = self.kafka.topics.clone();
+            let ok = collector_done
+                && self.caught_up("meterflow-enricher", &t.samples)
+                && self.caught_up("meterflow-rater", &t.usage)
+                && self.caught_up("meterflow-settler", &t.rated)
+                && done(&self.out);
+            calm = if ok { calm + 1 } else { 0 };
+            if calm >= 2 {
+                return;
+            }
+            if std::time::Instant::now() > end {
+                panic!(
+                    "the pipeline did not drain within {within:?}{}{}",
+                    self.lags(),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+    }
+
+    /// Stop the services with SIGTERM; each must exit cleanly.
+    pub fn stop(&mut self) {
+        for name in SERVICES {
+            let p = match name {
+                "settler" => &mut self.settler,
+                "rater" => &mut self.rater,
+                _ => &mut self.enricher,
+            };
+            let st = p.terminate(Duration::from_secs(20));
+            assert!(
+                st.is_some_and(|s| s.success()),
+                "{name} did not shut down cleanly on SIGTERM: {st:?}\n{}",
+                p.tail(30)
+            );
+        }
+    }
+
+    /// Wait (bounded) until `f` holds, failing with the pipeline's logs.
+    pub fn wait_for(&mut self, within: Duration, what: &str, mut f: impl FnMut(&Pipeline) -> bool) {
+        let end = std::time::Instant::now() + within;
+        while !f(self) {
+            self.assert_services_alive();
+            if std::time::Instant::now() > end {
+                panic!("gave up waiting for {what}{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(d) = self.dir.take() {
+                eprintln!("test files kept in {}", d.keep().display());
+            }
+        }
+    }
+}
+
+/// Run a future to completion on a small runtime of its own.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
