@@ -2,9 +2,8 @@
 //! numbers agree with the simulated fleet's closed-form usage and the shipped prices.
 
 use meterflow_collector::fleet::FleetConfig;
-use meterflow_settler::files::all_manifests;
+use meterflow_tests::settled::Settled;
 use meterflow_types::Dec;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
 
@@ -44,52 +43,21 @@ fn up_settles_every_entity_exactly_and_no_event_twice() {
         "summary table: {stdout}"
     );
 
-    let manifests = all_manifests(&out).expect("manifests");
-    let entities: HashSet<&str> = manifests.iter().map(|m| m.entity_id.as_str()).collect();
+    // files agree with their manifests (checksums, CSV = Parquet, totals = Σ rounded lines)
+    let settled = Settled::read(&out);
+    settled.assert_no_id_twice();
+    let entities: HashSet<&str> = settled.manifests.iter().map(|m| m.entity_id.as_str()).collect();
     assert!(
         entities.contains("entity-0") && entities.contains("entity-1"),
         "{entities:?}"
     );
-    let mut ids = HashSet::new();
-    // vcpu_hour quantity per (entity, window start) from the files
-    let mut vcpu: BTreeMap<(String, String), (Dec, Dec)> = BTreeMap::new();
-    for m in &manifests {
-        let d = meterflow_settler::files::entity_dir(&out, &m.period, &m.entity_id);
-        for (name, sha) in &m.files {
-            let bytes = std::fs::read(d.join(name)).expect("file listed in manifest");
-            assert_eq!(
-                &hex::encode(Sha256::digest(&bytes)),
-                sha,
-                "checksum of {name}"
-            );
-        }
-        let csv = m.files.keys().find(|k| k.ends_with(".csv")).expect("csv");
-        let text = std::fs::read_to_string(d.join(csv)).expect("csv");
-        let mut total = Dec::ZERO;
-        let mut lines = 0;
-        for l in text.lines().skip(1) {
-            let f: Vec<&str> = l.split(',').collect();
-            assert!(
-                ids.insert(f[0].to_string()),
-                "revenue event {} settled twice",
-                f[0]
-            );
-            total += f[10].parse::<Dec>().expect("amount");
-            lines += 1;
-            if f[2] == "vcpu_hours" {
-                vcpu.insert(
-                    (f[1].to_string(), f[5].to_string()),
-                    (f[8].parse().expect("q"), f[12].parse().expect("a")),
-                );
-            }
-        }
-        assert_eq!(lines, m.line_count);
-        assert_eq!(
-            m.totals.get("USD").map(String::as_str),
-            Some(total.to_fixed(2).as_str()),
-            "manifest total = sum of rounded lines"
-        );
-    }
+    // vCPU-hour quantity and amount per (entity, window start)
+    let vcpu: BTreeMap<(String, i64), (Dec, Dec)> = settled
+        .lines
+        .iter()
+        .filter(|l| l.rule == "vcpu_hours")
+        .map(|l| ((l.entity.clone(), l.window_start), (l.quantity, l.unrounded)))
+        .collect();
     // Independent expectation: a window fully inside the run bills Σ vcpus of the
     // entity's instances vCPU-hours at 0.036 USD each (fleet model, rule price).
     let model = FleetConfig {
@@ -151,4 +119,49 @@ fn collect_once_prints_one_json_object_per_libvirt_domain() {
     assert_eq!(o["sample"]["seq"], 1);
     assert!(o["sample"]["interval_end"].as_i64() > o["sample"]["interval_start"].as_i64());
     assert!(o["sample"]["deltas"]["cpu_time_ns"].as_i64().expect("cpu") >= 0);
+}
+
+#[test]
+fn up_listen_lets_other_clients_reach_the_embedded_broker() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = meterflow_tests::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut up = meterflow_tests::Proc::start(
+        "up",
+        &meterflow_tests::bin("meterflow"),
+        &[
+            "up",
+            "--duration",
+            "6",
+            "--instances",
+            "3",
+            "--entities",
+            "1",
+            "--libvirt-uri",
+            "",
+            "--listen",
+            &listen,
+            "--out",
+            dir.path().join("out").to_str().expect("utf8"),
+        ],
+        &[("METERFLOW_LOG", "warn")],
+        dir.path(),
+    );
+    let cfg = meterflow_kafka::KafkaConfig {
+        brokers: listen.clone(),
+        ..Default::default()
+    };
+    // a client that only knows the --listen address sees samples arrive
+    meterflow_tests::wait_until(
+        std::time::Duration::from_secs(60),
+        || {
+            meterflow_kafka::high_watermarks(&cfg, &cfg.topics.samples)
+                .map(|v| v.iter().map(|(_, h)| h).sum::<i64>() > 0)
+                .unwrap_or(false)
+        },
+        || format!("no samples visible through {listen}:\n{}", up.tail(20)),
+    );
+    let st = up.wait(std::time::Duration::from_secs(120));
+    assert!(st.is_some_and(|s| s.success()), "{}", up.tail(30));
+    assert!(up.log().contains(&format!("reachable at {listen}")));
 }

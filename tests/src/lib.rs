@@ -15,12 +15,11 @@ use std::time::{Duration, Instant};
 /// Path of a workspace binary next to the test executable's profile directory.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/e2e-xxxx → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("profile dir")
-        .to_path_buf();
+    // target/<profile>/deps/e2e-xxxx (a test) or target/<profile>/bench-… (a binary)
+    let mut dir = exe.parent().expect("profile dir").to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -173,6 +172,21 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Peak resident memory (VmHWM) in KiB, while the process runs.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        s.lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 
     pub fn log(&self) -> String {

@@ -132,8 +132,9 @@ fn check_header<'a>(bytes: &'a [u8], c: &Compiled) -> Result<&'a [u8], DecodeErr
     Ok(&bytes[10..])
 }
 
-fn decode_body<R: Record>(mut body: &[u8]) -> Result<R, DecodeError> {
+fn decode_body<R: Record>(datum: &[u8]) -> Result<R, DecodeError> {
     let c = R::compiled();
+    let mut body = datum;
     let v = apache_avro::from_avro_datum(&c.schema, &mut body, None).map_err(|e| {
         DecodeError::Undecodable {
             schema: R::NAME,
@@ -144,6 +145,19 @@ fn decode_body<R: Record>(mut body: &[u8]) -> Result<R, DecodeError> {
         return Err(DecodeError::Undecodable {
             schema: R::NAME,
             detail: format!("{} trailing bytes", body.len()),
+        });
+    }
+    // apache-avro 0.21 reads a union whose bytes are missing at the end of the input as
+    // null, so a truncated datum can "decode". A value needs at least the bytes its
+    // canonical encoding takes (other valid encodings — multi-block arrays, padded
+    // varints — are only longer), so fewer bytes than that means truncation.
+    let needed = apache_avro::to_avro_datum(&c.schema, v.clone())
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
+    if needed > datum.len() {
+        return Err(DecodeError::Undecodable {
+            schema: R::NAME,
+            detail: format!("truncated: {} bytes of at least {needed}", datum.len()),
         });
     }
     R::from_value(v)

@@ -55,6 +55,11 @@ pub struct UpArgs {
     /// Serve /metrics and /healthz here.
     #[arg(long)]
     http: Option<String>,
+    /// Where the embedded broker can be reached by other commands on this machine
+    /// (e.g. 127.0.0.1:9092). A TCP forwarder to the mock broker, which keeps
+    /// advertising its own local address.
+    #[arg(long)]
+    listen: Option<String>,
 }
 
 pub async fn run(a: UpArgs) -> Result<()> {
@@ -79,6 +84,10 @@ pub async fn run(a: UpArgs) -> Result<()> {
             }
             println!("meterflow up: embedded broker at {s} (librdkafka mock cluster — ephemeral, gone when this process exits)");
             _broker = b;
+            if let Some(l) = &a.listen {
+                forward(l, &s).await?;
+                println!("meterflow up: embedded broker reachable at {l} (e.g. meterflow-enricher with METERFLOW__KAFKA__BROKERS={l})");
+            }
             s
         }
     };
@@ -235,6 +244,25 @@ pub async fn run(a: UpArgs) -> Result<()> {
         }
     }
     summary(&a.out)
+}
+
+/// Accept connections on `listen` and pipe each to the first of `brokers`.
+async fn forward(listen: &str, brokers: &str) -> Result<()> {
+    let target = brokers.split(',').next().unwrap_or_default().to_string();
+    let l = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = l.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    Ok(())
 }
 
 async fn named(name: &'static str, f: impl std::future::Future<Output = Result<()>>) -> Result<()> {

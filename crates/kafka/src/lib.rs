@@ -27,8 +27,7 @@ pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
     c.set("bootstrap.servers", &cfg.brokers)
         .set("client.id", client_id)
         .set("broker.address.family", "v4")
-        .set("log_level", "3")
-        .set("partitioner", "murmur2_random");
+        .set("log_level", "3");
     for (k, v) in &cfg.client {
         c.set(k, v);
     }
@@ -42,13 +41,21 @@ pub fn producer(
     transactional_id: Option<&str>,
 ) -> Result<FutureProducer> {
     let mut c = client_config(cfg, client_id);
-    c.set("enable.idempotence", "true")
+    // Java-compatible key hashing, so keys land where other Kafka clients put them
+    c.set("partitioner", "murmur2_random")
+        .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", cfg.linger_ms.to_string())
         .set("message.timeout.ms", "120000")
         .set("queue.buffering.max.messages", "500000");
     if let Some(t) = transactional_id {
-        c.set("transactional.id", t);
+        // a message may not outlive the transaction it belongs to
+        c.set("transactional.id", t)
+            .set("transaction.timeout.ms", "60000")
+            .set("message.timeout.ms", "60000");
+    }
+    for (k, v) in &cfg.client {
+        c.set(k, v);
     }
     c.create().context("creating Kafka producer")
 }
@@ -160,5 +167,13 @@ impl EmbeddedBroker {
         self.cluster
             .create_topic(name, partitions, 1)
             .context("creating topic on the embedded broker")
+    }
+    /// Fault injection: the next requests of `api` fail with `errors`, in order.
+    pub fn inject_errors(
+        &self,
+        api: rdkafka::types::RDKafkaApiKey,
+        errors: &[rdkafka::types::RDKafkaRespErr],
+    ) {
+        self.cluster.request_errors(api, errors);
     }
 }

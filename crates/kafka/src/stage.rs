@@ -327,6 +327,9 @@ impl StageIo {
                 }
             }
             Delivery::ExactlyOnce => {
+                if !self.in_txn && tpl.count() == 0 {
+                    return Ok(()); // nothing produced, nothing to commit
+                }
                 if !self.in_txn {
                     self.out
                         .producer

@@ -1,0 +1,173 @@
+//! Throughput of the whole pipeline on Tansu against a bare relay of the same messages
+//! through the same broker, in the same run.
+//!
+//! `cargo run --release -p meterflow-tests --bin bench-pipeline -- [instances] [polls]`
+//!
+//! Pipeline: the collector publishes `instances × polls` samples of a simulated fleet as
+//! fast as it can (clock unpaced), while the enricher, rater and settler (release
+//! binaries, separate processes) turn them into settlement files; the clock stops when
+//! every stage has committed everything and every expected file set exists.
+//! Relay: the same sample payloads produced again to a fresh topic while a consumer
+//! built on the stages' own Kafka I/O (`StageIo`: batch, produce, commit after ack)
+//! copies them to another topic; the clock stops when it has committed them all.
+
+use meterflow_collector::fleet::FleetConfig;
+use meterflow_kafka::{read_table, StageIo};
+use meterflow_tests::expect::{FleetRun, DAY};
+use meterflow_tests::pipeline::{block_on, Pipeline};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let instances: u32 = args.first().map(|s| s.parse()).transpose()?.unwrap_or(200);
+    let polls: i64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1001);
+    let run = FleetRun {
+        fleet: FleetConfig {
+            instances,
+            entities: 20.min(instances),
+            seed: 7,
+        },
+        start: meterflow_types::time::parse_rfc3339("2026-01-05T00:00:00Z")
+            .map_err(anyhow::Error::msg)?,
+        poll_ms: 300_000,
+        polls,
+    };
+    let expected_sets = run.totals(DAY).len();
+    let samples = instances as i64 * polls;
+    eprintln!("pipeline: {samples} samples ({instances} instances × {polls} polls)");
+
+    // ---- the pipeline
+    let mut p = Pipeline::start(run.clone(), 1_000_000_000, "day");
+    std::thread::sleep(Duration::from_secs(3)); // let the stages join their groups
+    let t0 = Instant::now();
+    p.start_collector();
+    let mut rss: HashMap<&str, u64> = HashMap::new();
+    let t = p.kafka.topics.clone();
+    let pipeline_secs = loop {
+        for (name, proc) in [
+            ("enricher", &p.enricher),
+            ("rater", &p.rater),
+            ("settler", &p.settler),
+        ] {
+            if let Some(k) = proc.peak_rss_kib() {
+                rss.insert(name, k);
+            }
+        }
+        if let Some(c) = p.collector.as_ref() {
+            if let Some(k) = c.peak_rss_kib() {
+                rss.insert("collector", k);
+            }
+        }
+        p.assert_services_alive();
+        let done = p.collector.as_mut().and_then(|c| c.exited()).is_some()
+            && meterflow_settler::files::all_manifests(&p.out)
+                .map(|m| m.len() >= expected_sets)
+                .unwrap_or(false)
+            && p.caught_up("meterflow-enricher", &t.samples)
+            && p.caught_up("meterflow-rater", &t.usage)
+            && p.caught_up("meterflow-settler", &t.rated);
+        if done {
+            break t0.elapsed().as_secs_f64();
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(1800), "pipeline did not drain");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // the bill must still be exact, or the figure means nothing
+    meterflow_tests::settled::Settled::read(&p.out).assert_matches(&run, DAY);
+    let usage = p.messages(&t.usage);
+    let rated = p.messages(&t.rated);
+
+    // ---- the bare relay of the same messages through the same broker
+    let msgs: Vec<(Option<Vec<u8>>, Vec<u8>)> =
+        read_table(&p.kafka, &[&t.samples], &HashMap::new(), Duration::from_secs(120))?
+            .into_iter()
+            .map(|r| (r.key, r.payload.unwrap_or_default()))
+            .collect();
+    let n = msgs.len();
+    let relay_secs = block_on(relay(&p.kafka, msgs))?;
+    p.stop();
+
+    let pr = samples as f64 / pipeline_secs;
+    let rr = n as f64 / relay_secs;
+    println!("| run | messages in | seconds | messages/s | vs relay |");
+    println!("|---|---:|---:|---:|---:|");
+    println!("| bare relay (StageIo consume → produce → commit) | {n} | {relay_secs:.2} | {rr:.0} | 1.00 |");
+    println!(
+        "| whole pipeline (samples → files; +{usage} usage, +{rated} rated msgs) | {samples} samples | {pipeline_secs:.2} | {pr:.0} | {:.2} |",
+        pr / rr
+    );
+    let mut r: Vec<_> = rss.into_iter().collect();
+    r.sort();
+    println!(
+        "\npeak RSS (MiB): {}",
+        r.iter()
+            .map(|(k, v)| format!("{k} {:.0}", *v as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+async fn relay(
+    kafka: &meterflow_kafka::KafkaConfig,
+    msgs: Vec<(Option<Vec<u8>>, Vec<u8>)>,
+) -> anyhow::Result<f64> {
+    let (src, dst) = ("bench.relay-in", "bench.relay-out");
+    let admin: AdminClient<DefaultClientContext> =
+        meterflow_kafka::client_config(kafka, "bench-admin").create()?;
+    let topics = [
+        NewTopic::new(src, kafka.partitions, TopicReplication::Fixed(1)),
+        NewTopic::new(dst, kafka.partitions, TopicReplication::Fixed(1)),
+    ];
+    admin.create_topics(&topics, &AdminOptions::new()).await?;
+    let n = msgs.len();
+    let mut io = StageIo::new(kafka, "relay", "bench-relay", &[src], "relay-1")?;
+    let stop = CancellationToken::new();
+    // join the group before the clock starts, as the pipeline's stages did
+    let join = Instant::now();
+    while join.elapsed() < Duration::from_secs(3) {
+        io.next_batch(1, Duration::from_millis(100), &stop).await?;
+    }
+    let producer = meterflow_kafka::producer(kafka, "bench-feed", None)?;
+    let t0 = Instant::now();
+    let feed = tokio::spawn(async move {
+        let mut pending = Vec::with_capacity(n);
+        for (k, v) in &msgs {
+            let mut rec = FutureRecord::to(src).payload(v);
+            if let Some(k) = k {
+                rec = rec.key(k);
+            }
+            pending.push(producer.send_result(rec).map_err(|(e, _)| e)?);
+        }
+        for d in pending {
+            d.await?.map_err(|(e, _)| e)?;
+        }
+        anyhow::Ok(())
+    });
+    let mut done = 0usize;
+    while done < n {
+        let b = io.next_batch(5000, Duration::from_millis(50), &stop).await?;
+        let mut offsets: HashMap<i32, i64> = HashMap::new();
+        for m in &b.messages {
+            io.send(dst, m.key().unwrap_or_default(), m.payload().unwrap_or_default(), None)
+                .await?;
+            offsets.insert(m.partition(), m.offset() + 1);
+        }
+        done += b.messages.len();
+        let o: Vec<(String, i32, i64)> = offsets
+            .into_iter()
+            .map(|(p, o)| (src.to_string(), p, o))
+            .collect();
+        io.commit(&o).await?;
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(1800), "relay stalled at {done}/{n}");
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    feed.await??;
+    Ok(secs)
+}
