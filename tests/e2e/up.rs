@@ -165,3 +165,43 @@ fn up_listen_lets_other_clients_reach_the_embedded_broker() {
     assert!(st.is_some_and(|s| s.success()), "{}", up.tail(30));
     assert!(up.log().contains(&format!("reachable at {listen}")));
 }
+
+#[test]
+fn collect_reads_every_domain_of_a_custom_test_node_with_owner_metadata() {
+    let node = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/libvirt-node.xml");
+    let uri = format!("test://{}", node.display());
+    let st = Command::new(meterflow_tests::bin("meterflow"))
+        .args(["collect", "--once", "--print", "--libvirt-uri", &uri])
+        .env("METERFLOW_LOG", "warn")
+        .output()
+        .expect("runs");
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let text = String::from_utf8_lossy(&st.stdout);
+    let by_name: BTreeMap<String, serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line"))
+        .map(|o| (o["name"].as_str().unwrap_or_default().to_string(), o))
+        .collect();
+    assert_eq!(
+        by_name.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["db-1", "scratch", "web-1"],
+        "{text}"
+    );
+    let web = &by_name["web-1"];
+    assert_eq!(web["instance_id"], "11111111-1111-4111-8111-111111111111");
+    assert_eq!(web["owner"]["entity_id"], "acme", "meterflow metadata");
+    assert_eq!(web["owner"]["user_id"], "alice");
+    assert_eq!(web["owner"]["project"], "web");
+    assert_eq!(web["vcpus"], 2);
+    assert_eq!(web["memory_alloc_bytes"], 2_i64 << 30);
+    let db = &by_name["db-1"];
+    assert_eq!(db["owner"]["entity_id"], "p-globex", "Nova project is the entity");
+    assert_eq!(db["owner"]["user_id"], "u-bob");
+    assert_eq!(db["flavor"], "m1.large");
+    assert_eq!(db["vcpus"], 4);
+    assert!(by_name["scratch"]["owner"].is_null(), "no metadata, no owner invented");
+    for o in by_name.values() {
+        assert_eq!(o["state"], "running");
+        assert!(o["sample"]["deltas"]["cpu_time_ns"].as_i64().expect("cpu delta") > 0);
+    }
+}
