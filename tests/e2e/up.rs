@@ -192,16 +192,55 @@ fn collect_reads_every_domain_of_a_custom_test_node_with_owner_metadata() {
     assert_eq!(web["owner"]["entity_id"], "acme", "meterflow metadata");
     assert_eq!(web["owner"]["user_id"], "alice");
     assert_eq!(web["owner"]["project"], "web");
-    assert_eq!(web["vcpus"], 2);
+    assert_eq!(web["vcpu_millis"], 2000);
     assert_eq!(web["memory_alloc_bytes"], 2_i64 << 30);
     let db = &by_name["db-1"];
     assert_eq!(db["owner"]["entity_id"], "p-globex", "Nova project is the entity");
     assert_eq!(db["owner"]["user_id"], "u-bob");
     assert_eq!(db["flavor"], "m1.large");
-    assert_eq!(db["vcpus"], 4);
+    assert_eq!(db["vcpu_millis"], 4000);
     assert!(by_name["scratch"]["owner"].is_null(), "no metadata, no owner invented");
     for o in by_name.values() {
         assert_eq!(o["state"], "running");
         assert!(o["sample"]["deltas"]["cpu_time_ns"].as_i64().expect("cpu delta") > 0);
     }
+}
+
+#[test]
+fn collect_prints_vms_and_containers_from_a_test_node_and_a_cgroup_root() {
+    let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let uri = format!("test://{}", fx.join("libvirt-node.xml").display());
+    let st = Command::new(meterflow_tests::bin("meterflow"))
+        .args(["collect", "--once", "--print", "--gap", "0", "--libvirt-uri", &uri])
+        .arg("--cgroup-root")
+        .arg(fx.join("cgroup-node/cgroup"))
+        .arg("--proc-root")
+        .arg(fx.join("cgroup-node/proc"))
+        .env("METERFLOW_LOG", "warn")
+        .output()
+        .expect("runs");
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let text = String::from_utf8_lossy(&st.stdout);
+    let objs: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let kinds: Vec<&str> = objs.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "vm").count(), 3, "{text}");
+    assert_eq!(kinds.iter().filter(|k| **k == "container").count(), 3, "{text}");
+    let app = objs
+        .iter()
+        .find(|o| o["instance_id"].as_str().is_some_and(|i| i.starts_with("bbbb")))
+        .expect("the pod's app container");
+    assert_eq!(app["vcpu_millis"], 2500, "cpu.max 250000/100000");
+    assert_eq!(app["memory_alloc_bytes"], 536_870_912);
+    assert_eq!(app["memory_used_bytes"], 268_435_456 - 67_108_864, "working set");
+    assert_eq!(app["flavor"], "burstable");
+    assert_eq!(app["sample"]["counters"]["cpu_time_ns"], 3_000_000_000_i64);
+    assert_eq!(app["sample"]["counters"]["net_tx_bytes"], 0, "pod traffic is the sandbox's");
+    let sandbox = objs
+        .iter()
+        .find(|o| o["instance_id"].as_str().is_some_and(|i| i.starts_with("aaaa")))
+        .expect("the pod's sandbox");
+    assert_eq!(sandbox["sample"]["counters"]["net_tx_bytes"], 654_321);
 }

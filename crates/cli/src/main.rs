@@ -32,6 +32,12 @@ enum Cmd {
         print: bool,
         #[arg(long)]
         libvirt_uri: Option<String>,
+        /// Containers: a cgroup v2 root to walk (e.g. /sys/fs/cgroup).
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+        /// Where `/proc` is (container network counters).
+        #[arg(long)]
+        proc_root: Option<PathBuf>,
         /// Also include a simulated fleet of this many instances.
         #[arg(long)]
         fleet: Option<u32>,
@@ -66,6 +72,8 @@ fn main() -> Result<()> {
                 once,
                 print,
                 libvirt_uri,
+                cgroup_root,
+                proc_root,
                 fleet,
                 gap,
                 config,
@@ -74,6 +82,12 @@ fn main() -> Result<()> {
                     meterflow_runtime::load(config.as_deref())?;
                 if libvirt_uri.is_some() {
                     cfg.libvirt_uri = libvirt_uri;
+                }
+                if cgroup_root.is_some() {
+                    cfg.cgroup_root = cgroup_root;
+                }
+                if let Some(p) = proc_root {
+                    cfg.proc_root = p;
                 }
                 if let Some(n) = fleet {
                     cfg.fleet = Some(meterflow_collector::fleet::FleetConfig {

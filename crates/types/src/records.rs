@@ -47,7 +47,8 @@ pub struct Sample {
     /// Counter increase over the interval (never negative).
     pub deltas: Counters,
     /// Gauges at interval_end.
-    pub vcpus: i32,
+    /// Allocated CPU in thousandths of a vCPU; 0 = no allocation (no limit).
+    pub vcpu_millis: i64,
     pub memory_alloc_bytes: i64,
     /// Used memory when the source reports it (balloon stats, cgroup working set); never invented.
     pub memory_used_bytes: Option<i64>,
@@ -88,7 +89,8 @@ pub struct InstanceState {
     pub state: String,
     pub hypervisor: String,
     pub flavor: Option<String>,
-    pub vcpus: i32,
+    /// Allocated CPU in thousandths of a vCPU; 0 = no allocation (no limit).
+    pub vcpu_millis: i64,
     pub memory_alloc_bytes: i64,
     pub first_seen: Millis,
     pub last_seen: Millis,

@@ -19,6 +19,10 @@ pub struct CollectorConfig {
     pub registration_interval: std::time::Duration,
     /// libvirt connection URI, e.g. `qemu:///system` or `test:///default`; none = no VMs.
     pub libvirt_uri: Option<String>,
+    /// Containers: the cgroup v2 root to walk (e.g. `/sys/fs/cgroup`); none = no containers.
+    pub cgroup_root: Option<PathBuf>,
+    /// Where `/proc` is mounted (container network counters come from `/proc/<pid>/net/dev`).
+    pub proc_root: PathBuf,
     /// A deterministic simulated fleet (demos, tests, load).
     pub fleet: Option<crate::fleet::FleetConfig>,
     pub clock: ClockConfig,
@@ -58,6 +62,8 @@ impl Default for CollectorConfig {
             poll_interval: std::time::Duration::from_secs(10),
             registration_interval: std::time::Duration::from_secs(300),
             libvirt_uri: None,
+            cgroup_root: None,
+            proc_root: PathBuf::from("/proc"),
             fleet: None,
             clock: ClockConfig::default(),
             polls: None,

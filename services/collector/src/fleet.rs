@@ -96,7 +96,7 @@ impl SimInstance {
             incarnation: "sim-0".into(),
             state: "running".into(),
             counters: self.counters_at(elapsed),
-            vcpus: self.vcpus,
+            vcpu_millis: self.vcpus as i64 * 1000,
             memory_alloc_bytes: self.memory_alloc_bytes,
             memory_used_bytes: Some(self.memory_alloc_bytes / 2),
             flavor: Some(format!(

@@ -4,6 +4,7 @@
 //! in metadata, and after each complete poll writes a poll marker (node heartbeat) to
 //! every samples partition so downstream knows how far this node is complete.
 
+pub mod cgroup;
 pub mod config;
 pub mod fleet;
 pub mod libvirt;
@@ -26,6 +27,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// All configured sources of one node.
 pub struct Sources {
     libvirt: Option<libvirt::LibvirtSource>,
+    cgroup: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    deadline: Duration,
     fleet: Option<(Vec<fleet::SimInstance>, Millis)>,
 }
 
@@ -41,7 +44,16 @@ impl Sources {
             .map(|u| libvirt::LibvirtSource::open(u, deadline))
             .transpose()?;
         let fleet = cfg.fleet.as_ref().map(|f| (f.model(), fleet_start));
-        Ok(Sources { libvirt, fleet })
+        let cgroup = cfg
+            .cgroup_root
+            .clone()
+            .map(|r| (r, cfg.proc_root.clone()));
+        Ok(Sources {
+            libvirt,
+            cgroup,
+            deadline,
+            fleet,
+        })
     }
 
     /// Read every instance at event time `t`.
@@ -63,6 +75,24 @@ impl Sources {
                 }),
             }
         }
+        if let Some((root, proc_root)) = &self.cgroup {
+            let (root, proc_root) = (root.clone(), proc_root.clone());
+            let job = tokio::task::spawn_blocking(move || cgroup::poll(&root, &proc_root));
+            match tokio::time::timeout(self.deadline, job).await {
+                Ok(Ok((r, e))) => {
+                    readings.extend(r);
+                    errors.extend(e);
+                }
+                Ok(Err(e)) => errors.push(SourceError {
+                    instance: "*".into(),
+                    reason: format!("cgroup poll failed: {e}"),
+                }),
+                Err(_) => errors.push(SourceError {
+                    instance: "*".into(),
+                    reason: format!("cgroup poll exceeded its {:?} deadline", self.deadline),
+                }),
+            }
+        }
         (readings, errors)
     }
 }
@@ -77,7 +107,7 @@ fn state_of(r: &Reading, node: &str, site: &str, first_seen: Millis, t: Millis) 
         state: r.state.clone(),
         hypervisor: r.hypervisor.clone(),
         flavor: r.flavor.clone(),
-        vcpus: r.vcpus,
+        vcpu_millis: r.vcpu_millis,
         memory_alloc_bytes: r.memory_alloc_bytes,
         first_seen,
         last_seen: t,
@@ -210,7 +240,7 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
                 None => true,
                 Some((prev, at)) => {
                     prev.state != st.state
-                        || prev.vcpus != st.vcpus
+                        || prev.vcpu_millis != st.vcpu_millis
                         || prev.memory_alloc_bytes != st.memory_alloc_bytes
                         || t - at >= cfg.registration_interval.as_millis() as i64
                 }
@@ -342,7 +372,7 @@ pub async fn poll_once_json(
             "site": cfg.site,
             "flavor": r.flavor,
             "owner": r.owner,
-            "vcpus": r.vcpus,
+            "vcpu_millis": r.vcpu_millis,
             "memory_alloc_bytes": r.memory_alloc_bytes,
             "memory_used_bytes": r.memory_used_bytes,
             "sample": sample,

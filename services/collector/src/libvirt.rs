@@ -146,7 +146,7 @@ fn read_domain(d: &Domain, hypervisor: &str) -> Result<Reading, String> {
             .unwrap_or_else(|| "off".into()),
         state,
         counters,
-        vcpus: info.nr_virt_cpu as i32,
+        vcpu_millis: info.nr_virt_cpu as i64 * 1000,
         memory_alloc_bytes: (info.memory as i64) * 1024,
         memory_used_bytes,
         flavor,

@@ -97,7 +97,7 @@ impl Sampler {
             interval_end: iv.end,
             counters: r.counters,
             deltas: iv.deltas,
-            vcpus: r.vcpus,
+            vcpu_millis: r.vcpu_millis,
             memory_alloc_bytes: r.memory_alloc_bytes,
             memory_used_bytes: r.memory_used_bytes,
             owner_hint: r.owner.as_ref().map(|o| o.entity_id.clone()),

@@ -21,7 +21,9 @@ pub struct Reading {
     /// "running", "paused", "shutoff", ...
     pub state: String,
     pub counters: Counters,
-    pub vcpus: i32,
+    /// Allocated CPU in thousandths of a vCPU (a VM's vCPUs × 1000, a container's
+    /// `cpu.max`); 0 = no allocation known (no limit).
+    pub vcpu_millis: i64,
     pub memory_alloc_bytes: i64,
     pub memory_used_bytes: Option<i64>,
     pub flavor: Option<String>,

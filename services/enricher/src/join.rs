@@ -54,7 +54,7 @@ pub fn quantities(s: &Sample) -> [Option<Dec>; 8] {
     let ms = (s.interval_end - s.interval_start) as i128;
     let q = |v: i128, places: u32| Dec::from_scaled(v, places).ok();
     [
-        q(s.vcpus as i128 * ms, 3),
+        q(s.vcpu_millis as i128 * ms, 6),
         q(s.deltas.cpu_time_ns as i128, 9),
         q(s.memory_alloc_bytes as i128 * ms, 3),
         s.memory_used_bytes.and_then(|m| q(m as i128 * ms, 3)),
@@ -90,7 +90,7 @@ pub fn validate(s: &Sample, now: Millis, max_future: Millis) -> Result<(), (&'st
             return Err(("negative_counter", format!("{name} = {v}")));
         }
     }
-    if s.vcpus < 0 || s.memory_alloc_bytes < 0 || s.memory_used_bytes.is_some_and(|m| m < 0) {
+    if s.vcpu_millis < 0 || s.memory_alloc_bytes < 0 || s.memory_used_bytes.is_some_and(|m| m < 0) {
         return Err(("negative_gauge", "a gauge is negative".into()));
     }
     if s.instance_id.is_empty() {
@@ -173,7 +173,7 @@ mod tests {
                 net_tx_bytes: 10,
                 ..Default::default()
             },
-            vcpus: 2,
+            vcpu_millis: 2000,
             memory_alloc_bytes: 1 << 30,
             memory_used_bytes: None,
             owner_hint: None,
