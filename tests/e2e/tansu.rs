@@ -189,3 +189,29 @@ fn undecodable_bytes_on_every_input_topic_land_in_the_dlq_with_a_reason() {
     s.assert_matches(&run, DAY);
     p.stop();
 }
+
+#[test]
+fn a_second_enricher_joins_mid_run_and_the_group_rebalances_totals_stay_exact() {
+    let run = two_days(14);
+    let mut p = Pipeline::start(run.clone(), 5_000, "day");
+    p.start_collector();
+    let usage = p.kafka.topics.usage.clone();
+    p.wait_for(Duration::from_secs(120), "usage to flow", |p| {
+        p.messages(&usage) >= 600
+    });
+    p.start_replica("enricher"); // the group rebalances over two processes
+    let collecting = p.collector.as_mut().map(|c| c.exited().is_none());
+    assert_eq!(collecting, Some(true), "the rebalance must land mid-run{}", p.logs());
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    // both processes ended up with partitions and both did work
+    for log in [p.enricher.log(), p.replicas[0].log()] {
+        let got_some = log
+            .lines()
+            .any(|l| l.contains("partitions assigned") && l.contains("meterflow.samples"));
+        assert!(got_some, "each enricher was assigned partitions:\n{log}");
+    }
+    let l = p.lag("meterflow-enricher", &p.kafka.topics.samples).expect("lag");
+    assert!(l.iter().all(|(_, end, c)| *c == Some(*end)), "{l:?}");
+    Settled::read(&p.out).assert_matches(&run, DAY);
+    p.stop();
+}

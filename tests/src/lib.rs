@@ -83,6 +83,8 @@ pub struct Proc {
     log: PathBuf,
     child: Option<Child>,
     pub starts: u32,
+    /// Stopped on purpose (not a failure if it is gone).
+    pub stopped: bool,
 }
 
 impl Proc {
@@ -105,6 +107,7 @@ impl Proc {
             log: dir.join(format!("{name}.log")),
             child: None,
             starts: 0,
+            stopped: false,
         };
         p.spawn();
         p
@@ -140,6 +143,7 @@ impl Proc {
 
     /// SIGTERM and wait for a graceful exit.
     pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
+        self.stopped = true;
         let c = self.child.as_mut()?;
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
@@ -153,6 +157,7 @@ impl Proc {
 
     pub fn restart(&mut self) {
         self.kill9();
+        self.stopped = false;
         self.spawn();
     }
 

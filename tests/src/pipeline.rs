@@ -10,8 +10,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub const SERVICES: [&str; 3] = ["settler", "rater", "enricher"];
-
 pub struct Pipeline {
     /// Kept (and printed) when a test fails, for the logs and files.
     pub dir: Option<tempfile::TempDir>,
@@ -26,6 +24,8 @@ pub struct Pipeline {
     pub rater: Proc,
     pub settler: Proc,
     pub collector: Option<Proc>,
+    /// More replicas started during the run (`start_replica`).
+    pub replicas: Vec<Proc>,
 }
 
 /// `METERFLOW_TEST_LOG` overrides the services' log filter (e.g. to debug librdkafka).
@@ -58,7 +58,8 @@ impl Pipeline {
         let k = kafka_toml(&kafka.brokers);
         let svc = |name: &str, extra: String| {
             let cfg = dir.path().join(format!("{name}.toml"));
-            std::fs::write(&cfg, format!("{extra}\n{k}")).expect("config");
+            // replicas on one host need distinct members (static group membership)
+            std::fs::write(&cfg, format!("member = \"{name}-1\"\n{extra}\n{k}")).expect("config");
             Proc::start(
                 name,
                 &bin(&format!("meterflow-{name}")),
@@ -88,7 +89,31 @@ impl Pipeline {
             rater,
             settler,
             collector: None,
+            replicas: Vec::new(),
         }
+    }
+
+    /// Start another replica of a stage (`enricher`, `rater`, `settler`) in the same group,
+    /// with the same configuration and its own member name.
+    pub fn start_replica(&mut self, stage: &str) {
+        let n = 2 + self.replicas.iter().filter(|p| p.name.starts_with(stage)).count();
+        let dir = self.path();
+        let base = std::fs::read_to_string(dir.join(format!("{stage}.toml"))).expect("config");
+        let body: String = base
+            .lines()
+            .filter(|l| !l.starts_with("member ="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let name = format!("{stage}-{n}");
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, format!("member = \"{name}\"\n{body}")).expect("config");
+        self.replicas.push(Proc::start(
+            &name,
+            &bin(&format!("meterflow-{stage}")),
+            &["--config", cfg.to_str().expect("utf8 path")],
+            &[("METERFLOW_LOG", &log_filter())],
+            &dir,
+        ));
     }
 
     pub fn start_collector(&mut self) {
@@ -130,6 +155,7 @@ impl Pipeline {
         if let Some(c) = self.collector.as_mut() {
             v.push(c);
         }
+        v.extend(self.replicas.iter_mut());
         v
     }
 
@@ -146,7 +172,12 @@ impl Pipeline {
     /// Panics with the logs if a downstream service has exited.
     pub fn assert_services_alive(&mut self) {
         let mut dead = Vec::new();
-        for p in [&mut self.enricher, &mut self.rater, &mut self.settler] {
+        let mut running: Vec<&mut Proc> = vec![&mut self.enricher, &mut self.rater, &mut self.settler];
+        running.extend(self.replicas.iter_mut());
+        for p in running {
+            if p.stopped {
+                continue;
+            }
             if let Some(st) = p.exited() {
                 dead.push(format!("{} exited: {st}", p.name));
             }
@@ -247,16 +278,14 @@ impl Pipeline {
 
     /// Stop the services with SIGTERM; each must exit cleanly.
     pub fn stop(&mut self) {
-        for name in SERVICES {
-            let p = match name {
-                "settler" => &mut self.settler,
-                "rater" => &mut self.rater,
-                _ => &mut self.enricher,
-            };
+        let mut running: Vec<&mut Proc> = vec![&mut self.settler, &mut self.rater, &mut self.enricher];
+        running.extend(self.replicas.iter_mut());
+        for p in running.into_iter().filter(|p| !p.stopped) {
             let st = p.terminate(Duration::from_secs(20));
             assert!(
                 st.is_some_and(|s| s.success()),
-                "{name} did not shut down cleanly on SIGTERM: {st:?}\n{}",
+                "{} did not shut down cleanly on SIGTERM: {st:?}\n{}",
+                p.name,
                 p.tail(30)
             );
         }

@@ -86,11 +86,13 @@ impl ConsumerContext for Ctx {
                 if let Err(e) = c.assign(tpl) {
                     tracing::error!(error = %e, "assigning partitions");
                 }
+                tracing::info!(partitions = ?parts(tpl), "partitions assigned");
                 if let Ok(mut ev) = self.events.lock() {
                     ev.push(Assignment::Assigned(parts(tpl)));
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(partitions = ?parts(tpl), "partitions revoked");
                 if let Ok(mut ev) = self.events.lock() {
                     ev.push(Assignment::Revoked(parts(tpl)));
                 }
