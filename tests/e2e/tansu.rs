@@ -24,6 +24,7 @@ fn two_days(seed: u64) -> FleetRun {
         start: meterflow_types::time::parse_rfc3339("2026-03-01T00:00:00Z").expect("time"),
         poll_ms: 300_000,
         polls: 2 * 288 + 1,
+        reassign: Vec::new(),
     }
 }
 
@@ -213,5 +214,40 @@ fn a_second_enricher_joins_mid_run_and_the_group_rebalances_totals_stay_exact() 
     let l = p.lag("meterflow-enricher", &p.kafka.topics.samples).expect("lag");
     assert!(l.iter().all(|(_, end, c)| *c == Some(*end)), "{l:?}");
     Settled::read(&p.out).assert_matches(&run, DAY);
+    p.stop();
+}
+
+#[test]
+fn an_explicit_reassignment_moves_the_usage_from_its_valid_from_on() {
+    let mut run = two_days(15);
+    let from = run.start + DAY + 6 * meterflow_tests::expect::HOUR;
+    run.reassign = vec![("sim-0004".into(), from, "acme-reassigned".into())];
+    let mut p = Pipeline::start(run.clone(), 36_000, "day");
+    // as an operator would: before the usage flows, over the CLI
+    let st = std::process::Command::new(meterflow_tests::bin("meterflow"))
+        .args([
+            "ownership",
+            "set",
+            "sim-0004",
+            "--user",
+            "carol",
+            "--entity",
+            "acme-reassigned",
+            "--valid-from",
+            &meterflow_types::time::fmt_rfc3339(from),
+            "--brokers",
+            &p.kafka.brokers,
+        ])
+        .env("METERFLOW_LOG", "warn")
+        .output()
+        .expect("runs");
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    p.start_collector();
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    let s = Settled::read(&p.out);
+    // the fleet's own owner record (metadata) would keep sim-0004 on its entity; the
+    // explicit assignment wins from its valid_from on, to the cent
+    assert!(s.lines.iter().any(|l| l.entity == "acme-reassigned"));
+    s.assert_matches(&run, DAY);
     p.stop();
 }

@@ -21,6 +21,8 @@ pub struct FleetRun {
     pub start: Millis,
     pub poll_ms: Millis,
     pub polls: i64,
+    /// Explicit reassignments `(instance, from, entity)` (from on a poll boundary).
+    pub reassign: Vec<(String, Millis, String)>,
 }
 
 /// Round `num / den` half to even (den > 0).
@@ -59,7 +61,14 @@ impl FleetRun {
             let from = self.start + (k - 1) * self.poll_ms;
             let w = from.div_euclid(HOUR) * HOUR;
             for i in &model {
-                let a = acc.entry((i.entity_id.clone(), w)).or_default();
+                let entity = self
+                    .reassign
+                    .iter()
+                    .filter(|(inst, t, _)| *inst == i.instance_id && *t <= from)
+                    .max_by_key(|(_, t, _)| *t)
+                    .map(|(_, _, e)| e.clone())
+                    .unwrap_or_else(|| i.entity_id.clone());
+                let a = acc.entry((entity, w)).or_default();
                 let ms = self.poll_ms as i128;
                 a.0 += i.vcpus as i128 * ms;
                 a.1 += i.memory_alloc_bytes as i128 * ms;
@@ -119,6 +128,7 @@ mod tests {
             start: 0,
             poll_ms: 600_000,
             polls: 7,
+            reassign: Vec::new(),
         };
         let v = run.fleet.model()[0].vcpus as i128;
         let l = run.lines();

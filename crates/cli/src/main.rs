@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod ownership;
 mod up;
 
 #[derive(Parser)]
@@ -47,6 +48,11 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Assign instances to users and billing entities (explicit owners win over metadata).
+    Ownership {
+        #[command(subcommand)]
+        cmd: ownership::OwnershipCmd,
+    },
     /// Check rule files: parse, plan, check the output contract.
     Rules {
         #[command(subcommand)]
@@ -68,6 +74,7 @@ fn main() -> Result<()> {
     rt.block_on(async move {
         match cli.cmd {
             Cmd::Up(a) => up::run(a).await,
+            Cmd::Ownership { cmd } => ownership::run(cmd).await,
             Cmd::Collect {
                 once,
                 print,

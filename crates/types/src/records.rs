@@ -111,7 +111,7 @@ pub struct Ownership {
 
 impl Ownership {
     pub fn key(&self) -> String {
-        format!("{}|{}", self.instance_id, self.valid_from)
+        format!("{}|{}|{}", self.instance_id, self.valid_from, self.source)
     }
 }
 

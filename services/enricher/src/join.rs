@@ -5,15 +5,26 @@ use meterflow_types::{Dec, InstanceState, Millis, Ownership, Sample, Usage};
 use std::collections::HashMap;
 
 /// Ownership history per instance, ordered by `valid_from`.
+///
+/// Precedence: explicit assignments (`meterflow ownership set|import`, sources `cli` and
+/// `import`) win over owners discovered on the node (`metadata`, `fleet`): a discovered
+/// record is ignored once an explicit record is valid at or before its `valid_from`.
+/// Within a class, the latest `valid_from` at a point in time wins.
 #[derive(Default, Debug)]
 pub struct Owners {
     by_instance: HashMap<String, Vec<Ownership>>,
 }
 
+/// Whether an ownership record was set explicitly (rather than discovered).
+pub fn is_explicit(o: &Ownership) -> bool {
+    matches!(o.source.as_str(), "cli" | "import")
+}
+
 impl Owners {
     pub fn insert(&mut self, o: Ownership) {
         let v = self.by_instance.entry(o.instance_id.clone()).or_default();
-        match v.binary_search_by_key(&o.valid_from, |x| x.valid_from) {
+        let k = |x: &Ownership| (x.valid_from, x.source.clone());
+        match v.binary_search_by_key(&k(&o), k) {
             Ok(i) => v[i] = o,
             Err(i) => v.insert(i, o),
         }
@@ -27,7 +38,16 @@ impl Owners {
         start: Millis,
         end: Millis,
     ) -> Option<Vec<(Millis, Millis, &Ownership)>> {
-        let v = self.by_instance.get(instance)?;
+        let all = self.by_instance.get(instance)?;
+        let first_explicit = all
+            .iter()
+            .filter(|o| is_explicit(o))
+            .map(|o| o.valid_from)
+            .min();
+        let v: Vec<&Ownership> = all
+            .iter()
+            .filter(|o| is_explicit(o) || first_explicit.is_none_or(|t| o.valid_from < t))
+            .collect();
         let first = v.iter().rposition(|o| o.valid_from <= start)?;
         let mut out = Vec::new();
         let mut i = first;
@@ -35,7 +55,7 @@ impl Owners {
         loop {
             let next = v.get(i + 1).map(|o| o.valid_from).filter(|t| *t < end);
             let e = next.unwrap_or(end);
-            out.push((s, e, &v[i]));
+            out.push((s, e, v[i]));
             match next {
                 Some(t) => {
                     s = t;
@@ -239,5 +259,32 @@ mod tests {
             validate(&s, 100_000, 1000).map_err(|e| e.0),
             Err("negative_counter")
         );
+    }
+
+    #[test]
+    fn explicit_owners_win_over_discovered_ones() {
+        let mut o = Owners::default();
+        let mut meta = own("from-metadata", 0);
+        meta.source = "metadata".into();
+        o.insert(meta.clone());
+        let mut later_meta = own("later-metadata", 500);
+        later_meta.source = "metadata".into();
+        o.insert(later_meta);
+        let mut cli = own("from-cli", 300);
+        cli.source = "cli".into();
+        o.insert(cli);
+        let seg = o.segments("i", 0, 1000).expect("owned");
+        let who: Vec<(Millis, Millis, &str)> = seg
+            .iter()
+            .map(|(a, b, w)| (*a, *b, w.entity_id.as_str()))
+            .collect();
+        // metadata until the explicit assignment; later metadata does not override it
+        assert_eq!(who, [(0, 300, "from-metadata"), (300, 1000, "from-cli")]);
+        // the same valid_from from both classes: both kept, the explicit one wins
+        let mut same = meta;
+        same.valid_from = 300;
+        o.insert(same);
+        let seg = o.segments("i", 300, 400).expect("owned");
+        assert_eq!(seg[0].2.entity_id, "from-cli");
     }
 }

@@ -37,6 +37,7 @@ fn main() -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?,
         poll_ms: 300_000,
         polls,
+        reassign: Vec::new(),
     };
     let expected_sets = run.totals(DAY).len();
     let samples = instances as i64 * polls;
