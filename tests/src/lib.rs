@@ -95,7 +95,20 @@ impl Proc {
         envs: &[(&str, &str)],
         dir: &Path,
     ) -> Proc {
-        let mut p = Proc {
+        let mut p = Proc::prepare(name, program, args, envs, dir);
+        p.spawn();
+        p
+    }
+
+    /// A process ready to `launch`, not running yet.
+    pub fn prepare(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        dir: &Path,
+    ) -> Proc {
+        Proc {
             name: name.to_string(),
             program: program.to_path_buf(),
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -107,10 +120,15 @@ impl Proc {
             log: dir.join(format!("{name}.log")),
             child: None,
             starts: 0,
-            stopped: false,
-        };
-        p.spawn();
-        p
+            stopped: true,
+        }
+    }
+
+    /// Start a prepared (or stopped) process.
+    pub fn launch(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
     }
 
     fn spawn(&mut self) {
@@ -131,6 +149,7 @@ impl Proc {
             .unwrap_or_else(|e| panic!("starting {}: {e}", self.program.display()));
         self.child = Some(child);
         self.starts += 1;
+        self.stopped = false;
     }
 
     /// SIGKILL: no shutdown code runs.

@@ -46,6 +46,12 @@ impl Pipeline {
     /// Broker, topics, and the three downstream services (the collector starts with
     /// `start_collector`, so a test can act before any usage flows).
     pub fn start(run: FleetRun, speed: u32, period: &str) -> Pipeline {
+        Pipeline::start_stages(run, speed, period, &["settler", "rater", "enricher"])
+    }
+
+    /// Like `start`, launching only the named stages; the others are prepared and can be
+    /// started later with `launch` on their `Proc`.
+    pub fn start_stages(run: FleetRun, speed: u32, period: &str, stages: &[&str]) -> Pipeline {
         let dir = tempfile::tempdir().expect("tmp");
         let broker = Tansu::start(dir.path());
         let kafka = KafkaConfig {
@@ -60,13 +66,17 @@ impl Pipeline {
             let cfg = dir.path().join(format!("{name}.toml"));
             // replicas on one host need distinct members (static group membership)
             std::fs::write(&cfg, format!("member = \"{name}-1\"\n{extra}\n{k}")).expect("config");
-            Proc::start(
+            let mut p = Proc::prepare(
                 name,
                 &bin(&format!("meterflow-{name}")),
                 &["--config", cfg.to_str().expect("utf8 path")],
                 &[("METERFLOW_LOG", &log_filter())],
                 dir.path(),
-            )
+            );
+            if stages.contains(&name) {
+                p.launch();
+            }
+            p
         };
         let settler = svc(
             "settler",

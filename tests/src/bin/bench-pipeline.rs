@@ -24,7 +24,11 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let enricher_only = args.first().is_some_and(|a| a == "enricher");
+    if enricher_only {
+        args.remove(0);
+    }
     let instances: u32 = args.first().map(|s| s.parse()).transpose()?.unwrap_or(200);
     let polls: i64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1001);
     let run = FleetRun {
@@ -42,6 +46,10 @@ fn main() -> anyhow::Result<()> {
     let expected_sets = run.totals(DAY).len();
     let samples = instances as i64 * polls;
     eprintln!("pipeline: {samples} samples ({instances} instances × {polls} polls)");
+
+    if enricher_only {
+        return enricher(run, samples);
+    }
 
     // ---- the pipeline
     let mut p = Pipeline::start(run.clone(), 1_000_000_000, "day");
@@ -112,6 +120,55 @@ fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    Ok(())
+}
+
+/// The enricher alone: the samples are on the topic before it starts; the clock runs
+/// from its partition assignment until it has committed every sample (each one joined,
+/// produced as usage and acknowledged first).
+fn enricher(run: FleetRun, samples: i64) -> anyhow::Result<()> {
+    let mut p = Pipeline::start_stages(run, 1_000_000_000, "day", &[]);
+    p.start_collector();
+    let st = p
+        .collector
+        .as_mut()
+        .and_then(|c| c.wait(Duration::from_secs(1800)))
+        .ok_or_else(|| anyhow::anyhow!("collector did not finish"))?;
+    anyhow::ensure!(st.success(), "collector failed");
+    let t = p.kafka.topics.clone();
+    p.enricher.launch();
+    let joined = Instant::now();
+    while !p.enricher.log().contains("partitions assigned") {
+        anyhow::ensure!(joined.elapsed() < Duration::from_secs(120), "no assignment");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t0 = Instant::now();
+    let mut peak = 0;
+    while !p.caught_up("meterflow-enricher", &t.samples) {
+        p.assert_services_alive();
+        peak = peak.max(p.enricher.peak_rss_kib().unwrap_or(0));
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(1800), "enricher did not drain");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let usage = p.messages(&t.usage);
+    let msgs: Vec<(Option<Vec<u8>>, Vec<u8>)> =
+        read_table(&p.kafka, &[&t.samples], &HashMap::new(), Duration::from_secs(120))?
+            .into_iter()
+            .map(|r| (r.key, r.payload.unwrap_or_default()))
+            .collect();
+    let n = msgs.len();
+    let relay_secs = block_on(relay(&p.kafka, msgs))?;
+    p.stop();
+    let (er, rr) = (n as f64 / secs, n as f64 / relay_secs);
+    println!("| run | messages in | seconds | messages/s | vs relay |");
+    println!("|---|---:|---:|---:|---:|");
+    println!("| bare relay (StageIo consume → produce → commit) | {n} | {relay_secs:.2} | {rr:.0} | 1.00 |");
+    println!(
+        "| enricher ({samples} samples + markers → {usage} usage + markers) | {n} | {secs:.2} | {er:.0} | {:.2} |",
+        er / rr
+    );
+    println!("\nenricher peak RSS: {:.0} MiB", peak as f64 / 1024.0);
     Ok(())
 }
 
