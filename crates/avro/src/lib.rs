@@ -134,31 +134,34 @@ fn check_header<'a>(bytes: &'a [u8], c: &Compiled) -> Result<&'a [u8], DecodeErr
 
 fn decode_body<R: Record>(datum: &[u8]) -> Result<R, DecodeError> {
     let c = R::compiled();
-    let mut body = datum;
+    // apache-avro 0.21 reads a union whose bytes are missing at the end of the input as
+    // null, so a truncated datum could "decode". Decoding from the datum plus one
+    // sentinel byte tells: a whole datum leaves exactly the sentinel unread; a truncated
+    // one eats into it.
+    let mut buf = Vec::with_capacity(datum.len() + 1);
+    buf.extend_from_slice(datum);
+    buf.push(0);
+    let mut body = &buf[..];
     let v = apache_avro::from_avro_datum(&c.schema, &mut body, None).map_err(|e| {
         DecodeError::Undecodable {
             schema: R::NAME,
             detail: e.to_string(),
         }
     })?;
-    if !body.is_empty() {
-        return Err(DecodeError::Undecodable {
-            schema: R::NAME,
-            detail: format!("{} trailing bytes", body.len()),
-        });
-    }
-    // apache-avro 0.21 reads a union whose bytes are missing at the end of the input as
-    // null, so a truncated datum can "decode". A value needs at least the bytes its
-    // canonical encoding takes (other valid encodings — multi-block arrays, padded
-    // varints — are only longer), so fewer bytes than that means truncation.
-    let needed = apache_avro::to_avro_datum(&c.schema, v.clone())
-        .map(|b| b.len())
-        .unwrap_or(usize::MAX);
-    if needed > datum.len() {
-        return Err(DecodeError::Undecodable {
-            schema: R::NAME,
-            detail: format!("truncated: {} bytes of at least {needed}", datum.len()),
-        });
+    match body.len() {
+        1 => {}
+        0 => {
+            return Err(DecodeError::Undecodable {
+                schema: R::NAME,
+                detail: format!("truncated after {} bytes", datum.len()),
+            })
+        }
+        n => {
+            return Err(DecodeError::Undecodable {
+                schema: R::NAME,
+                detail: format!("{} trailing bytes", n - 1),
+            })
+        }
     }
     R::from_value(v)
 }
