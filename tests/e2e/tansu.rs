@@ -251,3 +251,45 @@ fn an_explicit_reassignment_moves_the_usage_from_its_valid_from_on() {
     s.assert_matches(&run, DAY);
     p.stop();
 }
+
+#[test]
+fn samples_sent_again_after_their_windows_closed_are_not_billed_twice() {
+    let run = two_days(16);
+    let mut p = Pipeline::start(run.clone(), 36_000, "day");
+    p.start_collector();
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    // a collector that lost its acknowledgements resends: the same bytes again, for the
+    // last hour of the run, long after those windows closed and were settled
+    let t = p.kafka.topics.clone();
+    let again: Vec<(Vec<u8>, Vec<u8>)> =
+        read_table(&p.kafka, &[&t.samples], &HashMap::new(), Duration::from_secs(30))
+            .expect("samples")
+            .into_iter()
+            .filter_map(|r| {
+                let bytes = r.payload?;
+                let s: Sample = meterflow_avro::decode(&bytes).ok()?;
+                (s.interval_start >= run.end() - meterflow_tests::expect::HOUR)
+                    .then(|| (r.key.unwrap_or_default(), bytes))
+            })
+            .collect();
+    assert!(again.len() >= 9 * 12, "{} samples to resend", again.len());
+    let producer = meterflow_kafka::producer(&p.kafka, "resender", None).expect("producer");
+    block_on(async {
+        for (k, v) in &again {
+            producer
+                .send(FutureRecord::to(&t.samples).key(k).payload(v), Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)
+                .expect("resent");
+        }
+    });
+    p.drain(Duration::from_secs(120), all_periods_settled(&run));
+    let s = Settled::read(&p.out);
+    assert!(
+        s.manifests.iter().all(|m| m.version == 1),
+        "no correction versions: {:?}",
+        s.manifests.iter().map(|m| (&m.entity_id, m.version)).collect::<Vec<_>>()
+    );
+    s.assert_matches(&run, DAY);
+    p.stop();
+}

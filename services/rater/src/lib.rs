@@ -45,6 +45,10 @@ pub struct RaterConfig {
     #[serde(with = "humantime_serde")]
     pub eval_timeout: Duration,
     pub batch_size: usize,
+    /// How long (event time, by window start) the usage ids of closed windows are kept to
+    /// drop duplicates that arrive late (e.g. a collector resending after a restart).
+    #[serde(with = "humantime_serde")]
+    pub dedup_horizon: Duration,
 }
 
 impl Default for RaterConfig {
@@ -58,6 +62,7 @@ impl Default for RaterConfig {
             memory_limit_mb: 256,
             eval_timeout: Duration::from_secs(10),
             batch_size: 5000,
+            dedup_horizon: Duration::from_secs(2 * 3600),
         }
     }
 }
@@ -107,6 +112,16 @@ pub fn split_usage(u: &Usage, w: Tumbling) -> Vec<(Millis, Usage)> {
         .collect()
 }
 
+/// A usage id as 128 bits (ids are 32 hex digits; anything else is hashed).
+fn id_key(id: &str) -> u128 {
+    u128::from_str_radix(id, 16).unwrap_or_else(|_| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        h.finish() as u128 | (1 << 127)
+    })
+}
+
 #[derive(Default)]
 struct Win {
     rows: Vec<(i64, Usage)>,
@@ -117,6 +132,9 @@ struct PartState {
     sources: SourceTimes,
     /// Open windows per rule.
     windows: Vec<BTreeMap<Millis, Win>>,
+    /// Usage ids of recently closed windows per rule (window start → ids), so a duplicate
+    /// arriving after its window closed is dropped instead of becoming an adjustment.
+    closed_ids: Vec<BTreeMap<Millis, HashSet<u128>>>,
     position: Option<i64>,
     /// From the checkpoint: records before this offset were already handled.
     replay_until: i64,
@@ -130,6 +148,7 @@ impl PartState {
                 .map(|c| SourceTimes::from_vec(&c.source_times))
                 .unwrap_or_default(),
             windows: (0..rules).map(|_| BTreeMap::new()).collect(),
+            closed_ids: (0..rules).map(|_| BTreeMap::new()).collect(),
             position: None,
             replay_until: cp.map(|c| c.position).unwrap_or(0),
             last_marker: None,
@@ -276,6 +295,11 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                 if replaying {
                                     continue; // handled before the checkpoint
                                 }
+                                let seen = st.closed_ids[r].entry(ws).or_default();
+                                if !seen.insert(id_key(&u.id)) {
+                                    dup_total.inc(); // counted in the window already
+                                    continue;
+                                }
                                 match engine.evaluate(r, ws, &[&piece], p, Some(&u.id)).await {
                                     Ok(ev) => {
                                         adjustments_total.add(ev.len() as u64);
@@ -311,9 +335,15 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     .filter(|ws| closed(ws + windows[r].size, lateness[r], Some(wm)))
                     .collect();
                 for ws in due {
-                    let Some(win) = st.windows[r].remove(&ws) else {
+                    let Some(mut win) = st.windows[r].remove(&ws) else {
                         continue;
                     };
+                    let ids = std::mem::take(&mut win.ids).iter().map(|i| id_key(i)).collect();
+                    st.closed_ids[r].insert(ws, ids);
+                    // keep the ids of the last `dedup_horizon` of closed windows
+                    let newest = st.closed_ids[r].keys().next_back().copied().unwrap_or(ws);
+                    let horizon = cfg.dedup_horizon.as_millis() as i64;
+                    st.closed_ids[r].retain(|k, _| *k >= newest - horizon);
                     if quarantined.contains(&r) {
                         continue;
                     }
