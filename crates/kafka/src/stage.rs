@@ -37,6 +37,10 @@ pub struct Ctx {
     events: Mutex<Vec<Assignment>>,
     /// (topic, partition) → committed offset at assignment: records below it are dropped.
     floor: Mutex<HashMap<(String, i32), i64>>,
+    /// What this member owns now. Records of other partitions (fetched before a revoke)
+    /// are dropped and their offsets never committed: a member that lost a partition must
+    /// not commit over its new owner's progress.
+    assigned: Mutex<std::collections::HashSet<(String, i32)>>,
     rewind: i64,
 }
 
@@ -83,6 +87,9 @@ impl ConsumerContext for Ctx {
                     }
                     f.extend(floors);
                 }
+                if let Ok(mut a) = self.assigned.lock() {
+                    a.extend(parts(tpl));
+                }
                 if let Err(e) = c.assign(tpl) {
                     tracing::error!(error = %e, "assigning partitions");
                 }
@@ -93,6 +100,11 @@ impl ConsumerContext for Ctx {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(partitions = ?parts(tpl), "partitions revoked");
+                if let Ok(mut a) = self.assigned.lock() {
+                    for k in parts(tpl) {
+                        a.remove(&k);
+                    }
+                }
                 if let Ok(mut ev) = self.events.lock() {
                     ev.push(Assignment::Revoked(parts(tpl)));
                 }
@@ -103,6 +115,9 @@ impl ConsumerContext for Ctx {
             other => {
                 let code: rdkafka::types::RDKafkaErrorCode = other.into();
                 tracing::warn!(error = %code, "rebalance error");
+                if let Ok(mut a) = self.assigned.lock() {
+                    a.clear();
+                }
                 let _ = c.unassign();
             }
         }
@@ -162,6 +177,7 @@ impl StageIo {
             .create_with_context(Ctx {
                 events: Mutex::new(Vec::new()),
                 floor: Mutex::new(HashMap::new()),
+                assigned: Mutex::new(std::collections::HashSet::new()),
                 rewind: cfg.resume_rewind,
             })
             .context("creating Kafka consumer")?;
@@ -211,15 +227,16 @@ impl StageIo {
                 r = tokio::time::timeout(left, self.consumer.recv()) => match r {
                     Err(_) => break,
                     Ok(Ok(m)) => {
-                        let below = self
-                            .consumer
-                            .context()
+                        let ctx = self.consumer.context();
+                        let key = (m.topic().to_string(), m.partition());
+                        let below = ctx
                             .floor
                             .lock()
                             .ok()
-                            .and_then(|f| f.get(&(m.topic().to_string(), m.partition())).copied())
+                            .and_then(|f| f.get(&key).copied())
                             .is_some_and(|floor| m.offset() < floor);
-                        if !below {
+                        let owned = ctx.assigned.lock().map(|a| a.contains(&key)).unwrap_or(true);
+                        if owned && !below {
                             messages.push(m.detach());
                         }
                     }
@@ -315,9 +332,18 @@ impl StageIo {
     /// commit it together with `offsets`); then commit `offsets` (next offset to read).
     pub async fn commit(&mut self, offsets: &[(String, i32, i64)]) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
+        let owned = self
+            .consumer
+            .context()
+            .assigned
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
         for (t, p, o) in offsets {
-            tpl.add_partition_offset(t, *p, Offset::Offset(*o))
-                .context("offset list")?;
+            if owned.contains(&(t.clone(), *p)) {
+                tpl.add_partition_offset(t, *p, Offset::Offset(*o))
+                    .context("offset list")?;
+            }
         }
         match self.delivery {
             Delivery::AtLeastOnce => {

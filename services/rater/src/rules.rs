@@ -175,11 +175,23 @@ pub fn usage_schema() -> SchemaRef {
     ]))
 }
 
-/// Build the `usage` batch for rows of one window.
+/// Build the `usage` batch for rows of one window: every column.
 pub fn usage_batch(
     window_start: Millis,
     window_end: Millis,
     rows: &[&Usage],
+) -> Result<RecordBatch, RuleError> {
+    let all: Vec<usize> = (0..usage_schema().fields().len()).collect();
+    usage_columns(window_start, window_end, rows, &all)
+}
+
+/// Build only the columns `needed` (indices into `usage_schema()`), in that order, as a
+/// batch of the projected schema: a rule that reads three columns costs three.
+pub fn usage_columns(
+    window_start: Millis,
+    window_end: Millis,
+    rows: &[&Usage],
+    needed: &[usize],
 ) -> Result<RecordBatch, RuleError> {
     let n = rows.len();
     let ts = |f: &dyn Fn(&Usage) -> Millis| -> ArrayRef {
@@ -205,29 +217,36 @@ pub fn usage_batch(
         }
         Ok(Arc::new(b.finish()))
     };
-    let cols: Vec<ArrayRef> = vec![
-        ts(&|_| window_start),
-        ts(&|_| window_end),
-        st(&|r| Some(&r.entity_id)),
-        st(&|r| Some(&r.user_id)),
-        st(&|r| r.project.as_deref()),
-        st(&|r| Some(&r.instance_id)),
-        st(&|r| Some(&r.node_id)),
-        st(&|r| Some(&r.site)),
-        st(&|r| Some(&r.kind)),
-        st(&|r| r.flavor.as_deref()),
-        ts(&|r| r.interval_start),
-        ts(&|r| r.interval_end),
-        de(&|r| Some(r.vcpu_seconds))?,
-        de(&|r| Some(r.cpu_seconds))?,
-        de(&|r| Some(r.memory_byte_seconds))?,
-        de(&|r| r.memory_used_byte_seconds)?,
-        de(&|r| Some(r.net_rx_bytes))?,
-        de(&|r| Some(r.net_tx_bytes))?,
-        de(&|r| Some(r.disk_read_bytes))?,
-        de(&|r| Some(r.disk_write_bytes))?,
-    ];
-    RecordBatch::try_new(usage_schema(), cols).map_err(|e| RuleError::Io(e.to_string()))
+    let build = |i: usize| -> Result<ArrayRef, RuleError> {
+        Ok(match i {
+            0 => ts(&|_| window_start),
+            1 => ts(&|_| window_end),
+            2 => st(&|r| Some(&r.entity_id)),
+            3 => st(&|r| Some(&r.user_id)),
+            4 => st(&|r| r.project.as_deref()),
+            5 => st(&|r| Some(&r.instance_id)),
+            6 => st(&|r| Some(&r.node_id)),
+            7 => st(&|r| Some(&r.site)),
+            8 => st(&|r| Some(&r.kind)),
+            9 => st(&|r| r.flavor.as_deref()),
+            10 => ts(&|r| r.interval_start),
+            11 => ts(&|r| r.interval_end),
+            12 => de(&|r| Some(r.vcpu_seconds))?,
+            13 => de(&|r| Some(r.cpu_seconds))?,
+            14 => de(&|r| Some(r.memory_byte_seconds))?,
+            15 => de(&|r| r.memory_used_byte_seconds)?,
+            16 => de(&|r| Some(r.net_rx_bytes))?,
+            17 => de(&|r| Some(r.net_tx_bytes))?,
+            18 => de(&|r| Some(r.disk_read_bytes))?,
+            19 => de(&|r| Some(r.disk_write_bytes))?,
+            _ => return Err(RuleError::Io(format!("no usage column {i}"))),
+        })
+    };
+    let cols = needed.iter().map(|i| build(*i)).collect::<Result<Vec<_>, _>>()?;
+    let schema = usage_schema()
+        .project(needed)
+        .map_err(|e| RuleError::Io(e.to_string()))?;
+    RecordBatch::try_new(Arc::new(schema), cols).map_err(|e| RuleError::Io(e.to_string()))
 }
 
 /// A table whose batches are swapped before each evaluation, so a plan built once per
@@ -235,7 +254,14 @@ pub fn usage_batch(
 #[derive(Debug)]
 struct SwapTable {
     schema: SchemaRef,
-    batches: Arc<Mutex<Vec<RecordBatch>>>,
+    /// The current window's batch and the `usage_schema()` indices of its columns.
+    batches: Arc<Mutex<Current>>,
+}
+
+#[derive(Debug, Default)]
+struct Current {
+    batches: Vec<RecordBatch>,
+    columns: Vec<usize>,
 }
 
 #[async_trait]
@@ -253,12 +279,29 @@ impl TableProvider for SwapTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let batches = self.batches.lock().map(|b| b.clone()).unwrap_or_default();
-        Ok(MemorySourceConfig::try_new_exec(
-            &[batches],
-            self.schema.clone(),
-            projection.cloned(),
-        )?)
+        let all: Vec<usize> = (0..self.schema.fields().len()).collect();
+        let want = projection.cloned().unwrap_or(all);
+        let (batches, columns) = self
+            .batches
+            .lock()
+            .map(|c| (c.batches.clone(), c.columns.clone()))
+            .unwrap_or_default();
+        // the plan reads only columns that were built for it (its projection, found at load)
+        let pos = want
+            .iter()
+            .map(|i| columns.iter().position(|c| c == i))
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| {
+                datafusion::error::DataFusionError::Internal(format!(
+                    "usage columns {want:?} requested, {columns:?} built"
+                ))
+            })?;
+        let schema = Arc::new(self.schema.project(&want)?);
+        let projected = batches
+            .iter()
+            .map(|b| b.project(&pos))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MemorySourceConfig::try_new_exec(&[projected], schema, None)?)
     }
 }
 
@@ -267,12 +310,31 @@ pub struct Rule {
     pub source: RuleSource,
     plan: LogicalPlan,
     has_resource: bool,
+    /// The `usage` columns the optimized plan reads (indices into `usage_schema()`).
+    columns: Vec<usize>,
+}
+
+/// The `usage` columns an optimized plan scans.
+fn scanned_columns(plan: &LogicalPlan) -> Vec<usize> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let n = usage_schema().fields().len();
+    let mut cols = std::collections::BTreeSet::new();
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::TableScan(t) = node {
+            match &t.projection {
+                Some(p) => cols.extend(p.iter().copied()),
+                None => cols.extend(0..n),
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    cols.into_iter().collect()
 }
 
 /// One DataFusion session per rater worker, with the rules compiled against it.
 pub struct Engine {
     ctx: SessionContext,
-    table: Arc<Mutex<Vec<RecordBatch>>>,
+    table: Arc<Mutex<Current>>,
     pub rules: Vec<Rule>,
     pub eval_timeout: Duration,
 }
@@ -301,7 +363,7 @@ impl Engine {
             .build_arc()
             .map_err(|e| RuleError::Io(e.to_string()))?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
-        let table = Arc::new(Mutex::new(Vec::new()));
+        let table = Arc::new(Mutex::new(Current::default()));
         ctx.register_table(
             "usage",
             Arc::new(SwapTable {
@@ -363,8 +425,13 @@ impl Engine {
                 }
                 Err(_) => false,
             };
+            let optimized = ctx.state().optimize(&plan).map_err(|e| RuleError::Sql {
+                file: file.clone(),
+                msg: e.to_string(),
+            })?;
             rules.push(Rule {
                 source: s,
+                columns: scanned_columns(&optimized),
                 plan,
                 has_resource,
             });
@@ -404,9 +471,12 @@ impl Engine {
         let rule = &self.rules[idx];
         let h = &rule.source.header;
         let window_end = window_start + h.window;
-        let batch = usage_batch(window_start, window_end, rows)?;
+        let batch = usage_columns(window_start, window_end, rows, &rule.columns)?;
         if let Ok(mut t) = self.table.lock() {
-            *t = vec![batch];
+            *t = Current {
+                batches: vec![batch],
+                columns: rule.columns.clone(),
+            };
         }
         let fail = |msg: String| RuleError::Eval {
             rule: h.name.clone(),
