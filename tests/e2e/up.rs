@@ -184,7 +184,7 @@ fn collect_reads_every_domain_of_a_custom_test_node_with_owner_metadata() {
         .collect();
     assert_eq!(
         by_name.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["db-1", "scratch", "web-1"],
+        ["db-1", "scratch", "stopped-1", "web-1"],
         "{text}"
     );
     let web = &by_name["web-1"];
@@ -200,7 +200,12 @@ fn collect_reads_every_domain_of_a_custom_test_node_with_owner_metadata() {
     assert_eq!(db["flavor"], "m1.large");
     assert_eq!(db["vcpu_millis"], 4000);
     assert!(by_name["scratch"]["owner"].is_null(), "no metadata, no owner invented");
-    for o in by_name.values() {
+    for (name, o) in &by_name {
+        if name == "stopped-1" {
+            assert_eq!(o["state"], "shutoff");
+            assert!(o["sample"].is_null(), "a shut-off domain is registered, not sampled");
+            continue;
+        }
         assert_eq!(o["state"], "running");
         assert!(o["sample"]["deltas"]["cpu_time_ns"].as_i64().expect("cpu delta") > 0);
     }
@@ -226,7 +231,7 @@ fn collect_prints_vms_and_containers_from_a_test_node_and_a_cgroup_root() {
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect();
     let kinds: Vec<&str> = objs.iter().filter_map(|o| o["kind"].as_str()).collect();
-    assert_eq!(kinds.iter().filter(|k| **k == "vm").count(), 3, "{text}");
+    assert_eq!(kinds.iter().filter(|k| **k == "vm").count(), 4, "{text}");
     assert_eq!(kinds.iter().filter(|k| **k == "container").count(), 3, "{text}");
     let app = objs
         .iter()
