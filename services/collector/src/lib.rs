@@ -97,6 +97,26 @@ impl Sources {
     }
 }
 
+/// This node's phase within the poll interval (FNV-1a of its id): nodes of a fleet poll
+/// at different moments instead of all at once, each at an exact interval.
+pub fn poll_phase(node_id: &str, poll_ms: i64) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node_id.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % poll_ms.max(1) as u64) as i64
+}
+
+/// The first time at or after `now` that falls on this node's phase.
+pub fn next_phase_point(now: Millis, poll_ms: i64, node_id: &str) -> Millis {
+    let p = now - now.rem_euclid(poll_ms) + poll_phase(node_id, poll_ms);
+    if p < now {
+        p + poll_ms
+    } else {
+        p
+    }
+}
+
 fn state_of(r: &Reading, node: &str, site: &str, first_seen: Millis, t: Millis) -> InstanceState {
     InstanceState {
         instance_id: r.instance_id.clone(),
@@ -134,11 +154,22 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
     let poll_ms = cfg.poll_interval.as_millis() as i64;
     anyhow::ensure!(poll_ms > 0, "poll_interval must be positive");
     let speed = cfg.clock.speed.max(1) as i64;
+    // Real time: polls at this node's phase of the interval (spread across the fleet,
+    // stable per node), stamped with the time they are taken. A restart resumes at the
+    // next phase point, so the interval since the last sample covers the downtime.
+    // Accelerated or replayed clocks continue where the state file left off.
+    let real_time = cfg.clock.start.is_none() && speed == 1;
+    let now0 = meterflow_kafka::now_ms();
     let start = match (&cfg.clock.start, sampler.last_time()) {
+        _ if real_time => {
+            let next = next_phase_point(now0, poll_ms, &cfg.node_id);
+            sampler.last_time().map_or(next, |last| next.max(last + poll_ms))
+        }
         (_, Some(last)) => last + poll_ms,
         (Some(s), None) => meterflow_types::time::parse_rfc3339(s).map_err(anyhow::Error::msg)?,
-        (None, None) => meterflow_kafka::now_ms().div_euclid(poll_ms) * poll_ms,
+        (None, None) => now0.div_euclid(poll_ms) * poll_ms,
     };
+    let lead_ms = if real_time { (start - now0).max(0) } else { 0 };
     let fleet_start = cfg
         .clock
         .start
@@ -179,7 +210,7 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
         if cfg.polls.is_some_and(|n| k as u64 >= n) {
             break;
         }
-        let due = wall0 + Duration::from_millis((k * poll_ms / speed) as u64);
+        let due = wall0 + Duration::from_millis((lead_ms + k * poll_ms / speed) as u64);
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             _ = tokio::time::sleep_until(due.into()) => {}
@@ -379,4 +410,25 @@ pub async fn poll_once_json(
         }));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_poll_at_stable_spread_phases_never_in_the_past() {
+        let poll = 10_000;
+        let phases: std::collections::BTreeSet<i64> = (0..50)
+            .map(|i| poll_phase(&format!("node-{i}"), poll))
+            .collect();
+        assert!(phases.len() > 40, "spread: {phases:?}");
+        assert!(phases.iter().all(|p| (0..poll).contains(p)));
+        assert_eq!(poll_phase("node-7", poll), poll_phase("node-7", poll));
+        for now in [0, 1, 9_999, 10_000, 1_763_800_000_123] {
+            let t = next_phase_point(now, poll, "node-7");
+            assert!(t >= now && t < now + poll, "{now} -> {t}");
+            assert_eq!(t.rem_euclid(poll), poll_phase("node-7", poll));
+        }
+    }
 }
