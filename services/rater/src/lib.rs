@@ -124,7 +124,8 @@ fn id_key(id: &str) -> u128 {
 
 #[derive(Default)]
 struct Win {
-    rows: Vec<(i64, Usage)>,
+    /// (offset, piece); a piece is shared by every rule with the same window size.
+    rows: Vec<(i64, std::sync::Arc<Usage>)>,
     ids: HashSet<String>,
 }
 
@@ -286,11 +287,26 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                 }
                 Ok(UsageMsg::Usage(u)) => {
                     let wm = st.sources.min();
+                    // split once per distinct window size; rules share the pieces
+                    let mut split: Vec<(Tumbling, Vec<(Millis, std::sync::Arc<Usage>)>)> =
+                        Vec::new();
                     for r in 0..nrules {
                         if quarantined.contains(&r) {
                             continue;
                         }
-                        for (ws, piece) in split_usage(&u, windows[r]) {
+                        if !split.iter().any(|(w, _)| *w == windows[r]) {
+                            let pieces = split_usage(&u, windows[r])
+                                .into_iter()
+                                .map(|(ws, piece)| (ws, std::sync::Arc::new(piece)))
+                                .collect();
+                            split.push((windows[r], pieces));
+                        }
+                        let pieces = split
+                            .iter()
+                            .find(|(w, _)| *w == windows[r])
+                            .map(|(_, p)| p.clone())
+                            .unwrap_or_default();
+                        for (ws, piece) in pieces {
                             if closed(ws + windows[r].size, lateness[r], wm) {
                                 if replaying {
                                     continue; // handled before the checkpoint
@@ -315,7 +331,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                             }
                             let win = st.windows[r].entry(ws).or_default();
                             if win.ids.insert(u.id.clone()) {
-                                win.rows.push((off, piece));
+                                win.rows.push((off, piece.clone()));
                             } else {
                                 dup_total.inc();
                             }
@@ -347,7 +363,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     if quarantined.contains(&r) {
                         continue;
                     }
-                    let rows: Vec<&Usage> = win.rows.iter().map(|(_, u)| u).collect();
+                    let rows: Vec<&Usage> = win.rows.iter().map(|(_, u)| u.as_ref()).collect();
                     match engine.evaluate(r, ws, &rows, *p, None).await {
                         Ok(ev) => out.extend(ev),
                         Err(e) => {
