@@ -249,3 +249,34 @@ fn collect_prints_vms_and_containers_from_a_test_node_and_a_cgroup_root() {
         .expect("the pod's sandbox");
     assert_eq!(sandbox["sample"]["counters"]["net_tx_bytes"], 654_321);
 }
+
+#[test]
+fn rules_test_checks_every_rule_against_its_golden_file() {
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    let run = |dir: &std::path::Path| {
+        Command::new(meterflow_tests::bin("meterflow"))
+            .args(["rules", "test"])
+            .arg(dir)
+            .env("METERFLOW_LOG", "warn")
+            .output()
+            .expect("runs")
+    };
+    let ok = run(&rules);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(out.contains("3 rule(s) match"), "{out}");
+
+    // a wrong expectation fails, naming the rule and the entity
+    let tmp = tempfile::tempdir().expect("tmp");
+    for f in ["vcpu_hours.sql", "vcpu_hours.golden.json", "memory_gb_hours.sql"] {
+        std::fs::copy(rules.join(f), tmp.path().join(f)).expect("copy");
+    }
+    let g = tmp.path().join("vcpu_hours.golden.json");
+    let text = std::fs::read_to_string(&g).expect("golden").replace("0.072", "0.073");
+    std::fs::write(&g, text).expect("write");
+    let bad = run(tmp.path());
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert!(!bad.status.success(), "{out}");
+    assert!(out.contains("vcpu_hours.sql: entity acme: got quantity 2 amount 0.072"), "{out}");
+    assert!(out.contains("memory_gb_hours.sql: no golden file"), "{out}");
+}

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod golden;
 mod ownership;
 mod up;
 
@@ -63,6 +64,8 @@ enum Cmd {
 #[derive(Subcommand)]
 enum RulesCmd {
     Check { dir: PathBuf },
+    /// Run each rule on the usage in its `<name>.golden.json` and compare the events.
+    Test { dir: PathBuf },
 }
 
 fn main() -> Result<()> {
@@ -115,6 +118,13 @@ fn main() -> Result<()> {
                     meterflow_runtime::cancel_on_signals(ctx.shutdown.clone());
                     meterflow_collector::run(cfg, ctx).await
                 }
+            }
+            Cmd::Rules {
+                cmd: RulesCmd::Test { dir },
+            } => {
+                let n = golden::run(&dir).await?;
+                println!("{n} rule(s) match their golden files");
+                Ok(())
             }
             Cmd::Rules {
                 cmd: RulesCmd::Check { dir },

@@ -1,0 +1,144 @@
+//! `meterflow rules test <dir>`: every rule `<name>.sql` is run on the usage in its
+//! golden file `<name>.golden.json` and must produce exactly the expected events.
+//!
+//! ```json
+//! { "window_start": "2026-01-01T00:00:00Z",
+//!   "usage": [ { "entity_id": "acme", "vcpu_seconds": "7200" } ],
+//!   "expect": [ { "entity_id": "acme", "quantity": "2", "amount": "0.072" } ] }
+//! ```
+//! Usage fields left out default to empty strings and zero quantities; the interval
+//! defaults to the whole window.
+
+use anyhow::{Context, Result};
+use meterflow_rater::rules::{load_dir, Engine};
+use meterflow_types::{Dec, Usage};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Golden {
+    window_start: String,
+    usage: Vec<GoldenUsage>,
+    expect: Vec<Expected>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct GoldenUsage {
+    entity_id: String,
+    user_id: String,
+    project: Option<String>,
+    instance_id: String,
+    node_id: String,
+    site: String,
+    kind: String,
+    flavor: Option<String>,
+    vcpu_seconds: Dec,
+    cpu_seconds: Dec,
+    memory_byte_seconds: Dec,
+    memory_used_byte_seconds: Option<Dec>,
+    net_rx_bytes: Dec,
+    net_tx_bytes: Dec,
+    disk_read_bytes: Dec,
+    disk_write_bytes: Dec,
+}
+
+#[derive(Deserialize, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(deny_unknown_fields)]
+struct Expected {
+    entity_id: String,
+    quantity: Dec,
+    amount: Dec,
+}
+
+/// Runs every golden file; returns the number of rules checked, or an error that names
+/// each rule that failed and why.
+pub async fn run(dir: &Path) -> Result<usize> {
+    let sources = load_dir(dir)?;
+    let paths: Vec<_> = sources.iter().map(|s| s.path.clone()).collect();
+    let engine = Engine::new(sources, 256 << 20, Duration::from_secs(10)).await?;
+    let mut failures = Vec::new();
+    for (idx, path) in paths.iter().enumerate() {
+        let name = path.display().to_string();
+        let golden_path = path.with_extension("golden.json");
+        let golden: Golden = match std::fs::read_to_string(&golden_path) {
+            Err(_) => {
+                failures.push(format!("{name}: no golden file {}", golden_path.display()));
+                continue;
+            }
+            Ok(t) => serde_json::from_str(&t)
+                .with_context(|| format!("{}", golden_path.display()))?,
+        };
+        let ws = meterflow_types::time::parse_rfc3339(&golden.window_start)
+            .map_err(anyhow::Error::msg)?;
+        let we = ws + engine.rules[idx].source.header.window;
+        let rows: Vec<Usage> = golden
+            .usage
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| Usage {
+                id: format!("golden-{i}"),
+                sample_id: format!("golden-{i}"),
+                instance_id: g.instance_id,
+                entity_id: g.entity_id,
+                user_id: g.user_id,
+                project: g.project,
+                node_id: g.node_id,
+                site: g.site,
+                kind: g.kind,
+                flavor: g.flavor,
+                interval_start: ws,
+                interval_end: we,
+                vcpu_seconds: g.vcpu_seconds,
+                cpu_seconds: g.cpu_seconds,
+                memory_byte_seconds: g.memory_byte_seconds,
+                memory_used_byte_seconds: g.memory_used_byte_seconds,
+                net_rx_bytes: g.net_rx_bytes,
+                net_tx_bytes: g.net_tx_bytes,
+                disk_read_bytes: g.disk_read_bytes,
+                disk_write_bytes: g.disk_write_bytes,
+            })
+            .collect();
+        let refs: Vec<&Usage> = rows.iter().collect();
+        let events = engine.evaluate(idx, ws, &refs, 0, None).await?;
+        let mut got: Vec<Expected> = events
+            .into_iter()
+            .map(|e| Expected {
+                entity_id: e.entity_id,
+                quantity: e.quantity,
+                amount: e.amount,
+            })
+            .collect();
+        got.sort();
+        let mut want = golden.expect;
+        want.sort();
+        if got == want {
+            println!("ok    {name} ({} events)", got.len());
+        } else {
+            let g: BTreeMap<_, _> = got.iter().map(|e| (&e.entity_id, e)).collect();
+            let w: BTreeMap<_, _> = want.iter().map(|e| (&e.entity_id, e)).collect();
+            for k in g.keys().chain(w.keys()).collect::<std::collections::BTreeSet<_>>() {
+                match (g.get(k), w.get(k)) {
+                    (Some(a), Some(b)) if a != b => failures.push(format!(
+                        "{name}: entity {k}: got quantity {} amount {}, expected quantity {} amount {}",
+                        a.quantity, a.amount, b.quantity, b.amount
+                    )),
+                    (Some(_), None) => failures.push(format!("{name}: entity {k}: unexpected event")),
+                    (None, Some(_)) => failures.push(format!("{name}: entity {k}: expected event missing")),
+                    _ => {}
+                }
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(paths.len())
+    } else {
+        for f in &failures {
+            println!("FAIL  {f}");
+        }
+        anyhow::bail!("{} golden check(s) failed", failures.len())
+    }
+}
