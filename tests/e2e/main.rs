@@ -1,4 +1,4 @@
 //! End-to-end tests: real binaries, real libvirt test driver, real Parquet and CSV.
 
-mod up;
 mod tansu;
+mod up;

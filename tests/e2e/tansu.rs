@@ -48,9 +48,20 @@ fn a_known_fleet_settles_to_the_cent_on_tansu() {
     let sets: Vec<_> = s
         .manifests
         .iter()
-        .map(|m| (m.period.as_str(), m.entity_id.as_str(), m.version, m.line_count))
+        .map(|m| {
+            (
+                m.period.as_str(),
+                m.entity_id.as_str(),
+                m.version,
+                m.line_count,
+            )
+        })
         .collect();
-    assert_eq!(sets.len(), 6, "2 days × 3 entities, one version each: {sets:?}");
+    assert_eq!(
+        sets.len(),
+        6,
+        "2 days × 3 entities, one version each: {sets:?}"
+    );
     s.assert_matches(&run, DAY);
     p.stop();
 }
@@ -168,9 +179,13 @@ fn undecodable_bytes_on_every_input_topic_land_in_the_dlq_with_a_reason() {
         got.insert((d.topic.clone(), d.partition, d.offset), d);
     }
     for (at, (code, bytes)) in &sent {
-        let d = got
-            .get(at)
-            .unwrap_or_else(|| panic!("poison at {at:?} not in the dlq ({} records){}", got.len(), p.logs()));
+        let d = got.get(at).unwrap_or_else(|| {
+            panic!(
+                "poison at {at:?} not in the dlq ({} records){}",
+                got.len(),
+                p.logs()
+            )
+        });
         assert_eq!(d.reason_code, *code, "reason code for {at:?}: {}", d.reason);
         assert!(!d.reason.is_empty());
         assert_eq!(&d.payload, bytes, "the dlq keeps the original bytes");
@@ -184,7 +199,10 @@ fn undecodable_bytes_on_every_input_topic_land_in_the_dlq_with_a_reason() {
         assert_eq!(d.stage, stage, "{at:?}");
     }
     let unexpected: Vec<_> = got.keys().filter(|k| !sent.contains_key(*k)).collect();
-    assert!(unexpected.is_empty(), "good records dead-lettered: {unexpected:?}");
+    assert!(
+        unexpected.is_empty(),
+        "good records dead-lettered: {unexpected:?}"
+    );
     // and the stages kept running: the bill is still exact
     let s = Settled::read(&p.out);
     s.assert_matches(&run, DAY);
@@ -202,7 +220,12 @@ fn a_second_enricher_joins_mid_run_and_the_group_rebalances_totals_stay_exact() 
     });
     p.start_replica("enricher"); // the group rebalances over two processes
     let collecting = p.collector.as_mut().map(|c| c.exited().is_none());
-    assert_eq!(collecting, Some(true), "the rebalance must land mid-run{}", p.logs());
+    assert_eq!(
+        collecting,
+        Some(true),
+        "the rebalance must land mid-run{}",
+        p.logs()
+    );
     p.drain(Duration::from_secs(300), all_periods_settled(&run));
     // both processes ended up with partitions and both did work
     for log in [p.enricher.log(), p.replicas[0].log()] {
@@ -211,7 +234,9 @@ fn a_second_enricher_joins_mid_run_and_the_group_rebalances_totals_stay_exact() 
             .any(|l| l.contains("partitions assigned") && l.contains("meterflow.samples"));
         assert!(got_some, "each enricher was assigned partitions:\n{log}");
     }
-    let l = p.lag("meterflow-enricher", &p.kafka.topics.samples).expect("lag");
+    let l = p
+        .lag("meterflow-enricher", &p.kafka.topics.samples)
+        .expect("lag");
     assert!(l.iter().all(|(_, end, c)| *c == Some(*end)), "{l:?}");
     Settled::read(&p.out).assert_matches(&run, DAY);
     p.stop();
@@ -241,7 +266,11 @@ fn an_explicit_reassignment_moves_the_usage_from_its_valid_from_on() {
         .env("METERFLOW_LOG", "warn")
         .output()
         .expect("runs");
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     p.start_collector();
     p.drain(Duration::from_secs(300), all_periods_settled(&run));
     let s = Settled::read(&p.out);
@@ -261,23 +290,30 @@ fn samples_sent_again_after_their_windows_closed_are_not_billed_twice() {
     // a collector that lost its acknowledgements resends: the same bytes again, for the
     // last hour of the run, long after those windows closed and were settled
     let t = p.kafka.topics.clone();
-    let again: Vec<(Vec<u8>, Vec<u8>)> =
-        read_table(&p.kafka, &[&t.samples], &HashMap::new(), Duration::from_secs(30))
-            .expect("samples")
-            .into_iter()
-            .filter_map(|r| {
-                let bytes = r.payload?;
-                let s: Sample = meterflow_avro::decode(&bytes).ok()?;
-                (s.interval_start >= run.end() - meterflow_tests::expect::HOUR)
-                    .then(|| (r.key.unwrap_or_default(), bytes))
-            })
-            .collect();
+    let again: Vec<(Vec<u8>, Vec<u8>)> = read_table(
+        &p.kafka,
+        &[&t.samples],
+        &HashMap::new(),
+        Duration::from_secs(30),
+    )
+    .expect("samples")
+    .into_iter()
+    .filter_map(|r| {
+        let bytes = r.payload?;
+        let s: Sample = meterflow_avro::decode(&bytes).ok()?;
+        (s.interval_start >= run.end() - meterflow_tests::expect::HOUR)
+            .then(|| (r.key.unwrap_or_default(), bytes))
+    })
+    .collect();
     assert!(again.len() >= 9 * 12, "{} samples to resend", again.len());
     let producer = meterflow_kafka::producer(&p.kafka, "resender", None).expect("producer");
     block_on(async {
         for (k, v) in &again {
             producer
-                .send(FutureRecord::to(&t.samples).key(k).payload(v), Duration::from_secs(10))
+                .send(
+                    FutureRecord::to(&t.samples).key(k).payload(v),
+                    Duration::from_secs(10),
+                )
                 .await
                 .map_err(|(e, _)| e)
                 .expect("resent");
@@ -288,7 +324,10 @@ fn samples_sent_again_after_their_windows_closed_are_not_billed_twice() {
     assert!(
         s.manifests.iter().all(|m| m.version == 1),
         "no correction versions: {:?}",
-        s.manifests.iter().map(|m| (&m.entity_id, m.version)).collect::<Vec<_>>()
+        s.manifests
+            .iter()
+            .map(|m| (&m.entity_id, m.version))
+            .collect::<Vec<_>>()
     );
     s.assert_matches(&run, DAY);
     p.stop();

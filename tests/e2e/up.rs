@@ -46,7 +46,11 @@ fn up_settles_every_entity_exactly_and_no_event_twice() {
     // files agree with their manifests (checksums, CSV = Parquet, totals = Σ rounded lines)
     let settled = Settled::read(&out);
     settled.assert_no_id_twice();
-    let entities: HashSet<&str> = settled.manifests.iter().map(|m| m.entity_id.as_str()).collect();
+    let entities: HashSet<&str> = settled
+        .manifests
+        .iter()
+        .map(|m| m.entity_id.as_str())
+        .collect();
     assert!(
         entities.contains("entity-0") && entities.contains("entity-1"),
         "{entities:?}"
@@ -56,7 +60,12 @@ fn up_settles_every_entity_exactly_and_no_event_twice() {
         .lines
         .iter()
         .filter(|l| l.rule == "vcpu_hours")
-        .map(|l| ((l.entity.clone(), l.window_start), (l.quantity, l.unrounded)))
+        .map(|l| {
+            (
+                (l.entity.clone(), l.window_start),
+                (l.quantity, l.unrounded),
+            )
+        })
         .collect();
     // Independent expectation: a window fully inside the run bills Σ vcpus of the
     // entity's instances vCPU-hours at 0.036 USD each (fleet model, rule price).
@@ -175,7 +184,11 @@ fn collect_reads_every_domain_of_a_custom_test_node_with_owner_metadata() {
         .env("METERFLOW_LOG", "warn")
         .output()
         .expect("runs");
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let text = String::from_utf8_lossy(&st.stdout);
     let by_name: BTreeMap<String, serde_json::Value> = text
         .lines()
@@ -195,19 +208,33 @@ fn collect_reads_every_domain_of_a_custom_test_node_with_owner_metadata() {
     assert_eq!(web["vcpu_millis"], 2000);
     assert_eq!(web["memory_alloc_bytes"], 2_i64 << 30);
     let db = &by_name["db-1"];
-    assert_eq!(db["owner"]["entity_id"], "p-globex", "Nova project is the entity");
+    assert_eq!(
+        db["owner"]["entity_id"], "p-globex",
+        "Nova project is the entity"
+    );
     assert_eq!(db["owner"]["user_id"], "u-bob");
     assert_eq!(db["flavor"], "m1.large");
     assert_eq!(db["vcpu_millis"], 4000);
-    assert!(by_name["scratch"]["owner"].is_null(), "no metadata, no owner invented");
+    assert!(
+        by_name["scratch"]["owner"].is_null(),
+        "no metadata, no owner invented"
+    );
     for (name, o) in &by_name {
         if name == "stopped-1" {
             assert_eq!(o["state"], "shutoff");
-            assert!(o["sample"].is_null(), "a shut-off domain is registered, not sampled");
+            assert!(
+                o["sample"].is_null(),
+                "a shut-off domain is registered, not sampled"
+            );
             continue;
         }
         assert_eq!(o["state"], "running");
-        assert!(o["sample"]["deltas"]["cpu_time_ns"].as_i64().expect("cpu delta") > 0);
+        assert!(
+            o["sample"]["deltas"]["cpu_time_ns"]
+                .as_i64()
+                .expect("cpu delta")
+                > 0
+        );
     }
 }
 
@@ -216,7 +243,15 @@ fn collect_prints_vms_and_containers_from_a_test_node_and_a_cgroup_root() {
     let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     let uri = format!("test://{}", fx.join("libvirt-node.xml").display());
     let st = Command::new(meterflow_tests::bin("meterflow"))
-        .args(["collect", "--once", "--print", "--gap", "0", "--libvirt-uri", &uri])
+        .args([
+            "collect",
+            "--once",
+            "--print",
+            "--gap",
+            "0",
+            "--libvirt-uri",
+            &uri,
+        ])
         .arg("--cgroup-root")
         .arg(fx.join("cgroup-node/cgroup"))
         .arg("--proc-root")
@@ -224,7 +259,11 @@ fn collect_prints_vms_and_containers_from_a_test_node_and_a_cgroup_root() {
         .env("METERFLOW_LOG", "warn")
         .output()
         .expect("runs");
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let text = String::from_utf8_lossy(&st.stdout);
     let objs: Vec<serde_json::Value> = text
         .lines()
@@ -232,20 +271,39 @@ fn collect_prints_vms_and_containers_from_a_test_node_and_a_cgroup_root() {
         .collect();
     let kinds: Vec<&str> = objs.iter().filter_map(|o| o["kind"].as_str()).collect();
     assert_eq!(kinds.iter().filter(|k| **k == "vm").count(), 4, "{text}");
-    assert_eq!(kinds.iter().filter(|k| **k == "container").count(), 3, "{text}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "container").count(),
+        3,
+        "{text}"
+    );
     let app = objs
         .iter()
-        .find(|o| o["instance_id"].as_str().is_some_and(|i| i.starts_with("bbbb")))
+        .find(|o| {
+            o["instance_id"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("bbbb"))
+        })
         .expect("the pod's app container");
     assert_eq!(app["vcpu_millis"], 2500, "cpu.max 250000/100000");
     assert_eq!(app["memory_alloc_bytes"], 536_870_912);
-    assert_eq!(app["memory_used_bytes"], 268_435_456 - 67_108_864, "working set");
+    assert_eq!(
+        app["memory_used_bytes"],
+        268_435_456 - 67_108_864,
+        "working set"
+    );
     assert_eq!(app["flavor"], "burstable");
     assert_eq!(app["sample"]["counters"]["cpu_time_ns"], 3_000_000_000_i64);
-    assert_eq!(app["sample"]["counters"]["net_tx_bytes"], 0, "pod traffic is the sandbox's");
+    assert_eq!(
+        app["sample"]["counters"]["net_tx_bytes"], 0,
+        "pod traffic is the sandbox's"
+    );
     let sandbox = objs
         .iter()
-        .find(|o| o["instance_id"].as_str().is_some_and(|i| i.starts_with("aaaa")))
+        .find(|o| {
+            o["instance_id"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("aaaa"))
+        })
         .expect("the pod's sandbox");
     assert_eq!(sandbox["sample"]["counters"]["net_tx_bytes"], 654_321);
 }
@@ -263,20 +321,33 @@ fn rules_test_checks_every_rule_against_its_golden_file() {
     };
     let ok = run(&rules);
     let out = String::from_utf8_lossy(&ok.stdout);
-    assert!(ok.status.success(), "{out}{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(out.contains("3 rule(s) match"), "{out}");
 
     // a wrong expectation fails, naming the rule and the entity
     let tmp = tempfile::tempdir().expect("tmp");
-    for f in ["vcpu_hours.sql", "vcpu_hours.golden.json", "memory_gb_hours.sql"] {
+    for f in [
+        "vcpu_hours.sql",
+        "vcpu_hours.golden.json",
+        "memory_gb_hours.sql",
+    ] {
         std::fs::copy(rules.join(f), tmp.path().join(f)).expect("copy");
     }
     let g = tmp.path().join("vcpu_hours.golden.json");
-    let text = std::fs::read_to_string(&g).expect("golden").replace("0.072", "0.073");
+    let text = std::fs::read_to_string(&g)
+        .expect("golden")
+        .replace("0.072", "0.073");
     std::fs::write(&g, text).expect("write");
     let bad = run(tmp.path());
     let out = String::from_utf8_lossy(&bad.stdout);
     assert!(!bad.status.success(), "{out}");
-    assert!(out.contains("vcpu_hours.sql: entity acme: got quantity 2 amount 0.072"), "{out}");
+    assert!(
+        out.contains("vcpu_hours.sql: entity acme: got quantity 2 amount 0.072"),
+        "{out}"
+    );
     assert!(out.contains("memory_gb_hours.sql: no golden file"), "{out}");
 }

@@ -99,7 +99,8 @@ impl FleetRun {
     pub fn totals(&self, period_ms: Millis) -> BTreeMap<(Millis, String), i128> {
         let mut t = BTreeMap::new();
         for ((e, _, w), x) in self.lines() {
-            *t.entry((w.div_euclid(period_ms) * period_ms, e)).or_default() += x.cents;
+            *t.entry((w.div_euclid(period_ms) * period_ms, e))
+                .or_default() += x.cents;
         }
         t
     }

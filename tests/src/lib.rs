@@ -182,7 +182,9 @@ impl Proc {
 
     /// The exit status if the process has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn wait(&mut self, within: Duration) -> Option<ExitStatus> {

@@ -106,7 +106,11 @@ impl Pipeline {
     /// Start another replica of a stage (`enricher`, `rater`, `settler`) in the same group,
     /// with the same configuration and its own member name.
     pub fn start_replica(&mut self, stage: &str) {
-        let n = 2 + self.replicas.iter().filter(|p| p.name.starts_with(stage)).count();
+        let n = 2 + self
+            .replicas
+            .iter()
+            .filter(|p| p.name.starts_with(stage))
+            .count();
         let dir = self.path();
         let base = std::fs::read_to_string(dir.join(format!("{stage}.toml"))).expect("config");
         let body: String = base
@@ -157,7 +161,10 @@ impl Pipeline {
     }
 
     pub fn path(&self) -> PathBuf {
-        self.dir.as_ref().map(|d| d.path().to_path_buf()).unwrap_or_default()
+        self.dir
+            .as_ref()
+            .map(|d| d.path().to_path_buf())
+            .unwrap_or_default()
     }
 
     pub fn procs(&mut self) -> Vec<&mut Proc> {
@@ -173,16 +180,25 @@ impl Pipeline {
     pub fn logs(&mut self) -> String {
         let mut s = String::new();
         for p in self.procs() {
-            s.push_str(&format!("\n===== {} (started {}×) =====\n{}", p.name, p.starts, p.tail(40)));
+            s.push_str(&format!(
+                "\n===== {} (started {}×) =====\n{}",
+                p.name,
+                p.starts,
+                p.tail(40)
+            ));
         }
-        s.push_str(&format!("\n===== tansu =====\n{}", self.broker.proc.tail(20)));
+        s.push_str(&format!(
+            "\n===== tansu =====\n{}",
+            self.broker.proc.tail(20)
+        ));
         s
     }
 
     /// Panics with the logs if a downstream service has exited.
     pub fn assert_services_alive(&mut self) {
         let mut dead = Vec::new();
-        let mut running: Vec<&mut Proc> = vec![&mut self.enricher, &mut self.rater, &mut self.settler];
+        let mut running: Vec<&mut Proc> =
+            vec![&mut self.enricher, &mut self.rater, &mut self.settler];
         running.extend(self.replicas.iter_mut());
         for p in running {
             if p.stopped {
@@ -214,7 +230,9 @@ impl Pipeline {
         for (p, _) in &hw {
             tpl.add_partition(topic, *p);
         }
-        let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).ok();
+        let got = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .ok();
         Ok(hw
             .iter()
             .map(|(p, h)| {
@@ -235,7 +253,9 @@ impl Pipeline {
         let Ok(l) = self.lag(group, topic) else {
             return false;
         };
-        !l.is_empty() && l.iter().all(|(_, h, c)| *h == 0 || c.is_some_and(|c| c >= *h))
+        !l.is_empty()
+            && l.iter()
+                .all(|(_, h, c)| *h == 0 || c.is_some_and(|c| c >= *h))
     }
 
     fn lags(&self) -> String {
@@ -246,7 +266,12 @@ impl Pipeline {
             ("meterflow-settler", &t.rated),
         ]
         .iter()
-        .map(|(g, topic)| format!("\n{g} on {topic} (partition, end, committed): {:?}", self.lag(g, topic)))
+        .map(|(g, topic)| {
+            format!(
+                "\n{g} on {topic} (partition, end, committed): {:?}",
+                self.lag(g, topic)
+            )
+        })
         .collect()
     }
 
@@ -288,7 +313,8 @@ impl Pipeline {
 
     /// Stop the services with SIGTERM; each must exit cleanly.
     pub fn stop(&mut self) {
-        let mut running: Vec<&mut Proc> = vec![&mut self.settler, &mut self.rater, &mut self.enricher];
+        let mut running: Vec<&mut Proc> =
+            vec![&mut self.settler, &mut self.rater, &mut self.enricher];
         running.extend(self.replicas.iter_mut());
         for p in running.into_iter().filter(|p| !p.stopped) {
             let st = p.terminate(Duration::from_secs(20));

@@ -43,9 +43,17 @@ impl Settled {
             for (name, sha) in &m.files {
                 let bytes = std::fs::read(dir.join(name))
                     .unwrap_or_else(|e| panic!("{name} listed in the manifest: {e}"));
-                assert_eq!(&hex::encode(Sha256::digest(&bytes)), sha, "SHA-256 of {name}");
+                assert_eq!(
+                    &hex::encode(Sha256::digest(&bytes)),
+                    sha,
+                    "SHA-256 of {name}"
+                );
             }
-            let csv = m.files.keys().find(|k| k.ends_with(".csv")).expect("a CSV file");
+            let csv = m
+                .files
+                .keys()
+                .find(|k| k.ends_with(".csv"))
+                .expect("a CSV file");
             let pq = m
                 .files
                 .keys()
@@ -80,9 +88,17 @@ impl Settled {
             assert_eq!(mine.len(), m.line_count, "line count of {csv}");
             let want: BTreeMap<String, String> = total
                 .iter()
-                .map(|(c, t)| (c.clone(), t.to_fixed(meterflow_types::decimal::minor_units(c))))
+                .map(|(c, t)| {
+                    (
+                        c.clone(),
+                        t.to_fixed(meterflow_types::decimal::minor_units(c)),
+                    )
+                })
                 .collect();
-            assert_eq!(m.totals, want, "manifest totals = sums of rounded lines ({csv})");
+            assert_eq!(
+                m.totals, want,
+                "manifest totals = sums of rounded lines ({csv})"
+            );
             check_parquet(&dir.join(pq), &mine);
             lines.extend(mine);
         }
@@ -133,9 +149,17 @@ impl Settled {
         for (k, x) in &want {
             let l = got[k];
             assert_eq!(l.unrounded.raw(), x.nano, "{k:?}: amount before rounding");
-            assert_eq!(l.amount.raw(), x.cents * 10_000_000, "{k:?}: amount in cents");
+            assert_eq!(
+                l.amount.raw(),
+                x.cents * 10_000_000,
+                "{k:?}: amount in cents"
+            );
         }
-        assert_eq!(self.totals_cents("USD"), run.totals(period_ms), "totals per period and entity");
+        assert_eq!(
+            self.totals_cents("USD"),
+            run.totals(period_ms),
+            "totals per period and entity"
+        );
     }
 }
 
@@ -148,7 +172,11 @@ fn check_parquet(path: &Path, csv: &[Line]) {
     let mut rows = Vec::new();
     for b in reader {
         let b = b.expect("batch");
-        let col = |n: &str| b.column_by_name(n).unwrap_or_else(|| panic!("column {n}")).clone();
+        let col = |n: &str| {
+            b.column_by_name(n)
+                .unwrap_or_else(|| panic!("column {n}"))
+                .clone()
+        };
         let ids = col("id");
         let ids = ids.as_any().downcast_ref::<StringArray>().expect("utf8 id");
         let amt = col("amount");

@@ -69,8 +69,9 @@ pub async fn run(dir: &Path) -> Result<usize> {
                 failures.push(format!("{name}: no golden file {}", golden_path.display()));
                 continue;
             }
-            Ok(t) => serde_json::from_str(&t)
-                .with_context(|| format!("{}", golden_path.display()))?,
+            Ok(t) => {
+                serde_json::from_str(&t).with_context(|| format!("{}", golden_path.display()))?
+            }
         };
         let ws = meterflow_types::time::parse_rfc3339(&golden.window_start)
             .map_err(anyhow::Error::msg)?;
@@ -120,7 +121,11 @@ pub async fn run(dir: &Path) -> Result<usize> {
         } else {
             let g: BTreeMap<_, _> = got.iter().map(|e| (&e.entity_id, e)).collect();
             let w: BTreeMap<_, _> = want.iter().map(|e| (&e.entity_id, e)).collect();
-            for k in g.keys().chain(w.keys()).collect::<std::collections::BTreeSet<_>>() {
+            for k in g
+                .keys()
+                .chain(w.keys())
+                .collect::<std::collections::BTreeSet<_>>()
+            {
                 match (g.get(k), w.get(k)) {
                     (Some(a), Some(b)) if a != b => failures.push(format!(
                         "{name}: entity {k}: got quantity {} amount {}, expected quantity {} amount {}",

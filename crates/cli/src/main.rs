@@ -63,9 +63,13 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum RulesCmd {
-    Check { dir: PathBuf },
+    Check {
+        dir: PathBuf,
+    },
     /// Run each rule on the usage in its `<name>.golden.json` and compare the events.
-    Test { dir: PathBuf },
+    Test {
+        dir: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {

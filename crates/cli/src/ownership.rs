@@ -55,7 +55,12 @@ pub fn parse_csv(text: &str) -> Result<Vec<Ownership>> {
             continue;
         }
         let f: Vec<&str> = l.split(',').map(str::trim).collect();
-        anyhow::ensure!(f.len() == 5, "line {}: 5 fields expected, {} found", i + 1, f.len());
+        anyhow::ensure!(
+            f.len() == 5,
+            "line {}: 5 fields expected, {} found",
+            i + 1,
+            f.len()
+        );
         for (k, name) in [(0, "instance_id"), (1, "user_id"), (2, "entity_id")] {
             anyhow::ensure!(!f[k].is_empty(), "line {}: {name} is empty", i + 1);
         }
@@ -104,7 +109,11 @@ pub async fn run(cmd: OwnershipCmd) -> Result<()> {
         brokers,
         ..KafkaConfig::default()
     };
-    let mut out = Outbox::new(meterflow_kafka::producer(&cfg, "meterflow-ownership", None)?);
+    let mut out = Outbox::new(meterflow_kafka::producer(
+        &cfg,
+        "meterflow-ownership",
+        None,
+    )?);
     for o in &records {
         out.send(
             &cfg.topics.ownership,
@@ -115,7 +124,11 @@ pub async fn run(cmd: OwnershipCmd) -> Result<()> {
         .await?;
     }
     out.flush().await?;
-    println!("{} ownership record(s) published to {}", records.len(), cfg.topics.ownership);
+    println!(
+        "{} ownership record(s) published to {}",
+        records.len(),
+        cfg.topics.ownership
+    );
     Ok(())
 }
 
@@ -132,9 +145,18 @@ mod tests {
         assert_eq!(v[0].source, "import");
         for (bad, why) in [
             ("instance,user\n", "line 1"),
-            ("instance_id,user_id,entity_id,project,valid_from\nvm-1,alice\n", "line 2"),
-            ("instance_id,user_id,entity_id,project,valid_from\nvm-1,,acme,,\n", "user_id is empty"),
-            ("instance_id,user_id,entity_id,project,valid_from\nvm-1,a,b,,yesterday\n", "line 2"),
+            (
+                "instance_id,user_id,entity_id,project,valid_from\nvm-1,alice\n",
+                "line 2",
+            ),
+            (
+                "instance_id,user_id,entity_id,project,valid_from\nvm-1,,acme,,\n",
+                "user_id is empty",
+            ),
+            (
+                "instance_id,user_id,entity_id,project,valid_from\nvm-1,a,b,,yesterday\n",
+                "line 2",
+            ),
         ] {
             let e = format!("{:#}", super::parse_csv(bad).expect_err(bad));
             assert!(e.contains(why), "{e}");

@@ -7,9 +7,9 @@ use crate::{client_config, producer, Delivery, KafkaConfig};
 use anyhow::{Context, Result};
 use meterflow_types::{id, DlqRecord};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::types::RDKafkaRespErr;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,12 +35,11 @@ pub enum Assignment {
 /// exactly the records after it, as it would on Kafka.
 pub struct Ctx {
     events: Mutex<Vec<Assignment>>,
-    /// (topic, partition) → committed offset at assignment: records below it are dropped.
-    floor: Mutex<HashMap<(String, i32), i64>>,
-    /// What this member owns now. Records of other partitions (fetched before a revoke)
-    /// are dropped and their offsets never committed: a member that lost a partition must
-    /// not commit over its new owner's progress.
-    assigned: Mutex<std::collections::HashSet<(String, i32)>>,
+    /// The partitions this member owns now → the committed offset at assignment (records
+    /// below it are dropped; 0 when none). Records of other partitions (fetched before a
+    /// revoke) are dropped and their offsets never committed: a member that lost a
+    /// partition must not commit over its new owner's progress.
+    owned: Mutex<HashMap<(String, i32), i64>>,
     rewind: i64,
 }
 
@@ -81,14 +80,9 @@ impl ConsumerContext for Ctx {
                         }
                     }
                 }
-                if let Ok(mut f) = self.floor.lock() {
-                    for k in parts(tpl) {
-                        f.remove(&k);
-                    }
-                    f.extend(floors);
-                }
-                if let Ok(mut a) = self.assigned.lock() {
-                    a.extend(parts(tpl));
+                if let Ok(mut owned) = self.owned.lock() {
+                    owned.extend(parts(tpl).into_iter().map(|k| (k, 0)));
+                    owned.extend(floors);
                 }
                 if let Err(e) = c.assign(tpl) {
                     tracing::error!(error = %e, "assigning partitions");
@@ -100,9 +94,9 @@ impl ConsumerContext for Ctx {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(partitions = ?parts(tpl), "partitions revoked");
-                if let Ok(mut a) = self.assigned.lock() {
+                if let Ok(mut owned) = self.owned.lock() {
                     for k in parts(tpl) {
-                        a.remove(&k);
+                        owned.remove(&k);
                     }
                 }
                 if let Ok(mut ev) = self.events.lock() {
@@ -115,8 +109,8 @@ impl ConsumerContext for Ctx {
             other => {
                 let code: rdkafka::types::RDKafkaErrorCode = other.into();
                 tracing::warn!(error = %code, "rebalance error");
-                if let Ok(mut a) = self.assigned.lock() {
-                    a.clear();
+                if let Ok(mut owned) = self.owned.lock() {
+                    owned.clear();
                 }
                 let _ = c.unassign();
             }
@@ -146,7 +140,6 @@ pub struct StageIo {
     in_txn: bool,
     stage: String,
     dlq_topic: String,
-    pub dead_lettered: u64,
 }
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -176,8 +169,7 @@ impl StageIo {
         let consumer: StreamConsumer<Ctx> = c
             .create_with_context(Ctx {
                 events: Mutex::new(Vec::new()),
-                floor: Mutex::new(HashMap::new()),
-                assigned: Mutex::new(std::collections::HashSet::new()),
+                owned: Mutex::new(HashMap::new()),
                 rewind: cfg.resume_rewind,
             })
             .context("creating Kafka consumer")?;
@@ -199,12 +191,7 @@ impl StageIo {
             in_txn: false,
             stage: stage.to_string(),
             dlq_topic: cfg.topics.dlq.clone(),
-            dead_lettered: 0,
         })
-    }
-
-    pub fn stage(&self) -> &str {
-        &self.stage
     }
 
     /// Up to `max` messages, waiting at most `max_wait` after the first one (or for the
@@ -226,26 +213,21 @@ impl StageIo {
                 _ = shutdown.cancelled() => break,
                 r = tokio::time::timeout(left, self.consumer.recv()) => match r {
                     Err(_) => break,
-                    Ok(Ok(m)) => {
-                        let ctx = self.consumer.context();
-                        let key = (m.topic().to_string(), m.partition());
-                        let below = ctx
-                            .floor
-                            .lock()
-                            .ok()
-                            .and_then(|f| f.get(&key).copied())
-                            .is_some_and(|floor| m.offset() < floor);
-                        let owned = ctx.assigned.lock().map(|a| a.contains(&key)).unwrap_or(true);
-                        if owned && !below {
-                            messages.push(m.detach());
-                        }
-                    }
+                    Ok(Ok(m)) => messages.push(m.detach()),
                     Ok(Err(e)) => {
                         tracing::warn!(stage = %self.stage, error = %e, "consumer error");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
             }
+        }
+        // only partitions owned now, and nothing below the committed offset (rewind)
+        if let Ok(owned) = self.consumer.context().owned.lock() {
+            messages.retain(|m| {
+                owned
+                    .get(&(m.topic().to_string(), m.partition()))
+                    .is_some_and(|floor| m.offset() >= *floor)
+            });
         }
         let rebalances = std::mem::take(
             &mut *self
@@ -324,7 +306,6 @@ impl StageIo {
         };
         let bytes = meterflow_avro::encode(&rec);
         let topic = self.dlq_topic.clone();
-        self.dead_lettered += 1;
         self.send(&topic, rec.id.as_bytes(), &bytes, None).await
     }
 
@@ -332,17 +313,12 @@ impl StageIo {
     /// commit it together with `offsets`); then commit `offsets` (next offset to read).
     pub async fn commit(&mut self, offsets: &[(String, i32, i64)]) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
-        let owned = self
-            .consumer
-            .context()
-            .assigned
-            .lock()
-            .map(|a| a.clone())
-            .unwrap_or_default();
-        for (t, p, o) in offsets {
-            if owned.contains(&(t.clone(), *p)) {
-                tpl.add_partition_offset(t, *p, Offset::Offset(*o))
-                    .context("offset list")?;
+        if let Ok(owned) = self.consumer.context().owned.lock() {
+            for (t, p, o) in offsets {
+                if owned.contains_key(&(t.clone(), *p)) {
+                    tpl.add_partition_offset(t, *p, Offset::Offset(*o))
+                        .context("offset list")?;
+                }
             }
         }
         match self.delivery {

@@ -9,10 +9,10 @@
 use crate::{client_config, KafkaConfig};
 use anyhow::{Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::ClientContext;
 use rdkafka::error::KafkaError;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -25,10 +25,13 @@ async fn setup(n: usize) -> (EmbeddedBroker, KafkaConfig) {
     for i in 0..n {
         let k = format!("k{i}");
         let v = format!("v{i}");
-        p.send(FutureRecord::to("in").key(&k).payload(&v), Duration::from_secs(5))
-            .await
-            .map_err(|(e, _)| e)
-            .expect("fed");
+        p.send(
+            FutureRecord::to("in").key(&k).payload(&v),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("fed");
     }
     (b, cfg)
 }
@@ -40,19 +43,30 @@ async fn relay(io: &mut StageIo, n: usize) -> anyhow::Result<usize> {
     let mut batches = 0;
     let t0 = std::time::Instant::now();
     while done < n {
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(60), "relay stalled at {done}");
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(60),
+            "relay stalled at {done}"
+        );
         let b = io.next_batch(40, Duration::from_millis(200), &stop).await?;
         if b.messages.is_empty() {
             continue;
         }
         let mut offsets: HashMap<i32, i64> = HashMap::new();
         for m in &b.messages {
-            io.send("out", m.key().unwrap_or_default(), m.payload().unwrap_or_default(), None)
-                .await?;
+            io.send(
+                "out",
+                m.key().unwrap_or_default(),
+                m.payload().unwrap_or_default(),
+                None,
+            )
+            .await?;
             offsets.insert(m.partition(), m.offset() + 1);
         }
         done += b.messages.len();
-        let o: Vec<_> = offsets.into_iter().map(|(p, o)| ("in".to_string(), p, o)).collect();
+        let o: Vec<_> = offsets
+            .into_iter()
+            .map(|(p, o)| ("in".to_string(), p, o))
+            .collect();
         io.commit(&o).await?;
         batches += 1;
     }
@@ -63,7 +77,9 @@ async fn relay(io: &mut StageIo, n: usize) -> anyhow::Result<usize> {
 async fn transactions_commit_batch_after_batch() {
     let (_b, cfg) = setup(200).await;
     let mut io = StageIo::new(&cfg, "relay", "g", &["in"], "m1").expect("init_transactions");
-    let batches = relay(&mut io, 200).await.expect("every transaction commits");
+    let batches = relay(&mut io, 200)
+        .await
+        .expect("every transaction commits");
     assert!(batches >= 5, "several transactions ({batches})");
     let out = read_table(&cfg, &["out"], &HashMap::new(), Duration::from_secs(20)).expect("read");
     let mut vals: Vec<String> = out

@@ -156,7 +156,10 @@ pub fn flat_keyed(text: &str, file: &str) -> Result<BTreeMap<String, i64>, Strin
         }
         let mut it = l.split_whitespace();
         let (Some(k), Some(v), None) = (it.next(), it.next(), it.next()) else {
-            return Err(format!("{file} line {}: expected `key value`: {l:?}", n + 1));
+            return Err(format!(
+                "{file} line {}: expected `key value`: {l:?}",
+                n + 1
+            ));
         };
         let v: i64 = v
             .parse()
@@ -241,9 +244,16 @@ pub fn net_dev(text: &str) -> Result<(i64, i64), String> {
         }
         let f: Vec<&str> = rest.split_whitespace().collect();
         if f.len() < 16 {
-            return Err(format!("net/dev line {}: {} fields, expected 16", n + 1, f.len()));
+            return Err(format!(
+                "net/dev line {}: {} fields, expected 16",
+                n + 1,
+                f.len()
+            ));
         }
-        let num = |s: &str| s.parse::<i64>().map_err(|_| format!("net/dev line {}: {s:?}", n + 1));
+        let num = |s: &str| {
+            s.parse::<i64>()
+                .map_err(|_| format!("net/dev line {}: {s:?}", n + 1))
+        };
         rx += num(f[0])?;
         tx += num(f[8])?;
     }
@@ -268,9 +278,7 @@ pub struct CgroupStats {
 pub fn read_stats(dir: &Path) -> Result<CgroupStats, String> {
     let meta = std::fs::metadata(dir).map_err(|e| format!("cgroup: {e}"))?;
     let cpu = flat_keyed(&read(dir, "cpu.stat")?, "cpu.stat")?;
-    let usage = *cpu
-        .get("usage_usec")
-        .ok_or("cpu.stat: no usage_usec")?;
+    let usage = *cpu.get("usage_usec").ok_or("cpu.stat: no usage_usec")?;
     let current = single(&read(dir, "memory.current")?, "memory.current")?;
     let mstat = flat_keyed(&read(dir, "memory.stat")?, "memory.stat")?;
     let inactive = mstat.get("inactive_file").copied().unwrap_or(0);
@@ -329,7 +337,9 @@ pub fn poll(root: &Path, proc_root: &Path) -> (Vec<Reading>, Vec<SourceError>) {
     let mut ns_owner: BTreeMap<String, (bool, String)> = BTreeMap::new();
     for (c, s) in &read_ok {
         let Some(pid) = s.first_pid else { continue };
-        let Some(ns) = netns(proc_root, pid) else { continue };
+        let Some(ns) = netns(proc_root, pid) else {
+            continue;
+        };
         if Some(&ns) == host_ns.as_ref() {
             continue;
         }
@@ -473,7 +483,15 @@ mod tests {
     }
 
     /// A container cgroup with the files a cgroup v2 kernel shows.
-    fn container(dir: &Path, usage_usec: i64, cur: i64, inactive: i64, max: &str, cpu: &str, pid: u32) {
+    fn container(
+        dir: &Path,
+        usage_usec: i64,
+        cur: i64,
+        inactive: i64,
+        max: &str,
+        cpu: &str,
+        pid: u32,
+    ) {
         write(
             dir,
             &[
@@ -522,29 +540,85 @@ mod tests {
         let root = tmp.path().join("cgroup");
         let proc_root = tmp.path().join("proc");
         let pod_ = POD.replace('-', "_");
-        let podd = root.join(format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice"));
+        let podd = root.join(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice"
+        ));
         // a pod: sandbox (pause) + app share one network namespace
-        container(&podd.join(format!("cri-containerd-{A}.scope")), 5_000, 1 << 20, 0, "max", "max 100000", 101);
-        container(&podd.join(format!("cri-containerd-{B}.scope")), 2_000_000, 300 << 20, 100 << 20, "536870912", "50000 100000", 102);
+        container(
+            &podd.join(format!("cri-containerd-{A}.scope")),
+            5_000,
+            1 << 20,
+            0,
+            "max",
+            "max 100000",
+            101,
+        );
+        container(
+            &podd.join(format!("cri-containerd-{B}.scope")),
+            2_000_000,
+            300 << 20,
+            100 << 20,
+            "536870912",
+            "50000 100000",
+            102,
+        );
         process(&proc_root, 101, "pause", "4026532001", 7_000, 3_000);
         process(&proc_root, 102, "app", "4026532001", 7_000, 3_000);
         // a standalone container with its own namespace, one on the host network
-        container(&root.join(format!("system.slice/docker-{C}.scope")), 10, 4096, 0, "max", "200000 100000", 201);
+        container(
+            &root.join(format!("system.slice/docker-{C}.scope")),
+            10,
+            4096,
+            0,
+            "max",
+            "200000 100000",
+            201,
+        );
         process(&proc_root, 201, "nginx", "4026532100", 50, 60);
-        container(&root.join(format!("system.slice/docker-{D}.scope")), 10, 4096, 0, "max", "max 100000", 301);
+        container(
+            &root.join(format!("system.slice/docker-{D}.scope")),
+            10,
+            4096,
+            0,
+            "max",
+            "max 100000",
+            301,
+        );
         process(&proc_root, 301, "agent", "4026531840", 1, 1);
         process(&proc_root, 1, "systemd", "4026531840", 1, 1);
         // a container whose cpu.stat is garbage: skipped this poll, the others go on
-        container(&root.join(format!("system.slice/docker-{E}.scope")), 10, 4096, 0, "max", "max 100000", 401);
-        std::fs::write(root.join(format!("system.slice/docker-{E}.scope/cpu.stat")), "usage_usec lots\n").expect("w");
+        container(
+            &root.join(format!("system.slice/docker-{E}.scope")),
+            10,
+            4096,
+            0,
+            "max",
+            "max 100000",
+            401,
+        );
+        std::fs::write(
+            root.join(format!("system.slice/docker-{E}.scope/cpu.stat")),
+            "usage_usec lots\n",
+        )
+        .expect("w");
         // not containers
-        write(&root.join("system.slice/sshd.service"), &[("cpu.stat", "usage_usec 1\n")]);
+        write(
+            &root.join("system.slice/sshd.service"),
+            &[("cpu.stat", "usage_usec 1\n")],
+        );
 
         let (readings, errors) = poll(&root, &proc_root);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].instance, E);
-        assert!(errors[0].reason.contains("cpu.stat"), "{}", errors[0].reason);
-        let by: BTreeMap<&str, &Reading> = readings.iter().map(|r| (r.instance_id.as_str(), r)).collect();
+        assert!(
+            errors[0].reason.contains("cpu.stat"),
+            "{}",
+            errors[0].reason
+        );
+        let by: BTreeMap<&str, &Reading> = readings
+            .iter()
+            .map(|r| (r.instance_id.as_str(), r))
+            .collect();
         assert_eq!(by.keys().copied().collect::<Vec<_>>(), [A, B, C, D]);
 
         let app = by[B];
@@ -552,21 +626,49 @@ mod tests {
         assert_eq!(app.hypervisor, "cgroup/containerd");
         assert_eq!(app.flavor.as_deref(), Some("burstable"));
         assert_eq!(app.counters.cpu_time_ns, 2_000_000_000);
-        assert_eq!(app.memory_used_bytes, Some(200 << 20), "working set = current − inactive_file");
+        assert_eq!(
+            app.memory_used_bytes,
+            Some(200 << 20),
+            "working set = current − inactive_file"
+        );
         assert_eq!(app.memory_alloc_bytes, 536_870_912);
         assert_eq!(app.vcpu_millis, 500);
-        assert_eq!((app.counters.disk_read_bytes, app.counters.disk_write_bytes), (1010, 2020));
-        assert_eq!((app.counters.net_rx_bytes, app.counters.net_tx_bytes), (0, 0), "the pod's traffic is the sandbox's");
+        assert_eq!(
+            (app.counters.disk_read_bytes, app.counters.disk_write_bytes),
+            (1010, 2020)
+        );
+        assert_eq!(
+            (app.counters.net_rx_bytes, app.counters.net_tx_bytes),
+            (0, 0),
+            "the pod's traffic is the sandbox's"
+        );
         assert!(app.name.contains(POD));
         let pause = by[A];
-        assert_eq!((pause.counters.net_rx_bytes, pause.counters.net_tx_bytes), (7_000, 3_000), "lo excluded");
-        assert_eq!((pause.vcpu_millis, pause.memory_alloc_bytes), (0, 0), "no limit, no allocation");
+        assert_eq!(
+            (pause.counters.net_rx_bytes, pause.counters.net_tx_bytes),
+            (7_000, 3_000),
+            "lo excluded"
+        );
+        assert_eq!(
+            (pause.vcpu_millis, pause.memory_alloc_bytes),
+            (0, 0),
+            "no limit, no allocation"
+        );
         let web = by[C];
-        assert_eq!((web.counters.net_rx_bytes, web.counters.net_tx_bytes), (50, 60));
+        assert_eq!(
+            (web.counters.net_rx_bytes, web.counters.net_tx_bytes),
+            (50, 60)
+        );
         assert_eq!(web.vcpu_millis, 2000);
         let host = by[D];
-        assert_eq!((host.counters.net_rx_bytes, host.counters.net_tx_bytes), (0, 0), "host network never counted");
-        assert!(readings.iter().all(|r| r.state == "running" && r.incarnation.starts_with("cg")));
+        assert_eq!(
+            (host.counters.net_rx_bytes, host.counters.net_tx_bytes),
+            (0, 0),
+            "host network never counted"
+        );
+        assert!(readings
+            .iter()
+            .all(|r| r.state == "running" && r.incarnation.starts_with("cg")));
     }
 
     #[test]
@@ -583,6 +685,8 @@ mod tests {
         assert!(net_dev("h\nh\neth0 1 2 3").is_err());
         assert!(flat_keyed("usage_usec", "cpu.stat").is_err());
         let tmp = tempfile::tempdir().expect("tmp");
-        assert!(poll(&tmp.path().join("missing"), tmp.path()).1[0].reason.contains("cgroup root"));
+        assert!(poll(&tmp.path().join("missing"), tmp.path()).1[0]
+            .reason
+            .contains("cgroup root"));
     }
 }

@@ -44,10 +44,7 @@ impl Sources {
             .map(|u| libvirt::LibvirtSource::open(u, deadline))
             .transpose()?;
         let fleet = cfg.fleet.as_ref().map(|f| (f.model(), fleet_start));
-        let cgroup = cfg
-            .cgroup_root
-            .clone()
-            .map(|r| (r, cfg.proc_root.clone()));
+        let cgroup = cfg.cgroup_root.clone().map(|r| (r, cfg.proc_root.clone()));
         Ok(Sources {
             libvirt,
             cgroup,
@@ -163,7 +160,9 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
     let start = match (&cfg.clock.start, sampler.last_time()) {
         _ if real_time => {
             let next = next_phase_point(now0, poll_ms, &cfg.node_id);
-            sampler.last_time().map_or(next, |last| next.max(last + poll_ms))
+            sampler
+                .last_time()
+                .map_or(next, |last| next.max(last + poll_ms))
         }
         (_, Some(last)) => last + poll_ms,
         (Some(s), None) => meterflow_types::time::parse_rfc3339(s).map_err(anyhow::Error::msg)?,

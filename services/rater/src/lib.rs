@@ -354,7 +354,10 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     let Some(mut win) = st.windows[r].remove(&ws) else {
                         continue;
                     };
-                    let ids = std::mem::take(&mut win.ids).iter().map(|i| id_key(i)).collect();
+                    let ids = std::mem::take(&mut win.ids)
+                        .iter()
+                        .map(|i| id_key(i))
+                        .collect();
                     st.closed_ids[r].insert(ws, ids);
                     // keep the ids of the last `dedup_horizon` of closed windows
                     let newest = st.closed_ids[r].keys().next_back().copied().unwrap_or(ws);

@@ -242,7 +242,10 @@ pub fn usage_columns(
             _ => return Err(RuleError::Io(format!("no usage column {i}"))),
         })
     };
-    let cols = needed.iter().map(|i| build(*i)).collect::<Result<Vec<_>, _>>()?;
+    let cols = needed
+        .iter()
+        .map(|i| build(*i))
+        .collect::<Result<Vec<_>, _>>()?;
     let schema = usage_schema()
         .project(needed)
         .map_err(|e| RuleError::Io(e.to_string()))?;
@@ -301,7 +304,11 @@ impl TableProvider for SwapTable {
             .iter()
             .map(|b| b.project(&pos))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(MemorySourceConfig::try_new_exec(&[projected], schema, None)?)
+        Ok(MemorySourceConfig::try_new_exec(
+            &[projected],
+            schema,
+            None,
+        )?)
     }
 }
 

@@ -84,7 +84,10 @@ fn main() -> anyhow::Result<()> {
         if done {
             break t0.elapsed().as_secs_f64();
         }
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(1800), "pipeline did not drain");
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(1800),
+            "pipeline did not drain"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     // the bill must still be exact, or the figure means nothing
@@ -93,13 +96,7 @@ fn main() -> anyhow::Result<()> {
     let rated = p.messages(&t.rated);
 
     // ---- the bare relay of the same messages through the same broker
-    let msgs: Vec<(Option<Vec<u8>>, Vec<u8>)> =
-        read_table(&p.kafka, &[&t.samples], &HashMap::new(), Duration::from_secs(120))?
-            .into_iter()
-            .map(|r| (r.key, r.payload.unwrap_or_default()))
-            .collect();
-    let n = msgs.len();
-    let relay_secs = block_on(relay(&p.kafka, msgs, false))?;
+    let (n, relay_secs) = relay_samples(&p, false)?;
     p.stop();
 
     let pr = samples as f64 / pipeline_secs;
@@ -147,18 +144,15 @@ fn enricher(run: FleetRun, samples: i64) -> anyhow::Result<()> {
     while !p.caught_up("meterflow-enricher", &t.samples) {
         p.assert_services_alive();
         peak = peak.max(p.enricher.peak_rss_kib().unwrap_or(0));
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(1800), "enricher did not drain");
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(1800),
+            "enricher did not drain"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let secs = t0.elapsed().as_secs_f64();
     let usage = p.messages(&t.usage);
-    let msgs: Vec<(Option<Vec<u8>>, Vec<u8>)> =
-        read_table(&p.kafka, &[&t.samples], &HashMap::new(), Duration::from_secs(120))?
-            .into_iter()
-            .map(|r| (r.key, r.payload.unwrap_or_default()))
-            .collect();
-    let n = msgs.len();
-    let relay_secs = block_on(relay(&p.kafka, msgs, true))?;
+    let (n, relay_secs) = relay_samples(&p, true)?;
     p.stop();
     let (er, rr) = (n as f64 / secs, n as f64 / relay_secs);
     println!("| run | messages in | seconds | messages/s | vs relay |");
@@ -170,6 +164,21 @@ fn enricher(run: FleetRun, samples: i64) -> anyhow::Result<()> {
     );
     println!("\nenricher peak RSS: {:.0} MiB", peak as f64 / 1024.0);
     Ok(())
+}
+
+/// The samples topic's messages relayed through the same broker: (count, seconds).
+fn relay_samples(p: &Pipeline, prefill: bool) -> anyhow::Result<(usize, f64)> {
+    let msgs: Vec<(Option<Vec<u8>>, Vec<u8>)> = read_table(
+        &p.kafka,
+        &[&p.kafka.topics.samples],
+        &HashMap::new(),
+        Duration::from_secs(120),
+    )?
+    .into_iter()
+    .map(|r| (r.key, r.payload.unwrap_or_default()))
+    .collect();
+    let n = msgs.len();
+    Ok((n, block_on(relay(&p.kafka, msgs, prefill))?))
 }
 
 /// `prefill`: the input is all on the topic before the clock starts (as for a stage
@@ -220,11 +229,18 @@ async fn relay(
     }
     let mut done = 0usize;
     while done < n {
-        let b = io.next_batch(5000, Duration::from_millis(50), &stop).await?;
+        let b = io
+            .next_batch(5000, Duration::from_millis(50), &stop)
+            .await?;
         let mut offsets: HashMap<i32, i64> = HashMap::new();
         for m in &b.messages {
-            io.send(dst, m.key().unwrap_or_default(), m.payload().unwrap_or_default(), None)
-                .await?;
+            io.send(
+                dst,
+                m.key().unwrap_or_default(),
+                m.payload().unwrap_or_default(),
+                None,
+            )
+            .await?;
             offsets.insert(m.partition(), m.offset() + 1);
         }
         done += b.messages.len();
@@ -233,7 +249,10 @@ async fn relay(
             .map(|(p, o)| (src.to_string(), p, o))
             .collect();
         io.commit(&o).await?;
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(1800), "relay stalled at {done}/{n}");
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(1800),
+            "relay stalled at {done}/{n}"
+        );
     }
     let secs = t0.elapsed().as_secs_f64();
     if let Some(f) = feed {

@@ -49,7 +49,10 @@ fn tree(root: &Path, n: usize) -> anyhow::Result<Vec<PathBuf>> {
         w("memory.stat", "anon 4096\nfile 8192\nkernel 0\nactive_file 100\ninactive_file 200\nactive_anon 10\ninactive_anon 0\nshmem 0\nfile_mapped 0\nfile_dirty 0\n".into())?;
         w("memory.max", "536870912\n".into())?;
         w("cpu.max", "50000 100000\n".into())?;
-        w("io.stat", "8:0 rbytes=1000 wbytes=2000 rios=3 wios=4 dbytes=0 dios=0\n".into())?;
+        w(
+            "io.stat",
+            "8:0 rbytes=1000 wbytes=2000 rios=3 wios=4 dbytes=0 dios=0\n".into(),
+        )?;
         w("cgroup.events", "populated 1\nfrozen 0\n".into())?;
         w("cgroup.procs", format!("{}\n", 1_000_000 + i))?;
         dirs.push(d);
@@ -71,13 +74,24 @@ fn main() -> anyhow::Result<()> {
         .build()?;
 
     // baseline: read every file a poll reads, nothing else
-    let files = ["cpu.stat", "memory.current", "memory.stat", "memory.max", "cpu.max", "io.stat", "cgroup.events", "cgroup.procs"];
+    let files = [
+        "cpu.stat",
+        "memory.current",
+        "memory.stat",
+        "memory.max",
+        "cpu.max",
+        "io.stat",
+        "cgroup.events",
+        "cgroup.procs",
+    ];
     let c0 = cpu_seconds();
     let mut bytes = 0usize;
     for _ in 0..polls {
         for d in &dirs {
             for f in files {
-                bytes += std::fs::read_to_string(d.join(f)).map(|s| s.len()).unwrap_or(0);
+                bytes += std::fs::read_to_string(d.join(f))
+                    .map(|s| s.len())
+                    .unwrap_or(0);
             }
         }
     }
@@ -89,7 +103,11 @@ fn main() -> anyhow::Result<()> {
     let c0 = cpu_seconds();
     for k in 0..polls {
         let (readings, errors) = cgroup::poll(&root, &proc_root);
-        anyhow::ensure!(readings.len() == n && errors.is_empty(), "{} readings, {errors:?}", readings.len());
+        anyhow::ensure!(
+            readings.len() == n && errors.is_empty(),
+            "{} readings, {errors:?}",
+            readings.len()
+        );
         for r in &readings {
             let s = sampler.observe(r, (k as i64 + 1) * 10_000)?;
             bytes += meterflow_avro::encode(&s).len();
@@ -99,7 +117,11 @@ fn main() -> anyhow::Result<()> {
 
     // simulated hypervisor: readings + samples + Avro
     let cfg = CollectorConfig {
-        fleet: Some(FleetConfig { instances: n as u32, entities: 10, seed: 1 }),
+        fleet: Some(FleetConfig {
+            instances: n as u32,
+            entities: 10,
+            seed: 1,
+        }),
         ..Default::default()
     };
     let sources = Sources::open(&cfg, 0)?;
@@ -120,9 +142,22 @@ fn main() -> anyhow::Result<()> {
     let pct = |s: f64| s / 10.0 * 100.0;
     println!("| one poll of {n} instances ({polls} polls) | CPU ms/poll | % of one core at 10 s | vs bare reads |");
     println!("|---|---:|---:|---:|");
-    println!("| bare reads of the same cgroup files (baseline) | {:.2} | {:.3} | 1.00 |", bare * 1e3, pct(bare));
-    println!("| containers: cgroup walk + parse + sample + Avro | {:.2} | {:.3} | {:.2} |", containers * 1e3, pct(containers), containers / bare);
-    println!("| simulated hypervisor: read + sample + Avro | {:.2} | {:.3} | — |", fleet * 1e3, pct(fleet));
+    println!(
+        "| bare reads of the same cgroup files (baseline) | {:.2} | {:.3} | 1.00 |",
+        bare * 1e3,
+        pct(bare)
+    );
+    println!(
+        "| containers: cgroup walk + parse + sample + Avro | {:.2} | {:.3} | {:.2} |",
+        containers * 1e3,
+        pct(containers),
+        containers / bare
+    );
+    println!(
+        "| simulated hypervisor: read + sample + Avro | {:.2} | {:.3} | — |",
+        fleet * 1e3,
+        pct(fleet)
+    );
     println!("\npeak RSS of the whole run: {:.1} MiB", peak_rss_mib());
     Ok(())
 }

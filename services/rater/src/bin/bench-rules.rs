@@ -67,12 +67,18 @@ fn by_hand(rows: &[&Usage]) -> BTreeMap<String, (Dec, Dec)> {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let n: usize = args.first().map(|s| s.parse()).transpose()?.unwrap_or(200_000);
+    let n: usize = args
+        .first()
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(200_000);
     let entities: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(100);
     let rounds: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(20);
     let owned: Vec<Usage> = (0..n).map(|i| usage(i, entities)).collect();
     let rows: Vec<&Usage> = owned.iter().collect();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let src = parse_rule(std::path::Path::new("vcpu_hours.sql"), RULE)?;
     let engine = rt.block_on(Engine::new(vec![src], 1 << 30, Duration::from_secs(60)))?;
 
@@ -98,7 +104,11 @@ fn main() -> anyhow::Result<()> {
     std::hint::black_box(sink);
     println!("| vcpu_hours over one window: {n} usage rows, {entities} entities ({rounds} rounds, one thread) | ms/window | rows/s | vs hand-written |");
     println!("|---|---:|---:|---:|");
-    println!("| hand-written Rust aggregation (baseline) | {:.2} | {:.0} | 1.00 |", hand * 1e3, n as f64 / hand);
+    println!(
+        "| hand-written Rust aggregation (baseline) | {:.2} | {:.0} | 1.00 |",
+        hand * 1e3,
+        n as f64 / hand
+    );
     println!("| rule engine (DataFusion plan built once, rows → Arrow → SQL → revenue events) | {:.2} | {:.0} | {:.2} |", eng * 1e3, n as f64 / eng, hand / eng);
     Ok(())
 }
