@@ -20,6 +20,7 @@ fn two_days(seed: u64) -> FleetRun {
             instances: 9,
             entities: 3,
             seed,
+            ..Default::default()
         },
         start: meterflow_types::time::parse_rfc3339("2026-03-01T00:00:00Z").expect("time"),
         poll_ms: 300_000,
@@ -330,5 +331,338 @@ fn samples_sent_again_after_their_windows_closed_are_not_billed_twice() {
             .collect::<Vec<_>>()
     );
     s.assert_matches(&run, DAY);
+    p.stop();
+}
+
+#[test]
+fn an_instance_that_moves_node_mid_run_is_billed_once_to_the_cent() {
+    let run = two_days(17);
+    // a live migration of the whole fleet from node-a to node-b, right after node-a's
+    // poll at this point (elapsed ms, a poll point)
+    let m = DAY + 7 * meterflow_tests::expect::HOUR;
+    let mut p = Pipeline::start(run.clone(), 36_000, "day");
+    p.start_collector_on("node-a", &format!("present_until_ms = {m}"));
+    p.start_collector_on("node-b", &format!("present_after_ms = {m}"));
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    // the bill is the unmigrated fleet's: nothing counted twice, nothing lost
+    Settled::read(&p.out).assert_matches(&run, DAY);
+    let t = p.kafka.topics.clone();
+    let read = |topic: &str| {
+        read_table(&p.kafka, &[topic], &HashMap::new(), Duration::from_secs(30)).expect("read")
+    };
+    // node-a ended every instance once, with nothing billed after its last poll
+    let ended: Vec<Sample> = read(&t.samples)
+        .into_iter()
+        .filter_map(|r| meterflow_avro::decode::<Sample>(&r.payload?).ok())
+        .filter(|s| s.ended)
+        .collect();
+    assert_eq!(ended.len(), 9, "one final sample per instance: {ended:?}");
+    for s in &ended {
+        assert_eq!(s.node_id, "node-a");
+        assert_eq!(s.interval_start, run.start + m);
+        assert_eq!((s.vcpu_millis, s.deltas.cpu_time_ns), (0, 0));
+    }
+    // and tombstoned it on the instances topic, naming itself
+    let tombstones = read(&t.instances)
+        .into_iter()
+        .filter(|r| r.payload.is_none())
+        .filter(|r| r.header(meterflow_types::headers::DELETED_BY) == Some(&b"node-a"[..]))
+        .count();
+    assert_eq!(tombstones, 9);
+    // usage moved node at the migration point
+    let usage: Vec<Usage> = read(&t.usage)
+        .into_iter()
+        .filter_map(|r| meterflow_avro::decode::<Usage>(&r.payload?).ok())
+        .collect();
+    assert!(usage
+        .iter()
+        .filter(|u| u.node_id == "node-a")
+        .all(|u| u.interval_end <= run.start + m));
+    assert!(usage
+        .iter()
+        .filter(|u| u.node_id == "node-b")
+        .all(|u| u.interval_start >= run.start + m));
+    assert!(usage.iter().any(|u| u.node_id == "node-b"));
+    assert!(usage
+        .iter()
+        .all(|u| u.labels.get("env").map(String::as_str) == Some("simulated")));
+    p.stop();
+}
+
+#[test]
+fn samples_delivered_twice_mid_run_count_once_even_after_an_enricher_restart() {
+    let run = two_days(18);
+    // about 24 s of collection: the resends land while recent windows are still open
+    // and long after older ones closed
+    let mut p = Pipeline::start(run.clone(), 7_200, "day");
+    p.start_collector();
+    let samples = p.kafka.topics.samples.clone();
+    p.wait_for(Duration::from_secs(120), "samples to flow", |p| {
+        p.messages(&samples) >= 2_000
+    });
+    let again: Vec<(Vec<u8>, Vec<u8>)> = read_table(
+        &p.kafka,
+        &[&samples],
+        &HashMap::new(),
+        Duration::from_secs(30),
+    )
+    .expect("samples")
+    .into_iter()
+    .filter_map(|r| {
+        let bytes = r.payload?;
+        meterflow_avro::decode::<Sample>(&bytes).ok()?;
+        Some((r.key.unwrap_or_default(), bytes))
+    })
+    .collect();
+    // a restarted enricher must still know them (its checkpoint, not its memory)
+    p.enricher.kill9();
+    p.enricher.restart();
+    let producer = meterflow_kafka::producer(&p.kafka, "duplicator", None).expect("producer");
+    block_on(async {
+        for (k, v) in &again {
+            producer
+                .send(
+                    FutureRecord::to(&samples).key(k).payload(v),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .expect("resent");
+        }
+    });
+    let collecting = p.collector.as_mut().map(|c| c.exited().is_none());
+    assert_eq!(
+        collecting,
+        Some(true),
+        "the duplicates must land mid-run{}",
+        p.logs()
+    );
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    let s = Settled::read(&p.out);
+    assert!(s.manifests.iter().all(|m| m.version == 1), "no corrections");
+    s.assert_matches(&run, DAY);
+    p.stop();
+}
+
+fn audit_parked(p: &Pipeline) -> serde_json::Value {
+    let out = std::process::Command::new(meterflow_tests::bin("meterflow"))
+        .args(["audit", "--parked", "--json", "--brokers", &p.kafka.brokers])
+        .env("METERFLOW_LOG", "warn")
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn usage_whose_owner_arrives_later_is_parked_visibly_then_billed_to_it() {
+    use meterflow_types::{Counters, NodeHeartbeat};
+    let run = two_days(19);
+    let mut p = Pipeline::start(run, 1, "day");
+    let t = p.kafka.topics.clone();
+    let t0 = meterflow_types::time::parse_rfc3339("2026-03-01T10:00:00Z").expect("time");
+    let tick = 600_000;
+    // an instance nobody owns yet: six 10-minute samples of a 2-vCPU VM on node-x
+    let samples: Vec<Sample> = (1..=6)
+        .map(|i| Sample {
+            id: Sample::make_id("orphan-1", "node-x:1", i),
+            instance_id: "orphan-1".into(),
+            node_id: "node-x".into(),
+            site: "test".into(),
+            kind: "vm".into(),
+            incarnation: "node-x:1".into(),
+            seq: i,
+            interval_start: t0 + (i - 1) * tick,
+            interval_end: t0 + i * tick,
+            counters: Counters::default(),
+            deltas: Counters::default(),
+            vcpu_millis: 2000,
+            memory_alloc_bytes: 0,
+            memory_used_bytes: None,
+            owner_hint: None,
+            ended: false,
+        })
+        .collect();
+    let heartbeat = |retired| NodeHeartbeat {
+        node_id: "node-x".into(),
+        site: "test".into(),
+        version: "test".into(),
+        time: t0 + 6 * tick,
+        instances: 1,
+        retired,
+    };
+    let producer = meterflow_kafka::producer(&p.kafka, "node-x", None).expect("producer");
+    let send = |topic: &str, key: &str, bytes: Vec<u8>, part: Option<i32>| {
+        block_on(async {
+            let mut r = FutureRecord::to(topic).key(key).payload(&bytes);
+            if let Some(pt) = part {
+                r = r.partition(pt);
+            }
+            producer
+                .send(r, Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)
+                .expect("sent");
+        })
+    };
+    for s in &samples {
+        send(&t.samples, "orphan-1", meterflow_avro::encode(s), None);
+    }
+    for part in 0..4 {
+        send(
+            &t.samples,
+            "node-x",
+            meterflow_avro::encode(&heartbeat(false)),
+            Some(part),
+        );
+    }
+    send(
+        &t.instances,
+        "node/node-x",
+        meterflow_avro::encode(&heartbeat(false)),
+        None,
+    );
+    // parked (the deadline is an hour past completeness, which stands at the last sample)
+    let mut report = serde_json::Value::Null;
+    p.wait_for(
+        Duration::from_secs(60),
+        "the samples to show as parked",
+        |p| {
+            report = audit_parked(p);
+            report["parked"][0]["samples"] == 6
+        },
+    );
+    let parked = &report["parked"][0];
+    assert_eq!(parked["instance_id"], "orphan-1");
+    assert_eq!(parked["node_id"], "node-x");
+    assert_eq!(parked["vcpu_ms"], 2 * 3_600_000, "2 vCPUs for an hour");
+    assert_eq!(parked["parked_by"], "enricher-1");
+    assert_eq!(report["nodes"][0]["node_id"], "node-x");
+    assert_eq!(report["nodes"][0]["status"], "live");
+    assert_eq!(p.messages(&t.rated), 0, "nothing billed while parked");
+    // the owner arrives, valid from before the usage
+    let st = std::process::Command::new(meterflow_tests::bin("meterflow"))
+        .args([
+            "ownership",
+            "set",
+            "orphan-1",
+            "--user",
+            "dora",
+            "--entity",
+            "late-owner",
+            "--valid-from",
+            "2026-03-01T00:00:00Z",
+            "--brokers",
+            &p.kafka.brokers,
+        ])
+        .env("METERFLOW_LOG", "warn")
+        .output()
+        .expect("runs");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    p.wait_for(
+        Duration::from_secs(60),
+        "the parked usage to be released",
+        |p| {
+            audit_parked(p)["parked"]
+                .as_array()
+                .is_some_and(|a| a.is_empty())
+        },
+    );
+    // node-x retires: everything is complete, the day settles
+    for part in 0..4 {
+        send(
+            &t.samples,
+            "node-x",
+            meterflow_avro::encode(&heartbeat(true)),
+            Some(part),
+        );
+    }
+    p.wait_for(Duration::from_secs(120), "the day to settle", |p| {
+        meterflow_settler::files::all_manifests(&p.out)
+            .map(|m| !m.is_empty())
+            .unwrap_or(false)
+    });
+    let s = Settled::read(&p.out);
+    s.assert_no_id_twice();
+    let vcpu: Vec<_> = s
+        .lines
+        .iter()
+        .filter(|l| l.rule == "vcpu_hours" && l.entity == "late-owner")
+        .collect();
+    assert_eq!(vcpu.len(), 1, "{:?}", s.lines);
+    assert_eq!(
+        (vcpu[0].quantity.to_string(), vcpu[0].amount.to_string()),
+        ("2".to_string(), "0.07".to_string()),
+        "2 vCPU-hours at 0.036, rounded to the cent once"
+    );
+    assert!(s
+        .lines
+        .iter()
+        .all(|l| l.entity == "late-owner" && !l.adjustment));
+    p.stop();
+}
+
+#[test]
+fn a_collector_killed_twice_mid_run_neither_loses_nor_repeats_usage() {
+    let run = two_days(20);
+    // about 24 s of collection; each kill lands mid-poll-stream
+    let mut p = Pipeline::start(run.clone(), 7_200, "day");
+    p.start_collector();
+    let samples = p.kafka.topics.samples.clone();
+    for at in [1_500, 4_000] {
+        p.wait_for(Duration::from_secs(120), "samples to flow", |p| {
+            p.messages(&samples) >= at
+        });
+        let c = p.collector.as_mut().expect("collector");
+        assert!(c.exited().is_none(), "the kill must land mid-run");
+        c.kill9();
+        c.restart();
+    }
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    assert_eq!(p.collector.as_ref().map(|c| c.starts), Some(3));
+    // the restarted collector resumed from its state file: every sample interval of an
+    // instance follows the previous one exactly (re-sent ones carry the same id)
+    let t = p.kafka.topics.clone();
+    let mut by_id: BTreeMap<String, Sample> = BTreeMap::new();
+    for r in read_table(
+        &p.kafka,
+        &[&t.samples],
+        &HashMap::new(),
+        Duration::from_secs(30),
+    )
+    .expect("samples")
+    {
+        if let Some(s) = r
+            .payload
+            .and_then(|b| meterflow_avro::decode::<Sample>(&b).ok())
+        {
+            if let Some(prev) = by_id.insert(s.id.clone(), s.clone()) {
+                assert_eq!(prev, s, "a repeat carries the same id and the same content");
+            }
+        }
+    }
+    let mut per_instance: BTreeMap<&str, Vec<&Sample>> = BTreeMap::new();
+    for s in by_id.values() {
+        per_instance.entry(&s.instance_id).or_default().push(s);
+    }
+    for (inst, mut v) in per_instance {
+        v.sort_by_key(|s| s.seq);
+        assert_eq!(v.len() as i64, run.polls, "{inst}: one sample per poll");
+        for w in v.windows(2) {
+            assert_eq!(
+                w[0].interval_end, w[1].interval_start,
+                "{inst}: no gap, no overlap"
+            );
+        }
+    }
+    Settled::read(&p.out).assert_matches(&run, DAY);
     p.stop();
 }

@@ -73,6 +73,7 @@ fn up_settles_every_entity_exactly_and_no_event_twice() {
         instances: 6,
         entities: 2,
         seed: 1,
+        ..Default::default()
     }
     .model();
     let mut full_windows = 0;
@@ -205,6 +206,10 @@ fn collect_reads_every_domain_of_a_custom_test_node_with_owner_metadata() {
     assert_eq!(web["owner"]["entity_id"], "acme", "meterflow metadata");
     assert_eq!(web["owner"]["user_id"], "alice");
     assert_eq!(web["owner"]["project"], "web");
+    assert_eq!(web["labels"]["team"], "storefront", "labels from metadata");
+    assert_eq!(web["labels"]["tier"], "gold");
+    assert_eq!(web["site"], "eu-west-2", "site from metadata");
+    assert_eq!(web["sample"]["site"], "eu-west-2");
     assert_eq!(web["vcpu_millis"], 2000);
     assert_eq!(web["memory_alloc_bytes"], 2_i64 << 30);
     let db = &by_name["db-1"];
@@ -256,6 +261,8 @@ fn collect_prints_vms_and_containers_from_a_test_node_and_a_cgroup_root() {
         .arg(fx.join("cgroup-node/cgroup"))
         .arg("--proc-root")
         .arg(fx.join("cgroup-node/proc"))
+        .arg("--runtime-root")
+        .arg(fx.join("cgroup-node/host"))
         .env("METERFLOW_LOG", "warn")
         .output()
         .expect("runs");
@@ -306,6 +313,31 @@ fn collect_prints_vms_and_containers_from_a_test_node_and_a_cgroup_root() {
         })
         .expect("the pod's sandbox");
     assert_eq!(sandbox["sample"]["counters"]["net_tx_bytes"], 654_321);
+    // owner and labels from the runtimes' records: the pod's annotations (on its
+    // sandbox) reach every container of the pod; a Docker container's own labels
+    for c in [sandbox, app] {
+        assert_eq!(c["owner"]["entity_id"], "acme", "{c}");
+        assert_eq!(c["owner"]["user_id"], "alice");
+        assert_eq!(c["owner"]["project"], "storefront");
+        assert_eq!(c["labels"]["k8s.namespace"], "shop");
+        assert_eq!(c["labels"]["k8s.pod"], "shop-7d9f");
+    }
+    assert_eq!(app["labels"]["k8s.container"], "app");
+    assert!(app["labels"].get("io.kubernetes.cri.image-name").is_none());
+    let docker = objs
+        .iter()
+        .find(|o| {
+            o["instance_id"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("cccc"))
+        })
+        .expect("the docker container");
+    assert_eq!(docker["owner"]["entity_id"], "globex");
+    assert_eq!(docker["owner"]["user_id"], "bob");
+    assert_eq!(docker["labels"]["team"], "finance");
+    assert!(docker["labels"]
+        .get("org.opencontainers.image.version")
+        .is_none());
 }
 
 #[test]

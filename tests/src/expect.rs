@@ -125,6 +125,7 @@ mod tests {
                 instances: 1,
                 entities: 1,
                 seed: 3,
+                ..Default::default()
             },
             start: 0,
             poll_ms: 600_000,

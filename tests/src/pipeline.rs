@@ -24,6 +24,8 @@ pub struct Pipeline {
     pub rater: Proc,
     pub settler: Proc,
     pub collector: Option<Proc>,
+    /// Collectors of further nodes (`start_collector_on`).
+    pub more_collectors: Vec<Proc>,
     /// More replicas started during the run (`start_replica`).
     pub replicas: Vec<Proc>,
 }
@@ -99,6 +101,7 @@ impl Pipeline {
             rater,
             settler,
             collector: None,
+            more_collectors: Vec::new(),
             replicas: Vec::new(),
         }
     }
@@ -131,15 +134,26 @@ impl Pipeline {
     }
 
     pub fn start_collector(&mut self) {
+        self.start_collector_on("node-a", "");
+    }
+
+    /// A collector for node `node` running the fleet, with `fleet_extra` appended to its
+    /// `[fleet]` table (e.g. `present_until_ms = …` for a migration).
+    pub fn start_collector_on(&mut self, node: &str, fleet_extra: &str) {
         let r = &self.run;
-        let cfg = self.path().join("collector.toml");
+        let name = if self.collector.is_none() {
+            "collector".to_string()
+        } else {
+            format!("collector-{node}")
+        };
+        let cfg = self.path().join(format!("{name}.toml"));
         std::fs::write(
             &cfg,
             format!(
-                "node_id = \"node-a\"\nsite = \"test\"\npoll_interval = \"{}ms\"\npolls = {}\n\
-                 retire_on_exit = true\nstate_file = \"collector.state\"\n\
+                "node_id = \"{node}\"\nsite = \"test\"\npoll_interval = \"{}ms\"\npolls = {}\n\
+                 retire_on_exit = true\nstate_file = \"{name}.state\"\n\
                  [clock]\nspeed = {}\nstart = \"{}\"\n\
-                 [fleet]\ninstances = {}\nentities = {}\nseed = {}\n{}",
+                 [fleet]\ninstances = {}\nentities = {}\nseed = {}\n{fleet_extra}\n{}",
                 r.poll_ms,
                 r.polls,
                 self.speed,
@@ -151,13 +165,18 @@ impl Pipeline {
             ),
         )
         .expect("config");
-        self.collector = Some(Proc::start(
-            "collector",
+        let p = Proc::start(
+            &name,
             &bin("meterflow-collector"),
             &["--config", cfg.to_str().expect("utf8 path")],
             &[("METERFLOW_LOG", &log_filter())],
             &self.path(),
-        ));
+        );
+        if self.collector.is_none() {
+            self.collector = Some(p);
+        } else {
+            self.more_collectors.push(p);
+        }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -172,6 +191,7 @@ impl Pipeline {
         if let Some(c) = self.collector.as_mut() {
             v.push(c);
         }
+        v.extend(self.more_collectors.iter_mut());
         v.extend(self.replicas.iter_mut());
         v
     }
@@ -283,13 +303,22 @@ impl Pipeline {
         let mut calm = 0;
         loop {
             self.assert_services_alive();
-            let collector_done = match self.collector.as_mut().map(|c| c.exited()) {
-                Some(Some(st)) => {
-                    assert!(st.success(), "collector failed: {st}{}", self.logs());
-                    true
+            let mut collector_done = self.collector.is_some();
+            let mut failed = None;
+            for c in self
+                .collector
+                .iter_mut()
+                .chain(self.more_collectors.iter_mut())
+            {
+                match c.exited() {
+                    Some(st) if !st.success() => failed = Some(format!("{} failed: {st}", c.name)),
+                    Some(_) => {}
+                    None => collector_done = false,
                 }
-                _ => false,
-            };
+            }
+            if let Some(f) = failed {
+                panic!("{f}{}", self.logs());
+            }
             let t = self.kafka.topics.clone();
             let ok = collector_done
                 && self.caught_up("meterflow-enricher", &t.samples)

@@ -27,6 +27,9 @@ fn opt(v: Option<Value>) -> Value {
         Some(v) => Value::Union(1, Box::new(v)),
     }
 }
+fn labels(l: &Labels) -> Value {
+    Value::Map(l.iter().map(|(k, v)| (k.clone(), s(v))).collect())
+}
 fn rec(fields: Vec<(&str, Value)>) -> Value {
     Value::Record(
         fields
@@ -155,6 +158,18 @@ impl Fields {
             Some(_) => Err(self.bad(name, "not bytes")),
         }
     }
+    fn labels(&mut self, name: &str) -> Result<Labels, DecodeError> {
+        match self.take(name)? {
+            Value::Map(m) => m
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Value::String(v) => Ok((k, v)),
+                    _ => Err(self.bad(name, "a label value is not a string")),
+                })
+                .collect(),
+            _ => Err(self.bad(name, "not a map")),
+        }
+    }
     fn record(&mut self, name: &str) -> Result<Fields, DecodeError> {
         let v = self.take(name)?;
         Fields::new(self.schema, v)
@@ -203,6 +218,7 @@ impl Record for Sample {
                 opt(self.memory_used_bytes.map(Value::Long)),
             ),
             ("owner_hint", opt(self.owner_hint.as_deref().map(s))),
+            ("ended", Value::Boolean(self.ended)),
         ])
     }
     fn from_value(v: Value) -> Result<Self, DecodeError> {
@@ -223,6 +239,7 @@ impl Record for Sample {
             memory_alloc_bytes: f.long("memory_alloc_bytes")?,
             memory_used_bytes: f.opt_long("memory_used_bytes")?,
             owner_hint: f.opt_string("owner_hint")?,
+            ended: f.boolean("ended")?,
         })
     }
 }
@@ -274,6 +291,7 @@ impl Record for InstanceState {
             ("memory_alloc_bytes", Value::Long(self.memory_alloc_bytes)),
             ("first_seen", ts(self.first_seen)),
             ("last_seen", ts(self.last_seen)),
+            ("labels", labels(&self.labels)),
         ])
     }
     fn from_value(v: Value) -> Result<Self, DecodeError> {
@@ -291,6 +309,7 @@ impl Record for InstanceState {
             memory_alloc_bytes: f.long("memory_alloc_bytes")?,
             first_seen: f.long("first_seen")?,
             last_seen: f.long("last_seen")?,
+            labels: f.labels("labels")?,
         })
     }
 }
@@ -353,6 +372,7 @@ impl Record for Usage {
             ("net_tx_bytes", dec(self.net_tx_bytes)),
             ("disk_read_bytes", dec(self.disk_read_bytes)),
             ("disk_write_bytes", dec(self.disk_write_bytes)),
+            ("labels", labels(&self.labels)),
         ])
     }
     fn from_value(v: Value) -> Result<Self, DecodeError> {
@@ -378,6 +398,7 @@ impl Record for Usage {
             net_tx_bytes: f.dec("net_tx_bytes")?,
             disk_read_bytes: f.dec("disk_read_bytes")?,
             disk_write_bytes: f.dec("disk_write_bytes")?,
+            labels: f.labels("labels")?,
         })
     }
 }
@@ -538,6 +559,52 @@ impl Record for RaterCheckpoint {
     }
 }
 
+impl Record for EnricherCheckpoint {
+    const NAME: &'static str = "EnricherCheckpoint";
+    fn compiled() -> &'static Compiled {
+        crate::enricher_checkpoint_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("partition", Value::Int(self.partition)),
+            (
+                "seen",
+                Value::Array(
+                    self.seen
+                        .iter()
+                        .map(|e| {
+                            rec(vec![
+                                ("instance_id", s(&e.instance_id)),
+                                ("incarnation", s(&e.incarnation)),
+                                ("seq", Value::Long(e.seq)),
+                                ("interval_end", ts(e.interval_end)),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        let partition = f.int("partition")?;
+        let Value::Array(items) = f.take("seen")? else {
+            return Err(f.bad("seen", "not an array"));
+        };
+        let mut seen = Vec::with_capacity(items.len());
+        for it in items {
+            let mut e = Fields::new(Self::NAME, it)?;
+            seen.push(SeenSample {
+                instance_id: e.string("instance_id")?,
+                incarnation: e.string("incarnation")?,
+                seq: e.long("seq")?,
+                interval_end: e.long("interval_end")?,
+            });
+        }
+        Ok(EnricherCheckpoint { partition, seen })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -574,6 +641,7 @@ mod tests {
             memory_alloc_bytes: 1 << 30,
             memory_used_bytes: Some(1 << 29),
             owner_hint: None,
+            ended: false,
         }
     }
     fn usage() -> Usage {
@@ -598,6 +666,7 @@ mod tests {
             net_tx_bytes: d("170141183460469231731.687303715"),
             disk_read_bytes: d("-1"),
             disk_write_bytes: d("256"),
+            labels: [("team".to_string(), "web".to_string())].into(),
         }
     }
     fn rated() -> RatedEvent {
@@ -661,6 +730,7 @@ mod tests {
         let mut s2 = sample();
         s2.memory_used_bytes = None;
         s2.owner_hint = Some("acme".into());
+        s2.ended = true;
         round_trip(s2, schemas::SAMPLE);
         round_trip(
             NodeHeartbeat {
@@ -687,6 +757,11 @@ mod tests {
                 memory_alloc_bytes: 2,
                 first_seen: 3,
                 last_seen: 4,
+                labels: [
+                    ("a".to_string(), "1".to_string()),
+                    ("b".to_string(), String::new()),
+                ]
+                .into(),
             },
             schemas::INSTANCE,
         );
@@ -736,6 +811,18 @@ mod tests {
                 source_times: vec![i64::MIN, 3],
             },
             schemas::RATER_CHECKPOINT,
+        );
+        round_trip(
+            EnricherCheckpoint {
+                partition: 3,
+                seen: vec![SeenSample {
+                    instance_id: "i".into(),
+                    incarnation: "n1:7".into(),
+                    seq: 42,
+                    interval_end: 9,
+                }],
+            },
+            schemas::ENRICHER_CHECKPOINT,
         );
     }
 

@@ -21,6 +21,7 @@ pub mod schemas {
     pub const WATERMARK: &str = include_str!("../../../schemas/watermark.avsc");
     pub const DLQ: &str = include_str!("../../../schemas/dlq.avsc");
     pub const RATER_CHECKPOINT: &str = include_str!("../../../schemas/rater_checkpoint.avsc");
+    pub const ENRICHER_CHECKPOINT: &str = include_str!("../../../schemas/enricher_checkpoint.avsc");
 }
 
 /// Messages larger than this are refused before decoding (reason `oversized`).
@@ -94,6 +95,7 @@ compiled!(rated_c, schemas::RATED);
 compiled!(watermark_c, schemas::WATERMARK);
 compiled!(dlq_c, schemas::DLQ);
 compiled!(rater_checkpoint_c, schemas::RATER_CHECKPOINT);
+compiled!(enricher_checkpoint_c, schemas::ENRICHER_CHECKPOINT);
 
 /// Encode one record as Avro single-object encoding.
 pub fn encode<R: Record>(r: &R) -> Vec<u8> {
@@ -170,14 +172,17 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// What may appear on the samples topic.
+/// What may appear on the samples topic. (Samples vastly outnumber heartbeats, and a
+/// message is consumed at once: boxing the large variant would only add an allocation.)
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum SamplesMsg {
     Sample(Sample),
     Heartbeat(NodeHeartbeat),
 }
-/// What may appear on the usage topic.
+/// What may appear on the usage topic (usage vastly outnumbers markers; see above).
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum UsageMsg {
     Usage(Usage),
     Watermark(Watermark),

@@ -44,6 +44,7 @@ struct GoldenUsage {
     net_tx_bytes: Dec,
     disk_read_bytes: Dec,
     disk_write_bytes: Dec,
+    labels: meterflow_types::Labels,
 }
 
 #[derive(Deserialize, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -101,6 +102,7 @@ pub async fn run(dir: &Path) -> Result<usize> {
                 net_tx_bytes: g.net_tx_bytes,
                 disk_read_bytes: g.disk_read_bytes,
                 disk_write_bytes: g.disk_write_bytes,
+                labels: g.labels,
             })
             .collect();
         let refs: Vec<&Usage> = rows.iter().collect();

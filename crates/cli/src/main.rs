@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod audit;
 mod golden;
 mod ownership;
 mod up;
@@ -40,6 +41,9 @@ enum Cmd {
         /// Where `/proc` is (container network counters).
         #[arg(long)]
         proc_root: Option<PathBuf>,
+        /// Where the host's root is (container labels and owners from the runtimes).
+        #[arg(long)]
+        runtime_root: Option<PathBuf>,
         /// Also include a simulated fleet of this many instances.
         #[arg(long)]
         fleet: Option<u32>,
@@ -54,6 +58,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ownership::OwnershipCmd,
     },
+    /// What is held back: usage parked for want of an owner, and missing nodes.
+    Audit(audit::AuditArgs),
     /// Check rule files: parse, plan, check the output contract.
     Rules {
         #[command(subcommand)]
@@ -82,12 +88,14 @@ fn main() -> Result<()> {
         match cli.cmd {
             Cmd::Up(a) => up::run(a).await,
             Cmd::Ownership { cmd } => ownership::run(cmd).await,
+            Cmd::Audit(a) => tokio::task::block_in_place(|| audit::run(a)),
             Cmd::Collect {
                 once,
                 print,
                 libvirt_uri,
                 cgroup_root,
                 proc_root,
+                runtime_root,
                 fleet,
                 gap,
                 config,
@@ -102,6 +110,9 @@ fn main() -> Result<()> {
                 }
                 if let Some(p) = proc_root {
                     cfg.proc_root = p;
+                }
+                if let Some(p) = runtime_root {
+                    cfg.runtime_root = p;
                 }
                 if let Some(n) = fleet {
                     cfg.fleet = Some(meterflow_collector::fleet::FleetConfig {

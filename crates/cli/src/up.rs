@@ -79,6 +79,8 @@ pub async fn run(a: UpArgs) -> Result<()> {
                 (&t.dlq, 1),
                 (&t.control, 1),
                 (&t.rater_state, 1),
+                (&t.parked, 4),
+                (&t.enricher_state, 1),
             ] {
                 b.create_topic(name, parts)?;
             }
@@ -136,6 +138,7 @@ pub async fn run(a: UpArgs) -> Result<()> {
             instances: a.instances,
             entities: a.entities,
             seed: 1,
+            ..Default::default()
         }),
         clock: clock.clone(),
         retire_on_exit: true,

@@ -25,6 +25,10 @@ pub struct Topics {
     pub dlq: String,
     pub control: String,
     pub rater_state: String,
+    /// Usage waiting for an owner (compacted, key = sample id; a tombstone on release).
+    pub parked: String,
+    /// The enricher's duplicate-detection checkpoints (compacted).
+    pub enricher_state: String,
 }
 
 impl Default for Topics {
@@ -38,6 +42,8 @@ impl Default for Topics {
             dlq: "meterflow.dlq".into(),
             control: "meterflow.control".into(),
             rater_state: "meterflow.rater-state".into(),
+            parked: "meterflow.parked".into(),
+            enricher_state: "meterflow.enricher-state".into(),
         }
     }
 }

@@ -12,7 +12,7 @@ pub use outbox::Outbox;
 pub use rdkafka::message::{Message, OwnedMessage};
 pub use stage::{default_member, now_ms};
 pub use stage::{Assignment, Batch, Coordinates, StageIo};
-pub use table::{high_watermarks, read_table, TableRecord};
+pub use table::{high_watermarks, read_latest, read_table, TableRecord};
 
 use anyhow::{Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -68,7 +68,8 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
     let t = &cfg.topics;
     let compact = [("cleanup.policy", "compact")];
     let plain: [(&str, &str); 0] = [];
-    let specs: Vec<(&str, i32, &[(&str, &str)])> = vec![
+    type Spec<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
+    let specs: Vec<Spec<'_>> = vec![
         (&t.samples, cfg.partitions, &plain),
         (&t.instances, cfg.partitions, &compact),
         (&t.ownership, cfg.partitions, &compact),
@@ -77,6 +78,8 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
         (&t.dlq, 1, &plain),
         (&t.control, 1, &compact),
         (&t.rater_state, 1, &compact),
+        (&t.parked, cfg.partitions, &compact),
+        (&t.enricher_state, 1, &compact),
     ];
     let existing = topic_names(cfg)?;
     let new: Vec<NewTopic<'_>> = specs

@@ -27,10 +27,46 @@ impl Outbox {
         payload: &[u8],
         partition: Option<i32>,
     ) -> Result<()> {
+        self.send_with(topic, key, Some(payload), partition, &[])
+            .await
+    }
+
+    /// A tombstone (null payload) for `key` on a compacted topic, with headers saying who
+    /// wrote it.
+    pub async fn send_tombstone(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<()> {
+        self.send_with(topic, key, None, None, headers).await
+    }
+
+    pub async fn send_with(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        payload: Option<&[u8]>,
+        partition: Option<i32>,
+        headers: &[(&str, &[u8])],
+    ) -> Result<()> {
         loop {
-            let mut rec = FutureRecord::to(topic).key(key).payload(payload);
+            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).key(key);
+            if let Some(p) = payload {
+                rec = rec.payload(p);
+            }
             if let Some(p) = partition {
                 rec = rec.partition(p);
+            }
+            if !headers.is_empty() {
+                let mut h = rdkafka::message::OwnedHeaders::new_with_capacity(headers.len());
+                for (k, v) in headers {
+                    h = h.insert(rdkafka::message::Header {
+                        key: k,
+                        value: Some(*v),
+                    });
+                }
+                rec = rec.headers(h);
             }
             match self.producer.send_result(rec) {
                 Ok(f) => {

@@ -251,6 +251,19 @@ impl StageIo {
         payload: &[u8],
         partition: Option<i32>,
     ) -> Result<()> {
+        self.send_with(topic, key, Some(payload), partition, &[])
+            .await
+    }
+
+    /// Queue one output record with headers; `payload = None` is a tombstone.
+    pub async fn send_with(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        payload: Option<&[u8]>,
+        partition: Option<i32>,
+        headers: &[(&str, &[u8])],
+    ) -> Result<()> {
         if self.delivery == Delivery::ExactlyOnce && !self.in_txn {
             self.out
                 .producer
@@ -258,7 +271,9 @@ impl StageIo {
                 .context("begin_transaction")?;
             self.in_txn = true;
         }
-        self.out.send(topic, key, payload, partition).await
+        self.out
+            .send_with(topic, key, payload, partition, headers)
+            .await
     }
 
     /// Send a message that could not be handled to the dead-letter topic, with its

@@ -10,7 +10,7 @@ use crate::{client_config, KafkaConfig};
 use anyhow::{Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
@@ -24,6 +24,17 @@ pub struct TableRecord {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl TableRecord {
+    /// The value of header `name`, if present.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
 }
 
 /// The table reader's client context: partition EOF is how it finds the end, not an error.
@@ -106,6 +117,14 @@ fn read_to_end(
                     offset: m.offset(),
                     key: m.key().map(|k| k.to_vec()),
                     payload: m.payload().map(|p| p.to_vec()),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 });
             }
         }
@@ -157,4 +176,29 @@ pub fn read_table(
         )?;
     }
     Ok(out)
+}
+
+/// The latest value of every key of a compacted `topic` (tombstones remove keys), read
+/// from the beginning to the end; from async code, on a blocking-allowed thread.
+pub fn read_latest(cfg: &KafkaConfig, topic: &str) -> Result<Vec<(Vec<u8>, TableRecord)>> {
+    let recs = tokio::task::block_in_place(|| {
+        read_table(cfg, &[topic], &HashMap::new(), Duration::from_secs(60))
+    })?;
+    let mut latest: HashMap<Vec<u8>, TableRecord> = HashMap::new();
+    let mut order: Vec<Vec<u8>> = Vec::new();
+    for r in recs {
+        let Some(k) = r.key.clone() else { continue };
+        if r.payload.is_none() {
+            latest.remove(&k);
+            continue;
+        }
+        if !latest.contains_key(&k) {
+            order.push(k.clone());
+        }
+        latest.insert(k, r);
+    }
+    Ok(order
+        .into_iter()
+        .filter_map(|k| latest.remove(&k).map(|r| (k, r)))
+        .collect())
 }

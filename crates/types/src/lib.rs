@@ -3,6 +3,7 @@
 //! pro-rata splitting, watermarks and billing periods. No I/O lives here.
 
 pub mod decimal;
+pub mod headers;
 pub mod id;
 pub mod interval;
 pub mod records;

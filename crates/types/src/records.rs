@@ -4,6 +4,9 @@
 use crate::{id, Dec, Millis};
 use serde::{Deserialize, Serialize};
 
+/// Free-form key/value labels, sorted by key (deterministic encoding).
+pub type Labels = std::collections::BTreeMap<String, String>;
+
 /// Cumulative counters of one instance, as read from the hypervisor or cgroup.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -54,6 +57,10 @@ pub struct Sample {
     pub memory_used_bytes: Option<i64>,
     /// Owner fields discovered on the node (domain metadata, pod labels), if any.
     pub owner_hint: Option<String>,
+    /// The final sample of this incarnation on this node: the instance was seen stopped
+    /// or deleted at `interval_end`. Zero deltas and gauges: nothing after the last
+    /// observation is measured, so nothing is billed for it.
+    pub ended: bool,
 }
 
 impl Sample {
@@ -94,6 +101,8 @@ pub struct InstanceState {
     pub memory_alloc_bytes: i64,
     pub first_seen: Millis,
     pub last_seen: Millis,
+    /// Labels found on the node (domain metadata `<label>` elements, container labels).
+    pub labels: Labels,
 }
 
 /// `meterflow.ownership`, key = `<instance_id>|<valid_from>` (compacted, so every
@@ -140,6 +149,8 @@ pub struct Usage {
     pub net_tx_bytes: Dec,
     pub disk_read_bytes: Dec,
     pub disk_write_bytes: Dec,
+    /// The instance's labels at the time of the join.
+    pub labels: Labels,
 }
 
 impl Usage {
@@ -214,4 +225,21 @@ pub struct RaterCheckpoint {
     pub position: i64,
     /// Latest marker time per source (enricher input) partition, index = partition.
     pub source_times: Vec<i64>,
+}
+
+/// One instance incarnation's last billed sample.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeenSample {
+    pub instance_id: String,
+    pub incarnation: String,
+    pub seq: i64,
+    pub interval_end: Millis,
+}
+
+/// The enricher's duplicate-detection state for one samples partition, written to its
+/// state topic before the offsets it covers are committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnricherCheckpoint {
+    pub partition: i32,
+    pub seen: Vec<SeenSample>,
 }

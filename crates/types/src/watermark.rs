@@ -118,6 +118,22 @@ impl NodeProgress {
     }
 }
 
+/// Live nodes of the node table (latest heartbeat, retired) silent for longer than
+/// `timeout` behind the most advanced live node, with their last heartbeat, by id.
+pub fn missing_nodes(
+    registry: &BTreeMap<String, (Millis, bool)>,
+    timeout: Millis,
+) -> Vec<(String, Millis)> {
+    let Some(max) = registry.values().filter(|(_, r)| !r).map(|(t, _)| *t).max() else {
+        return Vec::new();
+    };
+    registry
+        .iter()
+        .filter(|(_, (t, r))| !r && max - t > timeout)
+        .map(|(n, (t, _))| (n.clone(), *t))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +169,20 @@ mod tests {
         assert_eq!(n.complete_through(1000, &none), Some(4500));
         n.observe("b", 4500, true);
         assert_eq!(n.complete_through(1000, &none), Some(END_OF_TIME));
+    }
+
+    #[test]
+    fn silent_live_nodes_are_reported_missing() {
+        let mut registry = BTreeMap::new();
+        registry.insert("a".to_string(), (9000, false));
+        registry.insert("b".to_string(), (8500, false));
+        registry.insert("gone".to_string(), (1000, true));
+        registry.insert("silent".to_string(), (100, false));
+        assert_eq!(
+            missing_nodes(&registry, 1000),
+            vec![("silent".to_string(), 100)]
+        );
+        assert!(missing_nodes(&BTreeMap::new(), 1000).is_empty());
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //! Incarnation: the cgroup directory's inode. A restarted container gets a new cgroup,
 //! hence a new inode, and its counters restart from zero as a new incarnation.
 
+use crate::source::OwnerMeta;
 use crate::source::{Reading, SourceError};
-use meterflow_types::Counters;
+use meterflow_types::{Counters, Labels};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -310,7 +311,49 @@ pub fn read_stats(dir: &Path) -> Result<CgroupStats, String> {
 }
 
 /// One poll of every container below `root`, network read through `proc_root`.
-pub fn poll(root: &Path, proc_root: &Path) -> (Vec<Reading>, Vec<SourceError>) {
+/// Container labels from the runtimes' records under a root (`/` on a node), cached per
+/// container: a container's labels and annotations are fixed when it is created, so each
+/// record is parsed once, not every poll. A missing record is looked up again next poll.
+pub struct RuntimeMeta {
+    root: PathBuf,
+    cache: std::sync::Mutex<std::collections::HashMap<String, Labels>>,
+}
+
+impl RuntimeMeta {
+    pub fn new(root: &Path) -> RuntimeMeta {
+        RuntimeMeta {
+            root: root.to_path_buf(),
+            cache: Default::default(),
+        }
+    }
+
+    fn labels(&self, c: &ContainerRef) -> Labels {
+        if let Some(l) = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&c.container_id).cloned())
+        {
+            return l;
+        }
+        let l = container_labels(&self.root, c);
+        if !l.is_empty() {
+            if let Ok(mut m) = self.cache.lock() {
+                m.insert(c.container_id.clone(), l.clone());
+            }
+        }
+        l
+    }
+
+    /// Forget containers that are gone.
+    fn retain(&self, live: &std::collections::HashSet<&str>) {
+        if let Ok(mut m) = self.cache.lock() {
+            m.retain(|id, _| live.contains(id.as_str()));
+        }
+    }
+}
+
+pub fn poll(root: &Path, proc_root: &Path, meta: &RuntimeMeta) -> (Vec<Reading>, Vec<SourceError>) {
     let mut errors = Vec::new();
     let refs = match discover(root) {
         Ok(r) => r,
@@ -354,8 +397,34 @@ pub fn poll(root: &Path, proc_root: &Path) -> (Vec<Reading>, Vec<SourceError>) {
             ns_owner.insert(ns, (is_pause, c.container_id.clone()));
         }
     }
+    // labels from the runtimes' own records; pod-level ones (owner, namespace, pod name,
+    // usually set on the sandbox) shared by every container of the pod
+    let own: Vec<Labels> = read_ok.iter().map(|(c, _)| meta.labels(c)).collect();
+    meta.retain(
+        &read_ok
+            .iter()
+            .map(|(c, _)| c.container_id.as_str())
+            .collect(),
+    );
+    let mut pod_level: BTreeMap<String, Labels> = BTreeMap::new();
+    for ((c, _), l) in read_ok.iter().zip(&own) {
+        if let Some(pod) = &c.pod_uid {
+            let shared = pod_level.entry(pod.clone()).or_default();
+            for (k, v) in l.iter().filter(|(k, _)| is_pod_level(k)) {
+                shared.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+    }
     let mut readings = Vec::new();
-    for (c, s) in read_ok {
+    for ((c, s), own) in read_ok.into_iter().zip(own) {
+        let mut labels = c
+            .pod_uid
+            .as_ref()
+            .and_then(|p| pod_level.get(p))
+            .cloned()
+            .unwrap_or_default();
+        labels.extend(own);
+        let owner = owner_from_labels(&labels);
         let mut net = (0, 0);
         if let Some(pid) = s.first_pid {
             let owns = netns(proc_root, pid)
@@ -398,10 +467,95 @@ pub fn poll(root: &Path, proc_root: &Path) -> (Vec<Reading>, Vec<SourceError>) {
             memory_alloc_bytes: s.memory_limit.unwrap_or(0),
             memory_used_bytes: Some(s.working_set),
             flavor: c.qos.map(str::to_string),
-            owner: None,
+            site: None,
+            owner,
+            labels,
         });
     }
     (readings, errors)
+}
+
+/// Label keys that carry ownership (any runtime; for Kubernetes, pod annotations the
+/// runtime passes through, e.g. containerd `pod_annotations`, CRI-O `allowed_annotations`).
+pub const ENTITY_LABEL: &str = "meterflow.dev/entity";
+pub const USER_LABEL: &str = "meterflow.dev/user";
+pub const PROJECT_LABEL: &str = "meterflow.dev/project";
+
+fn is_pod_level(k: &str) -> bool {
+    k.starts_with("meterflow.dev/") || k == "k8s.namespace" || k == "k8s.pod"
+}
+
+/// Owner from `meterflow.dev/entity` and `meterflow.dev/user` (and `/project`).
+pub fn owner_from_labels(l: &Labels) -> Option<OwnerMeta> {
+    Some(OwnerMeta {
+        entity_id: l.get(ENTITY_LABEL).filter(|v| !v.is_empty())?.clone(),
+        user_id: l
+            .get(USER_LABEL)
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .unwrap_or_else(|| "unknown".into()),
+        project: l.get(PROJECT_LABEL).cloned(),
+    })
+}
+
+/// A container's labels from its runtime's record under `runtime_root` (`/` on a node):
+/// Docker's `var/lib/docker/containers/<id>/config.v2.json` (`Config.Labels`), or the
+/// OCI bundle's `config.json` annotations of containerd
+/// (`run/containerd/io.containerd.runtime.v2.task/<namespace>/<id>/`) and CRI-O
+/// (`var/lib/containers/storage/overlay-containers/<id>/userdata/`). Kubernetes
+/// annotations become `k8s.namespace`, `k8s.pod`, `k8s.container`; other runtime-internal
+/// keys (`io.kubernetes.*`, `io.containerd.*`, `org.opencontainers.*`) are dropped.
+/// Missing or unreadable records give no labels (labels are optional; usage is not).
+pub fn container_labels(runtime_root: &Path, c: &ContainerRef) -> Labels {
+    let id = &c.container_id;
+    let json = |p: PathBuf| -> Option<serde_json::Value> {
+        serde_json::from_slice(&std::fs::read(p).ok()?).ok()
+    };
+    let raw: Option<serde_json::Value> = match c.runtime {
+        "docker" => {
+            json(runtime_root.join(format!("var/lib/docker/containers/{id}/config.v2.json")))
+                .and_then(|v| v.get("Config")?.get("Labels").cloned())
+        }
+        "crio" => json(runtime_root.join(format!(
+            "var/lib/containers/storage/overlay-containers/{id}/userdata/config.json"
+        )))
+        .and_then(|v| v.get("annotations").cloned()),
+        _ => {
+            let task = runtime_root.join("run/containerd/io.containerd.runtime.v2.task");
+            std::fs::read_dir(task)
+                .ok()
+                .into_iter()
+                .flatten()
+                .flatten()
+                .find_map(|ns| json(ns.path().join(id).join("config.json")))
+                .and_then(|v| v.get("annotations").cloned())
+        }
+    };
+    let mut out = Labels::new();
+    let Some(serde_json::Value::Object(map)) = raw else {
+        return out;
+    };
+    for (k, v) in map {
+        let serde_json::Value::String(v) = v else {
+            continue;
+        };
+        let key = match k.as_str() {
+            "io.kubernetes.cri.sandbox-namespace" | "io.kubernetes.pod.namespace" => {
+                "k8s.namespace"
+            }
+            "io.kubernetes.cri.sandbox-name" | "io.kubernetes.pod.name" => "k8s.pod",
+            "io.kubernetes.cri.container-name" | "io.kubernetes.container.name" => "k8s.container",
+            k if k.starts_with("io.kubernetes.")
+                || k.starts_with("io.containerd.")
+                || k.starts_with("org.opencontainers.") =>
+            {
+                continue
+            }
+            k => k,
+        };
+        out.insert(key.to_string(), v);
+    }
+    out
 }
 
 /// The network namespace of a process (`net:[4026531840]`), if readable.
@@ -607,7 +761,7 @@ mod tests {
             &[("cpu.stat", "usage_usec 1\n")],
         );
 
-        let (readings, errors) = poll(&root, &proc_root);
+        let (readings, errors) = poll(&root, &proc_root, &RuntimeMeta::new(tmp.path()));
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].instance, E);
         assert!(
@@ -685,7 +839,12 @@ mod tests {
         assert!(net_dev("h\nh\neth0 1 2 3").is_err());
         assert!(flat_keyed("usage_usec", "cpu.stat").is_err());
         let tmp = tempfile::tempdir().expect("tmp");
-        assert!(poll(&tmp.path().join("missing"), tmp.path()).1[0]
+        assert!(poll(
+            &tmp.path().join("missing"),
+            tmp.path(),
+            &RuntimeMeta::new(tmp.path())
+        )
+        .1[0]
             .reason
             .contains("cgroup root"));
     }

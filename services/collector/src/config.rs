@@ -14,6 +14,15 @@ pub struct CollectorConfig {
     /// Event time between polls.
     #[serde(with = "humantime_serde")]
     pub poll_interval: std::time::Duration,
+    /// A reset or a new instance after a gap longer than this (event time) bills its
+    /// counters over the last poll interval only, never allocation over the unobserved
+    /// gap (ARCHITECTURE.md, "Intervals"). At least `poll_interval`.
+    #[serde(with = "humantime_serde")]
+    pub max_gap: std::time::Duration,
+    /// Deadline of each libvirt call: a call that takes longer costs its instance this
+    /// poll (and later polls, until the call returns), never the other instances.
+    #[serde(with = "humantime_serde")]
+    pub libvirt_call_timeout: std::time::Duration,
     /// Re-register every instance on the instances topic at least this often (event time).
     #[serde(with = "humantime_serde")]
     pub registration_interval: std::time::Duration,
@@ -23,6 +32,10 @@ pub struct CollectorConfig {
     pub cgroup_root: Option<PathBuf>,
     /// Where `/proc` is mounted (container network counters come from `/proc/<pid>/net/dev`).
     pub proc_root: PathBuf,
+    /// Where the host's root is mounted: container labels and owners come from the
+    /// runtimes' records under it (`var/lib/docker`, `run/containerd`,
+    /// `var/lib/containers/storage`).
+    pub runtime_root: PathBuf,
     /// A deterministic simulated fleet (demos, tests, load).
     pub fleet: Option<crate::fleet::FleetConfig>,
     pub clock: ClockConfig,
@@ -61,9 +74,12 @@ impl Default for CollectorConfig {
             site: "default".into(),
             poll_interval: std::time::Duration::from_secs(10),
             registration_interval: std::time::Duration::from_secs(300),
+            max_gap: std::time::Duration::from_secs(900),
+            libvirt_call_timeout: std::time::Duration::from_secs(5),
             libvirt_uri: None,
             cgroup_root: None,
             proc_root: PathBuf::from("/proc"),
+            runtime_root: PathBuf::from("/"),
             fleet: None,
             clock: ClockConfig::default(),
             polls: None,

@@ -13,6 +13,12 @@ pub struct FleetConfig {
     pub instances: u32,
     pub entities: u32,
     pub seed: u64,
+    /// Migration, source side: the instances are on this node up to and including this
+    /// many ms after the fleet started, then gone.
+    pub present_until_ms: Option<Millis>,
+    /// Migration, destination side: the instances arrive this many ms after the fleet
+    /// started (a live migration: new incarnation, counters restart from zero there).
+    pub present_after_ms: Option<Millis>,
 }
 
 impl Default for FleetConfig {
@@ -21,6 +27,8 @@ impl Default for FleetConfig {
             instances: 20,
             entities: 4,
             seed: 1,
+            present_until_ms: None,
+            present_after_ms: None,
         }
     }
 }
@@ -52,6 +60,33 @@ fn mix(mut z: u64) -> u64 {
 }
 
 impl FleetConfig {
+    /// The fleet's readings on this node `elapsed` ms after it started: none outside the
+    /// node's presence; after a migration in, counters counted from the arrival.
+    pub fn readings(&self, model: &[SimInstance], elapsed: Millis) -> Vec<Reading> {
+        if self.present_until_ms.is_some_and(|u| elapsed > u)
+            || self.present_after_ms.is_some_and(|a| elapsed <= a)
+        {
+            return Vec::new();
+        }
+        model
+            .iter()
+            .map(|m| {
+                let mut r = m.reading(elapsed);
+                if let Some(a) = self.present_after_ms {
+                    let base = m.counters_at(a);
+                    let c = &mut r.counters;
+                    c.cpu_time_ns -= base.cpu_time_ns;
+                    c.net_rx_bytes -= base.net_rx_bytes;
+                    c.net_tx_bytes -= base.net_tx_bytes;
+                    c.disk_read_bytes -= base.disk_read_bytes;
+                    c.disk_write_bytes -= base.disk_write_bytes;
+                    r.incarnation = format!("sim-arrived-{a}");
+                }
+                r
+            })
+            .collect()
+    }
+
     pub fn model(&self) -> Vec<SimInstance> {
         (0..self.instances)
             .map(|i| {
@@ -104,11 +139,13 @@ impl SimInstance {
                 self.vcpus,
                 self.memory_alloc_bytes / GIB
             )),
+            site: None,
             owner: Some(OwnerMeta {
                 user_id: self.user_id.clone(),
                 entity_id: self.entity_id.clone(),
                 project: None,
             }),
+            labels: [("env".to_string(), "simulated".to_string())].into(),
         }
     }
 }
@@ -121,6 +158,7 @@ mod tests {
             instances: 50,
             entities: 5,
             seed: 7,
+            ..Default::default()
         };
         assert_eq!(f.model(), f.model());
         let m = f.model();

@@ -27,9 +27,13 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// All configured sources of one node.
 pub struct Sources {
     libvirt: Option<libvirt::LibvirtSource>,
-    cgroup: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    cgroup: Option<(
+        std::path::PathBuf,
+        std::path::PathBuf,
+        std::sync::Arc<cgroup::RuntimeMeta>,
+    )>,
     deadline: Duration,
-    fleet: Option<(Vec<fleet::SimInstance>, Millis)>,
+    fleet: Option<(fleet::FleetConfig, Vec<fleet::SimInstance>, Millis)>,
 }
 
 impl Sources {
@@ -41,10 +45,16 @@ impl Sources {
         let libvirt = cfg
             .libvirt_uri
             .as_deref()
-            .map(|u| libvirt::LibvirtSource::open(u, deadline))
+            .map(|u| libvirt::LibvirtSource::open(u, cfg.libvirt_call_timeout, deadline))
             .transpose()?;
-        let fleet = cfg.fleet.as_ref().map(|f| (f.model(), fleet_start));
-        let cgroup = cfg.cgroup_root.clone().map(|r| (r, cfg.proc_root.clone()));
+        let fleet = cfg
+            .fleet
+            .as_ref()
+            .map(|f| (f.clone(), f.model(), fleet_start));
+        let cgroup = cfg.cgroup_root.clone().map(|r| {
+            let meta = std::sync::Arc::new(cgroup::RuntimeMeta::new(&cfg.runtime_root));
+            (r, cfg.proc_root.clone(), meta)
+        });
         Ok(Sources {
             libvirt,
             cgroup,
@@ -57,8 +67,8 @@ impl Sources {
     pub async fn poll(&self, t: Millis) -> (Vec<Reading>, Vec<SourceError>) {
         let mut readings = Vec::new();
         let mut errors = Vec::new();
-        if let Some((model, start)) = &self.fleet {
-            readings.extend(model.iter().map(|m| m.reading(t - start)));
+        if let Some((f, model, start)) = &self.fleet {
+            readings.extend(f.readings(model, t - start));
         }
         if let Some(lv) = &self.libvirt {
             match lv.poll().await {
@@ -72,9 +82,11 @@ impl Sources {
                 }),
             }
         }
-        if let Some((root, proc_root)) = &self.cgroup {
-            let (root, proc_root) = (root.clone(), proc_root.clone());
-            let job = tokio::task::spawn_blocking(move || cgroup::poll(&root, &proc_root));
+        if let Some((root, proc_root, runtime_root)) = &self.cgroup {
+            let (root, proc_root, runtime_root) =
+                (root.clone(), proc_root.clone(), runtime_root.clone());
+            let job =
+                tokio::task::spawn_blocking(move || cgroup::poll(&root, &proc_root, &runtime_root));
             match tokio::time::timeout(self.deadline, job).await {
                 Ok(Ok((r, e))) => {
                     readings.extend(r);
@@ -118,7 +130,7 @@ fn state_of(r: &Reading, node: &str, site: &str, first_seen: Millis, t: Millis) 
     InstanceState {
         instance_id: r.instance_id.clone(),
         node_id: node.to_string(),
-        site: site.to_string(),
+        site: r.site.clone().unwrap_or_else(|| site.to_string()),
         kind: r.kind.to_string(),
         name: r.name.clone(),
         state: r.state.clone(),
@@ -128,6 +140,7 @@ fn state_of(r: &Reading, node: &str, site: &str, first_seen: Millis, t: Millis) 
         memory_alloc_bytes: r.memory_alloc_bytes,
         first_seen,
         last_seen: t,
+        labels: r.labels.clone(),
     }
 }
 
@@ -147,9 +160,15 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
         &format!("collector-{}", cfg.node_id),
         None,
     )?);
-    let mut sampler = Sampler::new(&cfg.node_id, &cfg.site, cfg.state_file.as_deref())?;
     let poll_ms = cfg.poll_interval.as_millis() as i64;
     anyhow::ensure!(poll_ms > 0, "poll_interval must be positive");
+    let mut sampler = Sampler::new(
+        &cfg.node_id,
+        &cfg.site,
+        poll_ms,
+        cfg.max_gap.as_millis() as i64,
+        cfg.state_file.as_deref(),
+    )?;
     let speed = cfg.clock.speed.max(1) as i64;
     // Real time: polls at this node's phase of the interval (spread across the fleet,
     // stable per node), stamped with the time they are taken. A restart resumes at the
@@ -178,6 +197,13 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
         .map_err(anyhow::Error::msg)?
         .unwrap_or(start);
     let sources = Sources::open(&cfg, fleet_start)?;
+    // A bounded run on a set clock counts its polls in event time, so a collector that
+    // is killed and restarted stops where one uninterrupted run would have.
+    let polls_before = if cfg.clock.start.is_some() && !real_time {
+        (start - fleet_start).div_euclid(poll_ms).max(0)
+    } else {
+        0
+    };
     let m = &ctx.metrics;
     let labels = [("node", cfg.node_id.as_str())];
     let samples_total = m.counter(
@@ -188,6 +214,11 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
     let errors_total = m.counter(
         "meterflow_collector_source_errors_total",
         "Instances skipped for a poll because a source failed.",
+        &labels,
+    );
+    let deleted_total = m.counter(
+        "meterflow_collector_deleted_total",
+        "Instances seen deleted (final sample and tombstone sent).",
         &labels,
     );
     let polls_total = m.counter(
@@ -206,7 +237,7 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
     let mut last_t = None;
     let mut k: i64 = 0;
     loop {
-        if cfg.polls.is_some_and(|n| k as u64 >= n) {
+        if cfg.polls.is_some_and(|n| (polls_before + k) as u64 >= n) {
             break;
         }
         let due = wall0 + Duration::from_millis((lead_ms + k * poll_ms / speed) as u64);
@@ -272,6 +303,8 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
                     prev.state != st.state
                         || prev.vcpu_millis != st.vcpu_millis
                         || prev.memory_alloc_bytes != st.memory_alloc_bytes
+                        || prev.labels != st.labels
+                        || prev.flavor != st.flavor
                         || t - at >= cfg.registration_interval.as_millis() as i64
                 }
             };
@@ -285,24 +318,72 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
                 .await?;
                 reg.instances.insert(r.instance_id.clone(), (st, t));
             }
-            if !r.is_running() {
-                continue;
+            let sample = if r.is_running() {
+                match sampler.observe(r, t) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        errors_total.inc();
+                        tracing::warn!(instance = %r.instance_id, reason = %e, "bad reading skipped");
+                        None
+                    }
+                }
+            } else {
+                // stopped: the final sample of its incarnation (once)
+                sampler.end(&r.instance_id, r.kind, t)
+            };
+            if let Some(s) = sample {
+                out.send(
+                    &topics.samples,
+                    s.instance_id.as_bytes(),
+                    &meterflow_avro::encode(&s),
+                    None,
+                )
+                .await?;
+                samples_total.inc();
             }
-            match sampler.observe(r, t) {
-                Ok(s) => {
+        }
+        // Deleted: known here, absent from a poll whose sources all answered, and not
+        // skipped for an error. A final sample, then a tombstone on the instances topic.
+        let whole_source_failed = errors.iter().any(|e| e.instance == "*");
+        if !whole_source_failed {
+            let present: std::collections::HashSet<&str> = readings
+                .iter()
+                .map(|r| r.instance_id.as_str())
+                .chain(errors.iter().map(|e| e.instance.as_str()))
+                .collect();
+            let mut gone: Vec<String> = sampler
+                .live()
+                .chain(reg.instances.keys().map(String::as_str))
+                .filter(|i| !present.contains(i))
+                .map(str::to_string)
+                .collect();
+            gone.sort_unstable();
+            gone.dedup();
+            for id in gone {
+                let kind = reg
+                    .instances
+                    .get(&id)
+                    .map_or("vm".to_string(), |(s, _)| s.kind.clone());
+                if let Some(s) = sampler.end(&id, &kind, t) {
                     out.send(
                         &topics.samples,
-                        s.instance_id.as_bytes(),
+                        id.as_bytes(),
                         &meterflow_avro::encode(&s),
                         None,
                     )
                     .await?;
                     samples_total.inc();
                 }
-                Err(e) => {
-                    errors_total.inc();
-                    tracing::warn!(instance = %r.instance_id, reason = %e, "bad reading skipped");
-                }
+                out.send_tombstone(
+                    &topics.instances,
+                    id.as_bytes(),
+                    &[(meterflow_types::headers::DELETED_BY, cfg.node_id.as_bytes())],
+                )
+                .await?;
+                reg.instances.remove(&id);
+                reg.owners.remove(&id);
+                deleted_total.inc();
+                tracing::info!(instance = %id, "instance deleted: final sample and tombstone sent");
             }
         }
         out.flush().await?;
@@ -317,13 +398,14 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
         )
         .await?;
         out.flush().await?;
+        sampler.polled(t);
         sampler.save()?;
         polls_total.inc();
         last_poll.set(t);
         last_t = Some(t);
         k += 1;
     }
-    let bounded_done = cfg.polls.is_some_and(|n| k as u64 >= n);
+    let bounded_done = cfg.polls.is_some_and(|n| (polls_before + k) as u64 >= n);
     if cfg.retire_on_exit || bounded_done {
         let t = last_t.unwrap_or(start);
         send_heartbeat(&mut out, &topics, partitions, &cfg, t, 0, true).await?;
@@ -375,11 +457,13 @@ pub async fn poll_once_json(
 ) -> Result<Vec<serde_json::Value>> {
     let t0 = meterflow_kafka::now_ms();
     let sources = Sources::open(cfg, t0).context("opening sources")?;
-    let mut sampler = Sampler::new(&cfg.node_id, &cfg.site, None)?;
+    let gap_ms = gap.as_millis() as i64;
+    let mut sampler = Sampler::new(&cfg.node_id, &cfg.site, gap_ms, gap_ms, None)?;
     let (first, _) = sources.poll(t0).await;
     for r in first.iter().filter(|r| r.is_running()) {
         let _ = sampler.observe(r, t0);
     }
+    sampler.polled(t0);
     tokio::time::sleep(gap).await;
     let t1 = t0 + gap.as_millis() as i64;
     let (readings, errors) = sources.poll(t1).await;
@@ -399,9 +483,10 @@ pub async fn poll_once_json(
             "kind": r.kind,
             "state": r.state,
             "node_id": cfg.node_id,
-            "site": cfg.site,
+            "site": r.site.as_deref().unwrap_or(&cfg.site),
             "flavor": r.flavor,
             "owner": r.owner,
+            "labels": r.labels,
             "vcpu_millis": r.vcpu_millis,
             "memory_alloc_bytes": r.memory_alloc_bytes,
             "memory_used_bytes": r.memory_used_bytes,

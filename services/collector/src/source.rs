@@ -1,4 +1,4 @@
-use meterflow_types::Counters;
+use meterflow_types::{Counters, Labels};
 use serde::Serialize;
 
 /// Owner fields found on the node (domain metadata, labels).
@@ -27,7 +27,11 @@ pub struct Reading {
     pub memory_alloc_bytes: i64,
     pub memory_used_bytes: Option<i64>,
     pub flavor: Option<String>,
+    /// The instance's site when its metadata names one (else the node's).
+    pub site: Option<String>,
     pub owner: Option<OwnerMeta>,
+    /// Labels found on the node (domain metadata, container labels).
+    pub labels: Labels,
 }
 
 impl Reading {

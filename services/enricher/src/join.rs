@@ -1,7 +1,7 @@
 //! The pure part of the enricher: who owned an instance when, and a sample's usage
 //! integrated over its interval and split between owners at ownership changes.
 
-use meterflow_types::{Dec, InstanceState, Millis, Ownership, Sample, Usage};
+use meterflow_types::{Dec, InstanceState, Millis, Ownership, Sample, SeenSample, Usage};
 use std::collections::HashMap;
 
 /// Ownership history per instance, ordered by `valid_from`.
@@ -68,6 +68,82 @@ impl Owners {
     }
 }
 
+/// The last billed sample per instance incarnation of one samples partition: a sample
+/// whose seq is not above it is a duplicate (a collector resending, a broker redelivering)
+/// and is dropped, however old. Samples of one instance arrive in seq order per
+/// incarnation (same key, same partition); a new incarnation starts its own count.
+/// Checkpointed with the offsets, so it survives restarts and rebalances.
+#[derive(Default, Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    by_instance: HashMap<String, Vec<SeenSample>>,
+}
+
+/// Incarnations remembered per instance (a migration has two in flight at most).
+const INCARNATIONS_KEPT: usize = 4;
+
+impl Seen {
+    pub fn from_checkpoint(seen: Vec<SeenSample>) -> Seen {
+        let mut out = Seen::default();
+        for e in seen {
+            out.by_instance
+                .entry(e.instance_id.clone())
+                .or_default()
+                .push(e);
+        }
+        out
+    }
+
+    pub fn to_checkpoint(&self) -> Vec<SeenSample> {
+        let mut v: Vec<SeenSample> = self.by_instance.values().flatten().cloned().collect();
+        v.sort_by(|a, b| (&a.instance_id, &a.incarnation).cmp(&(&b.instance_id, &b.incarnation)));
+        v
+    }
+
+    pub fn is_duplicate(&self, s: &Sample) -> bool {
+        self.by_instance.get(&s.instance_id).is_some_and(|v| {
+            v.iter()
+                .any(|e| e.incarnation == s.incarnation && e.seq >= s.seq)
+        })
+    }
+
+    /// Record a billed sample.
+    pub fn record(&mut self, s: &Sample) {
+        let v = self.by_instance.entry(s.instance_id.clone()).or_default();
+        match v.iter_mut().find(|e| e.incarnation == s.incarnation) {
+            Some(e) => {
+                e.seq = e.seq.max(s.seq);
+                e.interval_end = e.interval_end.max(s.interval_end);
+            }
+            None => {
+                v.push(SeenSample {
+                    instance_id: s.instance_id.clone(),
+                    incarnation: s.incarnation.clone(),
+                    seq: s.seq,
+                    interval_end: s.interval_end,
+                });
+                if v.len() > INCARNATIONS_KEPT {
+                    v.sort_by_key(|e| std::cmp::Reverse(e.interval_end));
+                    v.truncate(INCARNATIONS_KEPT);
+                }
+            }
+        }
+    }
+
+    /// Forget instances with nothing billed after `before` (event time).
+    pub fn prune(&mut self, before: Millis) {
+        self.by_instance
+            .retain(|_, v| v.iter().any(|e| e.interval_end >= before));
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_instance.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_instance.is_empty()
+    }
+}
+
 /// Quantities of one sample integrated over its interval (decimal, scale 9).
 /// Gauges (vCPUs, memory) are the values observed at the interval's end, held over it.
 pub fn quantities(s: &Sample) -> [Option<Dec>; 8] {
@@ -83,6 +159,17 @@ pub fn quantities(s: &Sample) -> [Option<Dec>; 8] {
         Some(Dec::from_int(s.deltas.disk_read_bytes)),
         Some(Dec::from_int(s.deltas.disk_write_bytes)),
     ]
+}
+
+/// A sample that carries no usage: a baseline (empty interval) or a final sample with
+/// nothing measured. It is consumed without output.
+pub fn carries_nothing(s: &Sample) -> bool {
+    s.interval_end == s.interval_start
+        || (s.ended
+            && s.deltas == meterflow_types::Counters::default()
+            && s.vcpu_millis == 0
+            && s.memory_alloc_bytes == 0
+            && s.memory_used_bytes.is_none_or(|m| m == 0))
 }
 
 /// Why a sample cannot be billed at all (dead-letter reason code, detail).
@@ -157,6 +244,7 @@ pub fn usage_for(
             net_tx_bytes: part(5, i),
             disk_read_bytes: part(6, i),
             disk_write_bytes: part(7, i),
+            labels: state.map(|st| st.labels.clone()).unwrap_or_default(),
         })
         .collect()
 }
@@ -197,6 +285,7 @@ mod tests {
             memory_alloc_bytes: 1 << 30,
             memory_used_bytes: None,
             owner_hint: None,
+            ended: false,
         }
     }
 
@@ -286,5 +375,36 @@ mod tests {
         o.insert(same);
         let seg = o.segments("i", 300, 400).expect("owned");
         assert_eq!(seg[0].2.entity_id, "from-cli");
+    }
+
+    #[test]
+    fn duplicates_are_recognised_per_incarnation_and_survive_a_checkpoint() {
+        let at = |inc: &str, seq: i64| Sample {
+            incarnation: inc.into(),
+            seq,
+            ..sample(seq * 10, seq * 10 + 10)
+        };
+        let mut seen = Seen::default();
+        assert!(!seen.is_duplicate(&at("a", 1)));
+        seen.record(&at("a", 1));
+        seen.record(&at("a", 2));
+        assert!(seen.is_duplicate(&at("a", 1)) && seen.is_duplicate(&at("a", 2)));
+        assert!(!seen.is_duplicate(&at("a", 3)));
+        // a migration: the new incarnation counts from 1, the old one's final sample
+        // may still arrive after it
+        assert!(!seen.is_duplicate(&at("b", 1)));
+        seen.record(&at("b", 1));
+        assert!(!seen.is_duplicate(&at("a", 3)));
+        seen.record(&at("a", 3));
+        assert!(seen.is_duplicate(&at("b", 1)) && seen.is_duplicate(&at("a", 3)));
+        let back = Seen::from_checkpoint(seen.to_checkpoint());
+        assert_eq!(back, seen);
+        // forgetting instances idle since before a time
+        let mut pruned = back.clone();
+        pruned.prune(1000);
+        assert!(pruned.is_empty());
+        let mut kept = back;
+        kept.prune(40);
+        assert_eq!(kept.len(), 1);
     }
 }

@@ -18,6 +18,7 @@ use meterflow_kafka::{
     TableRecord,
 };
 use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
+use meterflow_types::headers;
 use meterflow_types::watermark::NodeProgress;
 use meterflow_types::{InstanceState, Millis, Ownership, Sample, Watermark};
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,14 @@ pub struct EnricherConfig {
     /// How often the ownership and instance tables are re-read when nothing is parked.
     #[serde(with = "humantime_serde")]
     pub table_refresh: Duration,
+    /// How often progress is made durable: the duplicate-detection checkpoint, then the
+    /// offset commit it covers, then the watermarks.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    /// An instance with nothing billed for this long (event time) is forgotten by
+    /// duplicate detection; a copy of one of its samples arriving later would count again.
+    #[serde(with = "humantime_serde")]
+    pub dedup_retention: Duration,
 }
 
 impl Default for EnricherConfig {
@@ -63,6 +72,8 @@ impl Default for EnricherConfig {
             max_future: Duration::from_secs(3600),
             batch_size: 5000,
             table_refresh: Duration::from_secs(2),
+            checkpoint_interval: Duration::from_secs(1),
+            dedup_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -73,10 +84,16 @@ impl HasHttp for EnricherConfig {
     }
 }
 
+/// How long a deleted instance's state is kept for samples still in flight (wall clock).
+const DELETED_RETENTION: Duration = Duration::from_secs(3600);
+
 /// Instance state, ownership history and the node table, from their compacted topics.
 #[derive(Default)]
 pub struct Tables {
     pub instances: HashMap<String, InstanceState>,
+    /// Instances whose tombstone was read, and when: kept (samples may still be in
+    /// flight) until `DELETED_RETENTION` has passed.
+    deleted: HashMap<String, Instant>,
     pub owners: Owners,
     pub nodes: BTreeMap<String, (Millis, bool)>,
     offsets: HashMap<(String, i32), i64>,
@@ -103,7 +120,12 @@ impl Tables {
         for r in recs {
             self.offsets
                 .insert((r.topic.clone(), r.partition), r.offset + 1);
-            let Some(p) = &r.payload else { continue }; // tombstone
+            let Some(p) = &r.payload else {
+                if r.topic == t.instances {
+                    self.tombstone(&r);
+                }
+                continue;
+            };
             if r.topic == t.ownership {
                 match meterflow_avro::decode::<Ownership>(p) {
                     Ok(o) => self.owners.insert(o),
@@ -112,6 +134,7 @@ impl Tables {
             } else {
                 match meterflow_avro::decode_instances_msg(p) {
                     Ok(InstancesMsg::Instance(s)) => {
+                        self.deleted.remove(&s.instance_id);
                         self.instances.insert(s.instance_id.clone(), s);
                     }
                     Ok(InstancesMsg::Node(h)) => {
@@ -121,7 +144,38 @@ impl Tables {
                 }
             }
         }
+        let deleted = &mut self.deleted;
+        let instances = &mut self.instances;
+        deleted.retain(|id, at| {
+            let keep = at.elapsed() < DELETED_RETENTION;
+            if !keep {
+                instances.remove(id);
+            }
+            keep
+        });
         Ok(n)
+    }
+
+    /// An instance tombstone. The collector that saw the instance go names itself in a
+    /// header; if the latest registration is from another node, the instance migrated
+    /// there and the tombstone is about the old place only.
+    fn tombstone(&mut self, r: &TableRecord) {
+        let Some(id) = r.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) else {
+            return;
+        };
+        let by = r.header(meterflow_types::headers::DELETED_BY);
+        let current = self.instances.get(id).map(|s| s.node_id.as_bytes());
+        if current.is_some() && by.is_some() && current != by {
+            return;
+        }
+        if current.is_some() {
+            self.deleted.insert(id.to_string(), Instant::now());
+        }
+    }
+
+    /// Live nodes silent for longer than `timeout` behind the most advanced one.
+    pub fn missing_nodes(&self, timeout: Millis) -> Vec<(String, Millis)> {
+        meterflow_types::watermark::missing_nodes(&self.nodes, timeout)
     }
 
     /// Undecodable table records found by `refresh` since the last call.
@@ -143,6 +197,12 @@ struct Parked {
 
 #[derive(Default)]
 struct PartState {
+    /// Last billed sample per instance incarnation (duplicate detection).
+    seen: join::Seen,
+    /// `seen` changed since the last checkpoint.
+    dirty: bool,
+    /// Latest interval end billed (event time), for pruning `seen`.
+    latest_end: Millis,
     progress: NodeProgress,
     parked: VecDeque<Parked>,
     position: Option<i64>,
@@ -154,8 +214,10 @@ struct Counters {
     samples: meterflow_runtime::Counter,
     dlq: meterflow_runtime::Counter,
     unallocated: meterflow_runtime::Counter,
+    duplicates: meterflow_runtime::Counter,
     parked: meterflow_runtime::Gauge,
     watermark: meterflow_runtime::Gauge,
+    missing: meterflow_runtime::Gauge,
 }
 
 pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
@@ -196,6 +258,11 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             "Usage records billed to the unallocated entity after the deadline.",
             &[],
         ),
+        duplicates: m.counter(
+            "meterflow_enricher_duplicate_samples_total",
+            "Samples dropped because the same sample was already billed.",
+            &[],
+        ),
         parked: m.gauge(
             "meterflow_enricher_parked",
             "Samples parked waiting for an owner.",
@@ -206,14 +273,29 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             "Lowest watermark emitted.",
             &[],
         ),
+        missing: m.gauge(
+            "meterflow_enricher_missing_nodes",
+            "Live nodes silent longer than node_timeout (no longer holding the watermark).",
+            &[],
+        ),
     };
+    let mut missing_reported: BTreeMap<String, Millis> = BTreeMap::new();
     let timeout = cfg.node_timeout.as_millis() as i64;
     let deadline = cfg.unowned_deadline.as_millis() as i64;
     let mut parts: HashMap<i32, PartState> = HashMap::new();
+    // samples parked by earlier runs (or other members): cleared when billed
+    let mut parked_before = read_parked(&cfg.kafka)?;
+    let mut checkpoints = load_seen(&cfg.kafka)?;
+    let mut last_commit = Instant::now();
     while !ctx.shutdown.is_cancelled() {
         let batch = io
             .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
             .await?;
+        let rebalanced = !batch.rebalances.is_empty();
+        if rebalanced {
+            parked_before = read_parked(&cfg.kafka)?;
+            checkpoints = load_seen(&cfg.kafka)?;
+        }
         for r in batch.rebalances {
             match r {
                 meterflow_kafka::Assignment::Revoked(ps) => {
@@ -223,7 +305,13 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                 }
                 meterflow_kafka::Assignment::Assigned(ps) => {
                     for (_, p) in ps {
-                        parts.entry(p).or_default();
+                        parts.entry(p).or_insert_with(|| {
+                            let seen = checkpoints.remove(&p).unwrap_or_default();
+                            PartState {
+                                seen,
+                                ..Default::default()
+                            }
+                        });
                     }
                 }
             }
@@ -232,6 +320,21 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         if any_parked || last_refresh.elapsed() >= cfg.table_refresh {
             tables.refresh(&cfg.kafka)?;
             last_refresh = Instant::now();
+        }
+        let missing: BTreeMap<String, Millis> = tables.missing_nodes(timeout).into_iter().collect();
+        if missing != missing_reported {
+            for (node, last) in &missing {
+                if !missing_reported.contains_key(node) {
+                    tracing::warn!(node = %node, last_heartbeat_ms = last, timeout_ms = timeout, "node missing: silent longer than node_timeout, no longer waited for");
+                }
+            }
+            for node in missing_reported.keys() {
+                if !missing.contains_key(node) {
+                    tracing::info!(node = %node, "node reporting again");
+                }
+            }
+            c.missing.set(missing.len() as i64);
+            missing_reported = missing;
         }
         for (r, code, why) in tables.take_bad() {
             let at = Coordinates {
@@ -265,17 +368,42 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                         c.dlq.inc();
                         continue;
                     }
-                    if s.interval_end == s.interval_start {
-                        continue; // baseline observation: no usage
+                    if join::carries_nothing(&s) {
+                        continue; // a baseline, or a final sample with nothing measured
+                    }
+                    if st.seen.is_duplicate(&s) || st.parked.iter().any(|q| q.sample.id == s.id) {
+                        c.duplicates.inc();
+                        continue;
                     }
                     let earlier_parked = st
                         .parked
                         .iter()
                         .any(|q| q.sample.instance_id == s.instance_id);
-                    if earlier_parked
-                        || !emit(&mut io, &topics.usage, &tables, &s, None, &c).await?
-                    {
+                    let emitted = !earlier_parked
+                        && emit(&mut io, &topics.usage, &tables, &s, None, &c).await?;
+                    if emitted {
+                        st.seen.record(&s);
+                        st.latest_end = st.latest_end.max(s.interval_end);
+                        st.dirty = true;
+                    }
+                    if emitted && parked_before.remove(&s.id) {
+                        // parked by an earlier run, billed now: clear its record
+                        release(&mut io, &topics.parked, &s.id, "owner").await?;
+                    }
+                    if !emitted {
                         let snapshot = st.progress.complete_through(timeout, &tables.nodes);
+                        let parked_at = meterflow_kafka::now_ms().to_string();
+                        io.send_with(
+                            &topics.parked,
+                            s.id.as_bytes(),
+                            msg.payload(),
+                            None,
+                            &[
+                                (headers::PARKED_BY, cfg.member.as_bytes()),
+                                (headers::PARKED_AT, parked_at.as_bytes()),
+                            ],
+                        )
+                        .await?;
                         st.parked.push_back(Parked {
                             offset: msg.offset(),
                             sample: s,
@@ -296,6 +424,10 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                 let inst = pk.sample.instance_id.clone();
                 if !blocked.contains(&inst) {
                     if emit(&mut io, &topics.usage, &tables, &pk.sample, None, &c).await? {
+                        release(&mut io, &topics.parked, &pk.sample.id, "owner").await?;
+                        st.seen.record(&pk.sample);
+                        st.latest_end = st.latest_end.max(pk.sample.interval_end);
+                        st.dirty = true;
                         continue;
                     }
                     if tables.refreshes > pk.refreshes
@@ -310,6 +442,16 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                             &c,
                         )
                         .await?;
+                        release(
+                            &mut io,
+                            &topics.parked,
+                            &pk.sample.id,
+                            &cfg.unallocated_entity,
+                        )
+                        .await?;
+                        st.seen.record(&pk.sample);
+                        st.latest_end = st.latest_end.max(pk.sample.interval_end);
+                        st.dirty = true;
                         c.unallocated.inc();
                         continue;
                     }
@@ -321,7 +463,32 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             parked_total += st.parked.len();
         }
         c.parked.set(parked_total as i64);
-        // commit: never past a parked sample
+        // Durable progress, at most every checkpoint_interval: the duplicate-detection
+        // checkpoint of each changed partition, then the offsets it covers (never past a
+        // parked sample), then the watermarks.
+        let due = rebalanced
+            || ctx.shutdown.is_cancelled()
+            || last_commit.elapsed() >= cfg.checkpoint_interval;
+        if !due {
+            continue;
+        }
+        last_commit = Instant::now();
+        let retention = cfg.dedup_retention.as_millis() as i64;
+        for (p, st) in parts.iter_mut().filter(|(_, st)| st.dirty) {
+            st.seen.prune(st.latest_end - retention);
+            let cp = meterflow_types::EnricherCheckpoint {
+                partition: *p,
+                seen: st.seen.to_checkpoint(),
+            };
+            io.send(
+                &topics.enricher_state,
+                format!("enricher|{p}").as_bytes(),
+                &meterflow_avro::encode(&cp),
+                None,
+            )
+            .await?;
+            st.dirty = false;
+        }
         let offsets: Vec<(String, i32, i64)> = parts
             .iter()
             .filter_map(|(p, st)| {
@@ -364,6 +531,43 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The latest duplicate-detection checkpoint of every samples partition.
+fn load_seen(cfg: &KafkaConfig) -> Result<HashMap<i32, join::Seen>> {
+    let mut out = HashMap::new();
+    for (_, r) in meterflow_kafka::read_latest(cfg, &cfg.topics.enricher_state)? {
+        let p = r.payload.unwrap_or_default();
+        match meterflow_avro::decode::<meterflow_types::EnricherCheckpoint>(&p) {
+            Ok(cp) => {
+                out.insert(cp.partition, join::Seen::from_checkpoint(cp.seen));
+            }
+            Err(e) => {
+                tracing::warn!(offset = r.offset, error = %e, "undecodable enricher checkpoint skipped")
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sample ids with a live record on the parked topic.
+fn read_parked(cfg: &KafkaConfig) -> Result<std::collections::HashSet<String>> {
+    Ok(meterflow_kafka::read_latest(cfg, &cfg.topics.parked)?
+        .into_iter()
+        .filter_map(|(k, _)| String::from_utf8(k).ok())
+        .collect())
+}
+
+/// Tombstone of a parked sample's record: it was billed (to its owner, or to `to`).
+async fn release(io: &mut StageIo, topic: &str, sample_id: &str, to: &str) -> Result<()> {
+    io.send_with(
+        topic,
+        sample_id.as_bytes(),
+        None,
+        None,
+        &[(headers::RELEASED_TO, to.as_bytes())],
+    )
+    .await
 }
 
 /// Emit the usage of one sample; false if it has no owner yet. With `unallocated`,

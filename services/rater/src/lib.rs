@@ -17,7 +17,7 @@ pub mod rules;
 
 use anyhow::{Context, Result};
 use meterflow_avro::UsageMsg;
-use meterflow_kafka::{ensure_topics, partition_count, read_table, KafkaConfig, Message, StageIo};
+use meterflow_kafka::{ensure_topics, partition_count, KafkaConfig, Message, StageIo};
 use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
 use meterflow_types::watermark::SourceTimes;
 use meterflow_types::window::Tumbling;
@@ -215,6 +215,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
     let mut quarantined: HashSet<usize> = HashSet::new();
     let mut parts: HashMap<i32, PartState> = HashMap::new();
     let nrules = engine.rules.len();
+    let keep_labels = engine.rules.iter().any(|r| r.reads_labels());
     let windows: Vec<Tumbling> = engine
         .rules
         .iter()
@@ -285,11 +286,13 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         );
                     }
                 }
-                Ok(UsageMsg::Usage(u)) => {
+                Ok(UsageMsg::Usage(mut u)) => {
+                    if !keep_labels {
+                        u.labels.clear(); // no rule reads them: do not hold them in windows
+                    }
                     let wm = st.sources.min();
                     // split once per distinct window size; rules share the pieces
-                    let mut split: Vec<(Tumbling, Vec<(Millis, std::sync::Arc<Usage>)>)> =
-                        Vec::new();
+                    let mut split: Vec<(Tumbling, Pieces)> = Vec::new();
                     for r in 0..nrules {
                         if quarantined.contains(&r) {
                             continue;
@@ -445,17 +448,9 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
 }
 
 fn load_checkpoints(cfg: &KafkaConfig, ruleset: &str) -> Result<HashMap<i32, RaterCheckpoint>> {
-    let recs = tokio::task::block_in_place(|| {
-        read_table(
-            cfg,
-            &[&cfg.topics.rater_state],
-            &HashMap::new(),
-            Duration::from_secs(60),
-        )
-    })?;
     let mut out = HashMap::new();
-    for r in recs {
-        let Some(p) = r.payload else { continue };
+    for (_, r) in meterflow_kafka::read_latest(cfg, &cfg.topics.rater_state)? {
+        let p = r.payload.unwrap_or_default();
         if let Ok(cp) = meterflow_avro::decode::<RaterCheckpoint>(&p) {
             if cp.ruleset == ruleset {
                 out.insert(cp.partition, cp);
@@ -464,6 +459,9 @@ fn load_checkpoints(cfg: &KafkaConfig, ruleset: &str) -> Result<HashMap<i32, Rat
     }
     Ok(out)
 }
+
+/// A usage record's pieces, one per window it overlaps: (window start, piece).
+type Pieces = Vec<(Millis, std::sync::Arc<Usage>)>;
 
 #[cfg(test)]
 mod tests {
@@ -491,6 +489,7 @@ mod tests {
             net_tx_bytes: Dec::from_int(3),
             disk_read_bytes: Dec::ZERO,
             disk_write_bytes: Dec::ZERO,
+            labels: Default::default(),
         }
     }
 

@@ -6,8 +6,8 @@
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    Array, ArrayRef, Decimal128Array, Decimal128Builder, Int64Array, RecordBatch, StringArray,
-    StringBuilder, TimestampMillisecondBuilder,
+    Array, ArrayRef, Decimal128Array, Decimal128Builder, Int64Array, MapBuilder, RecordBatch,
+    StringArray, StringBuilder, TimestampMillisecondBuilder,
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -172,7 +172,16 @@ pub fn usage_schema() -> SchemaRef {
         Field::new("net_tx_bytes", dec(), false),
         Field::new("disk_read_bytes", dec(), false),
         Field::new("disk_write_bytes", dec(), false),
+        Field::new("labels", labels_type(), false),
     ]))
+}
+
+/// `labels`: Map<Utf8, Utf8>, keys sorted; in SQL `labels['team']` (NULL when absent).
+fn labels_type() -> DataType {
+    MapBuilder::new(None, StringBuilder::new(), StringBuilder::new())
+        .finish()
+        .data_type()
+        .clone()
 }
 
 /// Build the `usage` batch for rows of one window: every column.
@@ -239,6 +248,17 @@ pub fn usage_columns(
             17 => de(&|r| Some(r.net_tx_bytes))?,
             18 => de(&|r| Some(r.disk_read_bytes))?,
             19 => de(&|r| Some(r.disk_write_bytes))?,
+            20 => {
+                let mut b = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
+                for r in rows {
+                    for (k, v) in &r.labels {
+                        b.keys().append_value(k);
+                        b.values().append_value(v);
+                    }
+                    b.append(true).map_err(|e| RuleError::Io(e.to_string()))?;
+                }
+                Arc::new(b.finish())
+            }
             _ => return Err(RuleError::Io(format!("no usage column {i}"))),
         })
     };
@@ -321,6 +341,14 @@ pub struct Rule {
     columns: Vec<usize>,
 }
 
+impl Rule {
+    /// Whether the rule reads the `labels` column.
+    pub fn reads_labels(&self) -> bool {
+        let labels = usage_schema().fields().len() - 1;
+        self.columns.contains(&labels)
+    }
+}
+
 /// The `usage` columns an optimized plan scans.
 fn scanned_columns(plan: &LogicalPlan) -> Vec<usize> {
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
@@ -354,6 +382,32 @@ const REQUIRED: [(&str, bool); 5] = [
     ("amount", true),
 ];
 
+/// `labels['team']`: key access on the labels map (DataFusion's `get_field`, without
+/// pulling in the whole nested-functions crate). Only named keys are planned here.
+#[derive(Debug)]
+struct LabelAccess;
+
+impl datafusion::logical_expr::planner::ExprPlanner for LabelAccess {
+    fn plan_field_access(
+        &self,
+        expr: datafusion::logical_expr::planner::RawFieldAccessExpr,
+        _schema: &datafusion::common::DFSchema,
+    ) -> datafusion::error::Result<
+        datafusion::logical_expr::planner::PlannerResult<
+            datafusion::logical_expr::planner::RawFieldAccessExpr,
+        >,
+    > {
+        use datafusion::logical_expr::planner::PlannerResult;
+        use datafusion::logical_expr::GetFieldAccess;
+        match expr.field_access {
+            GetFieldAccess::NamedStructField { name } => Ok(PlannerResult::Planned(
+                datafusion::functions::core::expr_fn::get_field(expr.expr, name),
+            )),
+            _ => Ok(PlannerResult::Original(expr)),
+        }
+    }
+}
+
 impl Engine {
     pub async fn new(
         sources: Vec<RuleSource>,
@@ -369,7 +423,12 @@ impl Engine {
             .with_memory_limit(memory_limit, 1.0)
             .build_arc()
             .map_err(|e| RuleError::Io(e.to_string()))?;
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let mut ctx = SessionContext::new_with_config_rt(config, runtime);
+        {
+            use datafusion::execution::FunctionRegistry;
+            ctx.register_expr_planner(Arc::new(LabelAccess))
+                .map_err(|e| RuleError::Io(e.to_string()))?;
+        }
         let table = Arc::new(Mutex::new(Current::default()));
         ctx.register_table(
             "usage",
@@ -692,6 +751,7 @@ mod tests {
             net_tx_bytes: Dec::from_int(tx),
             disk_read_bytes: Dec::ZERO,
             disk_write_bytes: Dec::ZERO,
+            labels: Default::default(),
         }
     }
 
@@ -777,6 +837,38 @@ mod tests {
             .await
             .expect("eval");
         assert!(adj[0].adjustment && adj[0].id != v[0].id);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn rules_read_instance_labels() {
+        let text = "-- name: gold\n-- version: 1\n-- window: 1h\n-- currency: USD\n\
+            SELECT entity_id, labels['tier'] AS resource_id, 'vcpu_hour' AS unit, \
+            SUM(vcpu_seconds) / 3600 AS quantity, 0.05 AS unit_price, \
+            SUM(vcpu_seconds) / 3600 * 0.05 AS amount \
+            FROM usage WHERE labels['tier'] = 'gold' GROUP BY entity_id, labels['tier']\n";
+        let src = parse_rule(Path::new("rules/gold.sql"), text).expect("parses");
+        let e = Engine::new(vec![src], 64 << 20, Duration::from_secs(5))
+            .await
+            .expect("compiles");
+        assert!(e.rules[0].reads_labels());
+        assert!(engine().await.rules.iter().all(|r| !r.reads_labels()));
+        let mut gold = usage("acme", "7200", 0, 0);
+        gold.labels.insert("tier".into(), "gold".into());
+        let mut silver = usage("acme", "3600", 0, 0);
+        silver.labels.insert("tier".into(), "silver".into());
+        let plain = usage("globex", "3600", 0, 0);
+        let rows = [gold, silver, plain];
+        let refs: Vec<&Usage> = rows.iter().collect();
+        let v = e.evaluate(0, 0, &refs, 0, None).await.expect("eval");
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(
+            (
+                v[0].entity_id.as_str(),
+                v[0].resource_id.as_str(),
+                v[0].amount.to_string()
+            ),
+            ("acme", "gold", "0.1".to_string())
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

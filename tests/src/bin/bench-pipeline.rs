@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
             instances,
             entities: 20.min(instances),
             seed: 7,
+            ..Default::default()
         },
         start: meterflow_types::time::parse_rfc3339("2026-01-05T00:00:00Z")
             .map_err(anyhow::Error::msg)?,

@@ -34,14 +34,38 @@ fn peak_rss_mib() -> f64 {
         / 1024.0
 }
 
-fn tree(root: &Path, n: usize) -> anyhow::Result<Vec<PathBuf>> {
+/// A containerd OCI bundle `config.json` of realistic size (about 6 KB: process, env,
+/// mounts, annotations), as the collector finds under `run/containerd/…/<id>/`.
+fn oci_config(id: &str, pod: &str) -> String {
+    let env: Vec<String> = (0..40)
+        .map(|k| format!("\"SERVICE_{k}_PORT=tcp://10.96.{k}.1:443\""))
+        .collect();
+    let mounts: Vec<String> = (0..20)
+        .map(|k| format!("{{\"destination\":\"/var/run/secrets/{k}\",\"type\":\"bind\",\"source\":\"/var/lib/kubelet/pods/{pod}/volumes/{k}\",\"options\":[\"rbind\",\"ro\"]}}"))
+        .collect();
+    format!(
+        "{{\"ociVersion\":\"1.1.0\",\"process\":{{\"args\":[\"/app\"],\"env\":[{}]}},\"mounts\":[{}],\
+         \"annotations\":{{\"io.kubernetes.cri.container-type\":\"container\",\
+         \"io.kubernetes.cri.container-name\":\"app\",\"io.kubernetes.cri.sandbox-id\":\"{id}\",\
+         \"io.kubernetes.cri.sandbox-name\":\"pod-{pod}\",\"io.kubernetes.cri.sandbox-namespace\":\"bench\",\
+         \"meterflow.dev/entity\":\"entity-{pod}\",\"meterflow.dev/user\":\"user\"}}}}",
+        env.join(","),
+        mounts.join(",")
+    )
+}
+
+fn tree(base: &Path, n: usize) -> anyhow::Result<Vec<PathBuf>> {
+    let root = base.join("cgroup");
+    let task = base.join("run/containerd/io.containerd.runtime.v2.task/k8s.io");
     let mut dirs = Vec::new();
     for i in 0..n {
+        let id = format!("{:064x}", i + 1);
         let pod = format!("{:08x}_0000_4000_8000_{:012x}", i / 4, i / 4);
         let d = root.join(format!(
-            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod}.slice/cri-containerd-{:064x}.scope",
-            i + 1
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod}.slice/cri-containerd-{id}.scope"
         ));
+        std::fs::create_dir_all(task.join(&id))?;
+        std::fs::write(task.join(&id).join("config.json"), oci_config(&id, &pod))?;
         std::fs::create_dir_all(&d)?;
         let w = |f: &str, t: String| std::fs::write(d.join(f), t);
         w("cpu.stat", format!("usage_usec {}\nuser_usec 1\nsystem_usec 1\nnr_periods 0\nnr_throttled 0\nthrottled_usec 0\n", i * 1000))?;
@@ -66,7 +90,7 @@ fn main() -> anyhow::Result<()> {
     let polls: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(200);
     let base = std::env::temp_dir().join(format!("meterflow-bench-poll-{}", std::process::id()));
     let root = base.join("cgroup");
-    let dirs = tree(&root, n)?;
+    let dirs = tree(&base, n)?;
     let proc_root = base.join("proc"); // no processes: no network reads
     std::fs::create_dir_all(&proc_root)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -98,13 +122,14 @@ fn main() -> anyhow::Result<()> {
     let bare = (cpu_seconds() - c0) / polls as f64;
     anyhow::ensure!(bytes > 0);
 
-    // containers: discovery + parse + samples + Avro
-    let mut sampler = Sampler::new("bench", "bench", None)?;
+    // containers: discovery + parse + labels (cached per container) + samples + Avro
+    let meta = cgroup::RuntimeMeta::new(&base);
+    let mut sampler = Sampler::new("bench", "bench", 10_000, 900_000, None)?;
     let c0 = cpu_seconds();
     for k in 0..polls {
-        let (readings, errors) = cgroup::poll(&root, &proc_root);
+        let (readings, errors) = cgroup::poll(&root, &proc_root, &meta);
         anyhow::ensure!(
-            readings.len() == n && errors.is_empty(),
+            readings.len() == n && errors.is_empty() && readings.iter().all(|r| r.owner.is_some()),
             "{} readings, {errors:?}",
             readings.len()
         );
@@ -121,11 +146,12 @@ fn main() -> anyhow::Result<()> {
             instances: n as u32,
             entities: 10,
             seed: 1,
+            ..Default::default()
         }),
         ..Default::default()
     };
     let sources = Sources::open(&cfg, 0)?;
-    let mut sampler = Sampler::new("bench2", "bench", None)?;
+    let mut sampler = Sampler::new("bench2", "bench", 10_000, 900_000, None)?;
     let c0 = cpu_seconds();
     for k in 0..polls {
         let t = (k as i64 + 1) * 10_000;

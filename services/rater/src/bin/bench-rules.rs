@@ -37,6 +37,7 @@ fn usage(i: usize, entities: usize) -> Usage {
         net_tx_bytes: d(2000),
         disk_read_bytes: d(0),
         disk_write_bytes: d(0),
+        labels: Default::default(),
     }
 }
 
