@@ -383,3 +383,150 @@ fn rules_test_checks_every_rule_against_its_golden_file() {
     );
     assert!(out.contains("memory_gb_hours.sql: no golden file"), "{out}");
 }
+
+/// A rule file with a header.
+fn rule(dir: &std::path::Path, file: &str, header: &str, price: &str) {
+    std::fs::write(
+        dir.join(file),
+        format!(
+            "{header}-- currency: USD\n\
+             SELECT entity_id, 'vcpu_hour' AS unit, SUM(vcpu_seconds) / 3600 AS quantity,\n\
+             {price} AS unit_price, SUM(vcpu_seconds) / 3600 * {price} AS amount\n\
+             FROM usage GROUP BY entity_id\n"
+        ),
+    )
+    .expect("rule file");
+}
+
+#[test]
+fn hopping_windows_and_rule_versions_by_validity_price_exactly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).expect("dir");
+    let start = "2026-03-01T00:00:00Z";
+    let switch = "2026-03-01T04:00:00Z";
+    rule(
+        &rules,
+        "quarter.sql",
+        "-- name: vcpu_quarter\n-- version: 1\n-- window: 15m\n",
+        "0.036",
+    );
+    rule(
+        &rules,
+        "hourly_every_quarter.sql",
+        "-- name: vcpu_hop\n-- version: 1\n-- window: 1h\n-- slide: 15m\n",
+        "0.036",
+    );
+    rule(
+        &rules,
+        "priced_v1.sql",
+        &format!("-- name: vcpu_priced\n-- version: 1\n-- window: 1h\n-- valid_to: {switch}\n"),
+        "0.036",
+    );
+    rule(
+        &rules,
+        "priced_v2.sql",
+        &format!("-- name: vcpu_priced\n-- version: 2\n-- window: 1h\n-- valid_from: {switch}\n"),
+        "0.05",
+    );
+    let out = dir.path().join("settlements");
+    let st = Command::new(meterflow_tests::bin("meterflow"))
+        .args([
+            "up",
+            "--duration",
+            "10",
+            "--instances",
+            "4",
+            "--entities",
+            "2",
+        ])
+        .args(["--period", "day", "--libvirt-uri", "", "--start", start])
+        .arg("--rules")
+        .arg(&rules)
+        .arg("--out")
+        .arg(&out)
+        .env("METERFLOW_LOG", "warn")
+        .output()
+        .expect("runs meterflow up");
+    assert!(
+        st.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&st.stdout),
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let settled = Settled::read(&out);
+    settled.assert_no_id_twice();
+    let q = |rule: &str| -> BTreeMap<(String, i64), (Dec, Dec)> {
+        settled
+            .lines
+            .iter()
+            .filter(|l| l.rule == rule)
+            .map(|l| {
+                (
+                    (l.entity.clone(), l.window_start),
+                    (l.quantity, l.unrounded),
+                )
+            })
+            .collect()
+    };
+    let (quarter, hop, priced) = (q("vcpu_quarter"), q("vcpu_hop"), q("vcpu_priced"));
+    // every hopping window equals the sum of its four quarters, to the nano
+    let t0 = meterflow_types::time::parse_rfc3339(start).expect("t");
+    let t_switch = meterflow_types::time::parse_rfc3339(switch).expect("t");
+    let quarter_ms = 900_000;
+    let mut checked = 0;
+    for ((e, ws), (hq, _)) in &hop {
+        let parts: Vec<_> = (0..4)
+            .filter_map(|k| quarter.get(&(e.clone(), ws + k * quarter_ms)))
+            .collect();
+        // only windows fully inside the run (after the first poll, before the cut)
+        if *ws < t0 || parts.len() < 4 || !hop.contains_key(&(e.clone(), ws + 4 * quarter_ms)) {
+            continue;
+        }
+        let sum = parts
+            .iter()
+            .try_fold(Dec::ZERO, |acc, (x, _)| acc.checked_add(*x))
+            .expect("sum");
+        assert_eq!(*hq, sum, "{e} hopping window {ws}");
+        checked += 1;
+    }
+    assert!(checked >= 20, "{checked} hopping windows checked");
+    // hopping windows start every quarter hour: four times as many as hourly ones
+    let starts: std::collections::BTreeSet<i64> = hop.keys().map(|(_, ws)| *ws).collect();
+    assert!(starts.iter().any(|ws| ws % 3_600_000 == quarter_ms));
+    // versions by validity: v1 (0.036) before the switch, v2 (0.05) from it on
+    let model = FleetConfig {
+        instances: 4,
+        entities: 2,
+        seed: 1,
+        ..Default::default()
+    }
+    .model();
+    let mut before = 0;
+    let mut after = 0;
+    for ((e, ws), (qty, amount)) in &priced {
+        let vcpus: i64 = model
+            .iter()
+            .filter(|i| &i.entity_id == e)
+            .map(|i| i.vcpus as i64)
+            .sum();
+        if *qty != Dec::from_int(vcpus) {
+            continue; // a window cut by the start or end of the run
+        }
+        let (price_milli, n) = if *ws < t_switch {
+            (36, &mut before)
+        } else {
+            (50, &mut after)
+        };
+        assert_eq!(
+            *amount,
+            Dec::from_scaled(vcpus as i128 * price_milli, 3).expect("dec"),
+            "{e} window {ws}"
+        );
+        *n += 1;
+    }
+    assert!(
+        before >= 4 && after >= 4,
+        "{before} windows before, {after} after the switch"
+    );
+}

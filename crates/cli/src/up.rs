@@ -38,6 +38,9 @@ pub struct UpArgs {
     /// Rules directory (default: the shipped rules).
     #[arg(long)]
     rules: Option<PathBuf>,
+    /// Event time of the first poll, RFC 3339 (default: midnight UTC a week ago).
+    #[arg(long)]
+    start: Option<String>,
     /// Simulated instances and billing entities.
     #[arg(long, default_value = "20")]
     instances: u32,
@@ -113,7 +116,10 @@ pub async fn run(a: UpArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)?;
     // an accelerated clock that starts a week ago, so event time never runs into the future
     let day = 86_400_000;
-    let start = (meterflow_kafka::now_ms() - 7 * day).div_euclid(day) * day;
+    let start = match &a.start {
+        Some(s) => meterflow_types::time::parse_rfc3339(s).map_err(anyhow::Error::msg)?,
+        None => (meterflow_kafka::now_ms() - 7 * day).div_euclid(day) * day,
+    };
     let start_s = meterflow_types::time::fmt_rfc3339(start);
     let ctx = Ctx::new();
     meterflow_runtime::cancel_on_signals(ctx.shutdown.clone());

@@ -216,10 +216,17 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
     let mut parts: HashMap<i32, PartState> = HashMap::new();
     let nrules = engine.rules.len();
     let keep_labels = engine.rules.iter().any(|r| r.reads_labels());
-    let windows: Vec<Tumbling> = engine
+    // per rule: panes of `slide` (each usage record is split once per distinct pane
+    // size; rules share the pieces), and each pane belongs to `hops` windows
+    let panes: Vec<Tumbling> = engine
         .rules
         .iter()
-        .map(|r| Tumbling::new(r.source.header.window))
+        .map(|r| Tumbling::new(r.source.header.slide))
+        .collect();
+    let sizes: Vec<Millis> = engine
+        .rules
+        .iter()
+        .map(|r| r.source.header.window)
         .collect();
     let lateness: Vec<Millis> = engine
         .rules
@@ -291,52 +298,66 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         u.labels.clear(); // no rule reads them: do not hold them in windows
                     }
                     let wm = st.sources.min();
-                    // split once per distinct window size; rules share the pieces
                     let mut split: Vec<(Tumbling, Pieces)> = Vec::new();
                     for r in 0..nrules {
                         if quarantined.contains(&r) {
                             continue;
                         }
-                        if !split.iter().any(|(w, _)| *w == windows[r]) {
-                            let pieces = split_usage(&u, windows[r])
+                        if !split.iter().any(|(w, _)| *w == panes[r]) {
+                            let pieces = split_usage(&u, panes[r])
                                 .into_iter()
                                 .map(|(ws, piece)| (ws, std::sync::Arc::new(piece)))
                                 .collect();
-                            split.push((windows[r], pieces));
+                            split.push((panes[r], pieces));
                         }
                         let pieces = split
                             .iter()
-                            .find(|(w, _)| *w == windows[r])
+                            .find(|(w, _)| *w == panes[r])
                             .map(|(_, p)| p.clone())
                             .unwrap_or_default();
-                        for (ws, piece) in pieces {
-                            if closed(ws + windows[r].size, lateness[r], wm) {
-                                if replaying {
-                                    continue; // handled before the checkpoint
-                                }
-                                let seen = st.closed_ids[r].entry(ws).or_default();
-                                if !seen.insert(id_key(&u.id)) {
-                                    dup_total.inc(); // counted in the window already
+                        let header = &engine.rules[r].source.header;
+                        let hops = header.hops();
+                        for (ps, piece) in pieces {
+                            // a pane piece counts once in each window it lies in; its key
+                            // in a window is the usage id (and the pane, when hopping)
+                            let key = if hops == 1 {
+                                u.id.clone()
+                            } else {
+                                format!("{}@{ps}", u.id)
+                            };
+                            for j in 0..hops {
+                                let ws = ps - j * panes[r].size;
+                                if !header.applies(ws) {
                                     continue;
                                 }
-                                match engine.evaluate(r, ws, &[&piece], p, Some(&u.id)).await {
-                                    Ok(ev) => {
-                                        adjustments_total.add(ev.len() as u64);
-                                        out.extend(ev);
+                                if closed(ws + sizes[r], lateness[r], wm) {
+                                    if replaying {
+                                        continue; // handled before the checkpoint
                                     }
-                                    Err(e) => {
-                                        tracing::error!(error = %e, "rule quarantined");
-                                        failed_total.inc();
-                                        quarantined.insert(r);
+                                    let seen = st.closed_ids[r].entry(ws).or_default();
+                                    if !seen.insert(id_key(&key)) {
+                                        dup_total.inc(); // counted in the window already
+                                        continue;
                                     }
+                                    match engine.evaluate(r, ws, &[&piece], p, Some(&key)).await {
+                                        Ok(ev) => {
+                                            adjustments_total.add(ev.len() as u64);
+                                            out.extend(ev);
+                                        }
+                                        Err(e) => {
+                                            tracing::error!(error = %e, "rule quarantined");
+                                            failed_total.inc();
+                                            quarantined.insert(r);
+                                        }
+                                    }
+                                    continue;
                                 }
-                                continue;
-                            }
-                            let win = st.windows[r].entry(ws).or_default();
-                            if win.ids.insert(u.id.clone()) {
-                                win.rows.push((off, piece.clone()));
-                            } else {
-                                dup_total.inc();
+                                let win = st.windows[r].entry(ws).or_default();
+                                if win.ids.insert(key.clone()) {
+                                    win.rows.push((off, piece.clone()));
+                                } else {
+                                    dup_total.inc();
+                                }
                             }
                         }
                     }
@@ -351,7 +372,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                 let due: Vec<Millis> = st.windows[r]
                     .keys()
                     .copied()
-                    .filter(|ws| closed(ws + windows[r].size, lateness[r], Some(wm)))
+                    .filter(|ws| closed(ws + sizes[r], lateness[r], Some(wm)))
                     .collect();
                 for ws in due {
                     let Some(mut win) = st.windows[r].remove(&ws) else {

@@ -50,10 +50,29 @@ pub enum RuleError {
 pub struct RuleHeader {
     pub name: String,
     pub version: i32,
+    /// Window size.
     pub window: Millis,
+    /// Hopping windows: a window starts every `slide` (a divisor of `window`); equal to
+    /// `window` for tumbling windows.
+    pub slide: Millis,
     pub lateness: Millis,
     pub currency: String,
     pub description: String,
+    /// The rule prices windows starting at or after this time (inclusive)…
+    pub valid_from: Option<Millis>,
+    /// …and before this one (exclusive).
+    pub valid_to: Option<Millis>,
+}
+
+impl RuleHeader {
+    /// Whether this rule version prices the window starting at `ws`.
+    pub fn applies(&self, ws: Millis) -> bool {
+        self.valid_from.is_none_or(|f| ws >= f) && self.valid_to.is_none_or(|t| ws < t)
+    }
+    /// Windows per pane: how many windows each `slide`-long pane belongs to.
+    pub fn hops(&self) -> i64 {
+        self.window / self.slide
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -73,6 +92,12 @@ pub fn parse_rule(path: &Path, text: &str) -> Result<RuleSource, RuleError> {
     };
     let (mut name, mut version, mut window, mut lateness, mut currency, mut description) =
         (None, None, None, Some(0), None, String::new());
+    let (mut slide, mut valid_from, mut valid_to) = (None, None, None);
+    let mut lines = (1, 1, 1); // where slide, valid_from and valid_to were given
+    let time = |i: usize, v: &str| {
+        meterflow_types::time::parse_rfc3339(v)
+            .map_err(|e| err(i + 1, format!("{v:?} is not an RFC 3339 time: {e}")))
+    };
     let mut body_start = text.len();
     let mut offset = 0;
     for (i, line) in text.lines().enumerate() {
@@ -84,6 +109,18 @@ pub fn parse_rule(path: &Path, text: &str) -> Result<RuleSource, RuleError> {
                     "name" => name = Some(v.to_string()),
                     "version" => version = Some(v.parse::<i32>().map_err(|_| err(i + 1, format!("version {v:?} is not an integer")))?),
                     "window" => window = Some(humantime_ms(v).map_err(|e| err(i + 1, e))?),
+                    "slide" => {
+                        slide = Some(humantime_ms(v).map_err(|e| err(i + 1, e))?);
+                        lines.0 = i + 1;
+                    }
+                    "valid_from" => {
+                        valid_from = Some(time(i, v)?);
+                        lines.1 = i + 1;
+                    }
+                    "valid_to" => {
+                        valid_to = Some(time(i, v)?);
+                        lines.2 = i + 1;
+                    }
                     "lateness" => lateness = Some(if v == "0" || v == "0s" { 0 } else { humantime_ms(v).map_err(|e| err(i + 1, e))? }),
                     "currency" => {
                         if v.len() != 3 || !v.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -92,7 +129,7 @@ pub fn parse_rule(path: &Path, text: &str) -> Result<RuleSource, RuleError> {
                         currency = Some(v.to_string())
                     }
                     "description" => description = v.to_string(),
-                    other => return Err(err(i + 1, format!("unknown header key {other:?} (name, version, window, lateness, currency, description)"))),
+                    other => return Err(err(i + 1, format!("unknown header key {other:?} (name, version, window, slide, lateness, currency, description, valid_from, valid_to)"))),
                 }
             }
         } else if !t.is_empty() {
@@ -101,13 +138,45 @@ pub fn parse_rule(path: &Path, text: &str) -> Result<RuleSource, RuleError> {
         }
         offset += line.len() + 1;
     }
+    let window = window.ok_or_else(|| err(1, "missing `-- window:`".into()))?;
+    let slide = slide.unwrap_or(window);
+    if slide > window || window % slide != 0 {
+        return Err(err(
+            lines.0,
+            format!("slide {slide} ms must divide the window ({window} ms)"),
+        ));
+    }
+    if let (Some(f), Some(t)) = (valid_from, valid_to) {
+        if f >= t {
+            return Err(err(lines.2, "valid_to must be after valid_from".into()));
+        }
+    }
+    if let Some(f) = valid_from {
+        if f.rem_euclid(slide) != 0 {
+            return Err(err(
+                lines.1,
+                "valid_from must fall on a window start (a multiple of the slide)".into(),
+            ));
+        }
+    }
+    if let Some(t) = valid_to {
+        if t.rem_euclid(slide) != 0 {
+            return Err(err(
+                lines.2,
+                "valid_to must fall on a window start (a multiple of the slide)".into(),
+            ));
+        }
+    }
     let header = RuleHeader {
         name: name.ok_or_else(|| err(1, "missing `-- name:`".into()))?,
         version: version.ok_or_else(|| err(1, "missing `-- version:`".into()))?,
-        window: window.ok_or_else(|| err(1, "missing `-- window:`".into()))?,
+        window,
+        slide,
         lateness: lateness.unwrap_or(0),
         currency: currency.ok_or_else(|| err(1, "missing `-- currency:`".into()))?,
         description,
+        valid_from,
+        valid_to,
     };
     let sql = text[body_start.min(text.len())..]
         .trim()
@@ -441,13 +510,25 @@ impl Engine {
         let mut rules = Vec::new();
         for s in sources {
             let file = s.path.display().to_string();
-            if rules
-                .iter()
-                .any(|r: &Rule| r.source.header.name == s.header.name)
-            {
+            // versions of one rule may coexist when their validity does not overlap
+            if let Some(other) = rules.iter().find(|r: &&Rule| {
+                let (a, b) = (&r.source.header, &s.header);
+                a.name == b.name
+                    && (a.version == b.version
+                        || (a.valid_from.unwrap_or(Millis::MIN)
+                            < b.valid_to.unwrap_or(Millis::MAX)
+                            && b.valid_from.unwrap_or(Millis::MIN)
+                                < a.valid_to.unwrap_or(Millis::MAX)))
+            }) {
                 return Err(RuleError::Sql {
                     file,
-                    msg: format!("duplicate rule name {:?}", s.header.name),
+                    msg: format!(
+                        "rule {:?} version {} overlaps {} (version {}): versions of a rule need the same name, distinct versions and valid_from/valid_to ranges that do not overlap",
+                        s.header.name,
+                        s.header.version,
+                        other.source.path.display(),
+                        other.source.header.version
+                    ),
                 });
             }
             let opts = SQLOptions::new()
@@ -837,6 +918,57 @@ mod tests {
             .await
             .expect("eval");
         assert!(adj[0].adjustment && adj[0].id != v[0].id);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn hopping_windows_and_validity_are_checked_where_they_are_written() {
+        let parse = |h: &str| {
+            parse_rule(
+                Path::new("rules/r.sql"),
+                &format!("-- name: r\n-- version: 1\n-- currency: USD\n{h}SELECT 1"),
+            )
+        };
+        let ok = parse("-- window: 1h\n-- slide: 15m\n-- valid_from: 2026-04-01T00:00:00Z\n")
+            .expect("hopping rule");
+        assert_eq!((ok.header.slide, ok.header.hops()), (900_000, 4));
+        let from = meterflow_types::time::parse_rfc3339("2026-04-01T00:00:00Z").expect("t");
+        assert!(!ok.header.applies(from - 900_000) && ok.header.applies(from));
+        let e = parse("-- window: 1h\n-- slide: 25m\n").expect_err("25m does not divide 1h");
+        assert!(e.to_string().contains("rules/r.sql:5"), "{e}");
+        let e = parse("-- window: 1h\n-- valid_from: 2026-04-02T00:00:00Z\n-- valid_to: 2026-04-01T00:00:00Z\n")
+            .expect_err("empty validity");
+        assert!(e.to_string().contains("valid_to"), "{e}");
+        let e = parse("-- window: 1h\n-- valid_from: 2026-04-01T00:30:00Z\n")
+            .expect_err("not on a window start");
+        assert!(e.to_string().contains("window start"), "{e}");
+        // two versions of a rule: fine when their validity does not overlap
+        let v = |n: i32, h: &str| {
+            parse_rule(
+                Path::new(&format!("rules/v{n}.sql")),
+                &format!("-- name: p\n-- version: {n}\n-- window: 1h\n-- currency: USD\n{h}SELECT entity_id, 'u' AS unit, 1 AS quantity, 1 AS unit_price, 1 AS amount FROM usage"),
+            )
+            .expect("parses")
+        };
+        let split = "2026-04-01T00:00:00Z";
+        Engine::new(
+            vec![
+                v(1, &format!("-- valid_to: {split}\n")),
+                v(2, &format!("-- valid_from: {split}\n")),
+            ],
+            64 << 20,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("disjoint versions load");
+        let err = Engine::new(
+            vec![v(1, ""), v(2, &format!("-- valid_from: {split}\n"))],
+            64 << 20,
+            Duration::from_secs(5),
+        )
+        .await
+        .err()
+        .expect("overlapping versions refused");
+        assert!(err.to_string().contains("rules/v1.sql"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
