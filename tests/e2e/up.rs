@@ -359,6 +359,34 @@ fn rules_test_checks_every_rule_against_its_golden_file() {
         String::from_utf8_lossy(&ok.stderr)
     );
     assert!(out.contains("3 rule(s) match"), "{out}");
+    // the pricing-model examples (flat, graduated and volume tiers from a rate card,
+    // package, minimum commitment) against theirs
+    let ex = run(&rules.join("examples"));
+    let out = String::from_utf8_lossy(&ex.stdout);
+    assert!(
+        ex.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&ex.stderr)
+    );
+    assert!(out.contains("5 rule(s) match"), "{out}");
+    // a changed rate card changes the price: the tiers come from the table, not the SQL
+    let tmp = tempfile::tempdir().expect("tmp");
+    for f in ["tiered_volume.sql", "tiered_volume.golden.json"] {
+        std::fs::copy(rules.join("examples").join(f), tmp.path().join(f)).expect("copy");
+    }
+    std::fs::write(
+        tmp.path().join("tiers.csv"),
+        "tier,from_units,to_units,unit_price\n1,0,100,0.050\n2,100,1000,0.030\n3,1000,,0.020\n",
+    )
+    .expect("tiers");
+    let changed = run(tmp.path());
+    assert!(!changed.status.success());
+    let err = String::from_utf8_lossy(&changed.stdout).to_string()
+        + &String::from_utf8_lossy(&changed.stderr);
+    assert!(
+        err.contains("tiered_volume") && err.contains("entity c"),
+        "{err}"
+    );
 
     // a wrong expectation fails, naming the rule and the entity
     let tmp = tempfile::tempdir().expect("tmp");
@@ -378,7 +406,9 @@ fn rules_test_checks_every_rule_against_its_golden_file() {
     let out = String::from_utf8_lossy(&bad.stdout);
     assert!(!bad.status.success(), "{out}");
     assert!(
-        out.contains("vcpu_hours.sql: entity acme: got quantity 2 amount 0.072"),
+        out.contains(
+            "vcpu_hours.sql: entity acme: got [quantity 2 amount 0.072], expected [quantity 2 amount 0.073]"
+        ),
         "{out}"
     );
     assert!(out.contains("memory_gb_hours.sql: no golden file"), "{out}");

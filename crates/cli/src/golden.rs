@@ -10,7 +10,7 @@
 //! defaults to the whole window.
 
 use anyhow::{Context, Result};
-use meterflow_rater::rules::{load_dir, Engine};
+use meterflow_rater::rules::Engine;
 use meterflow_types::{Dec, Usage};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -58,9 +58,8 @@ struct Expected {
 /// Runs every golden file; returns the number of rules checked, or an error that names
 /// each rule that failed and why.
 pub async fn run(dir: &Path) -> Result<usize> {
-    let sources = load_dir(dir)?;
-    let paths: Vec<_> = sources.iter().map(|s| s.path.clone()).collect();
-    let engine = Engine::new(sources, 256 << 20, Duration::from_secs(10)).await?;
+    let engine = Engine::load(dir, 256 << 20, Duration::from_secs(10)).await?;
+    let paths: Vec<_> = engine.rules.iter().map(|r| r.source.path.clone()).collect();
     let mut failures = Vec::new();
     for (idx, path) in paths.iter().enumerate() {
         let name = path.display().to_string();
@@ -121,8 +120,18 @@ pub async fn run(dir: &Path) -> Result<usize> {
         if got == want {
             println!("ok    {name} ({} events)", got.len());
         } else {
-            let g: BTreeMap<_, _> = got.iter().map(|e| (&e.entity_id, e)).collect();
-            let w: BTreeMap<_, _> = want.iter().map(|e| (&e.entity_id, e)).collect();
+            // per entity: a rule may emit several events for one (tiers, shortfalls)
+            let by_entity = |v: &[Expected]| {
+                let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for e in v {
+                    m.entry(e.entity_id.clone())
+                        .or_default()
+                        .push(format!("quantity {} amount {}", e.quantity, e.amount));
+                }
+                m
+            };
+            let (g, w) = (by_entity(&got), by_entity(&want));
+            let before = failures.len();
             for k in g
                 .keys()
                 .chain(w.keys())
@@ -130,13 +139,21 @@ pub async fn run(dir: &Path) -> Result<usize> {
             {
                 match (g.get(k), w.get(k)) {
                     (Some(a), Some(b)) if a != b => failures.push(format!(
-                        "{name}: entity {k}: got quantity {} amount {}, expected quantity {} amount {}",
-                        a.quantity, a.amount, b.quantity, b.amount
+                        "{name}: entity {k}: got [{}], expected [{}]",
+                        a.join("; "),
+                        b.join("; ")
                     )),
-                    (Some(_), None) => failures.push(format!("{name}: entity {k}: unexpected event")),
-                    (None, Some(_)) => failures.push(format!("{name}: entity {k}: expected event missing")),
+                    (Some(_), None) => {
+                        failures.push(format!("{name}: entity {k}: unexpected event"))
+                    }
+                    (None, Some(_)) => {
+                        failures.push(format!("{name}: entity {k}: expected event missing"))
+                    }
                     _ => {}
                 }
+            }
+            if failures.len() == before {
+                failures.push(format!("{name}: events differ"));
             }
         }
     }

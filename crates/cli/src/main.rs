@@ -144,12 +144,19 @@ fn main() -> Result<()> {
             Cmd::Rules {
                 cmd: RulesCmd::Check { dir },
             } => {
-                let sources = meterflow_rater::rules::load_dir(&dir)?;
-                let n = sources.len();
                 let e =
-                    meterflow_rater::rules::Engine::new(sources, 64 << 20, Duration::from_secs(10))
+                    meterflow_rater::rules::Engine::load(&dir, 64 << 20, Duration::from_secs(10))
                         .await
                         .context("rules check failed")?;
+                let n = e.rules.len();
+                for t in &e.tables {
+                    println!(
+                        "ok  {}  table {} ({} columns)",
+                        t.source.path.display(),
+                        t.source.name,
+                        t.table.columns().fields().len()
+                    );
+                }
                 for r in &e.rules {
                     let h = &r.source.header;
                     println!(

@@ -14,6 +14,7 @@
 //! checkpointed position, and so rebuilds exactly the open windows.
 
 pub mod rules;
+pub mod tables;
 
 use anyhow::{Context, Result};
 use meterflow_avro::UsageMsg;
@@ -171,8 +172,9 @@ fn closed(w_end: Millis, lateness: Millis, watermark: Option<Millis>) -> bool {
 }
 
 pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
-    let sources = rules::load_dir(&cfg.rules_dir)?;
-    let engine = Engine::new(sources, cfg.memory_limit_mb << 20, cfg.eval_timeout).await?;
+    let mut engine =
+        Engine::load(&cfg.rules_dir, cfg.memory_limit_mb << 20, cfg.eval_timeout).await?;
+    let mut tables_checked = std::time::Instant::now();
     let ruleset = engine.ruleset_id();
     tracing::info!(rules = engine.rules.len(), %ruleset, "rules compiled");
     ensure_topics(&cfg.kafka).await?;
@@ -266,6 +268,17 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     );
                 }
                 parts.insert(p, PartState::new(nrules, cp));
+            }
+        }
+        // reference tables changed on disk: new contents for the windows that close next
+        if tables_checked.elapsed() >= Duration::from_secs(2) {
+            tables_checked = std::time::Instant::now();
+            let (reloaded, refused) = engine.reload_tables();
+            for t in reloaded {
+                tracing::info!(table = %t, "reference table reloaded");
+            }
+            for e in refused {
+                tracing::error!(error = %e, "reference table not reloaded");
             }
         }
         let mut out: Vec<RatedEvent> = Vec::new();

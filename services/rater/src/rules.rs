@@ -34,6 +34,8 @@ pub enum RuleError {
     },
     #[error("{file}: {msg}")]
     Sql { file: String, msg: String },
+    #[error("{file}: {msg}")]
+    Table { file: String, msg: String },
     #[error("{file}: output column {column}: {msg}")]
     Contract {
         file: String,
@@ -128,7 +130,13 @@ pub fn parse_rule(path: &Path, text: &str) -> Result<RuleSource, RuleError> {
                         }
                         currency = Some(v.to_string())
                     }
-                    "description" => description = v.to_string(),
+                    "description" => {
+                        // a long description may continue over several header lines
+                        if !description.is_empty() {
+                            description.push(' ');
+                        }
+                        description.push_str(v)
+                    }
                     other => return Err(err(i + 1, format!("unknown header key {other:?} (name, version, window, slide, lateness, currency, description, valid_from, valid_to)"))),
                 }
             }
@@ -441,6 +449,8 @@ pub struct Engine {
     table: Arc<Mutex<Current>>,
     pub rules: Vec<Rule>,
     pub eval_timeout: Duration,
+    /// Reference tables the rules may join.
+    pub tables: Vec<crate::tables::Loaded>,
 }
 
 const REQUIRED: [(&str, bool); 5] = [
@@ -483,6 +493,41 @@ impl Engine {
         memory_limit: usize,
         eval_timeout: Duration,
     ) -> Result<Engine, RuleError> {
+        Engine::with_tables(sources, Vec::new(), memory_limit, eval_timeout).await
+    }
+
+    /// The rules and every reference table in `dir`.
+    pub async fn load(
+        dir: &Path,
+        memory_limit: usize,
+        eval_timeout: Duration,
+    ) -> Result<Engine, RuleError> {
+        let sources = load_dir(dir)?;
+        let tables = crate::tables::find_tables(dir)?;
+        Engine::with_tables(sources, tables, memory_limit, eval_timeout).await
+    }
+
+    /// Re-read reference tables whose files changed; returns what was reloaded and what
+    /// was refused (the refused keep their old contents).
+    pub fn reload_tables(&mut self) -> (Vec<String>, Vec<RuleError>) {
+        let mut done = Vec::new();
+        let mut errors = Vec::new();
+        for t in &mut self.tables {
+            match t.reload() {
+                Ok(true) => done.push(t.source.name.clone()),
+                Ok(false) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        (done, errors)
+    }
+
+    pub async fn with_tables(
+        sources: Vec<RuleSource>,
+        tables: Vec<crate::tables::TableSource>,
+        memory_limit: usize,
+        eval_timeout: Duration,
+    ) -> Result<Engine, RuleError> {
         let mut config = SessionConfig::new()
             .with_target_partitions(1)
             .with_information_schema(false);
@@ -507,6 +552,13 @@ impl Engine {
             }),
         )
         .map_err(|e| RuleError::Io(e.to_string()))?;
+        let mut loaded = Vec::new();
+        for t in tables {
+            let l = crate::tables::Loaded::load(t)?;
+            ctx.register_table(l.source.name.as_str(), l.table.clone())
+                .map_err(|e| RuleError::Io(e.to_string()))?;
+            loaded.push(l);
+        }
         let mut rules = Vec::new();
         for s in sources {
             let file = s.path.display().to_string();
@@ -586,6 +638,7 @@ impl Engine {
         Ok(Engine {
             ctx,
             table,
+            tables: loaded,
             rules,
             eval_timeout,
         })
@@ -969,6 +1022,20 @@ mod tests {
         .err()
         .expect("overlapping versions refused");
         assert!(err.to_string().contains("rules/v1.sql"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_readme_example_rule_loads() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+                .expect("README");
+        let start = readme.find("```sql\n").expect("an sql block") + 7;
+        let len = readme[start..].find("```").expect("closed");
+        let src = parse_rule(Path::new("README.md"), &readme[start..start + len]).expect("parses");
+        assert_eq!(src.header.name, "vcpu_hours");
+        Engine::new(vec![src], 64 << 20, Duration::from_secs(5))
+            .await
+            .expect("compiles");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
