@@ -666,3 +666,57 @@ fn a_collector_killed_twice_mid_run_neither_loses_nor_repeats_usage() {
     Settled::read(&p.out).assert_matches(&run, DAY);
     p.stop();
 }
+
+#[test]
+fn a_rule_failing_at_run_time_is_quarantined_and_the_others_bill_exactly() {
+    let run = two_days(21);
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    let rules = tempfile::tempdir().expect("tmp");
+    for e in std::fs::read_dir(&shipped).expect("rules") {
+        let path = e.expect("entry").path();
+        if path.extension().is_some_and(|x| x == "sql") {
+            std::fs::copy(&path, rules.path().join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    // valid SQL that divides by zero only when it runs
+    std::fs::write(
+        rules.path().join("broken.sql"),
+        "-- name: broken\n-- version: 3\n-- window: 1h\n-- currency: USD\n\
+         SELECT entity_id, 'x' AS unit, SUM(vcpu_seconds) AS quantity, 1.0 AS unit_price,\n\
+         SUM(vcpu_seconds) / (COUNT(*) - COUNT(*)) AS amount FROM usage GROUP BY entity_id\n",
+    )
+    .expect("rule");
+    let mut p = Pipeline::start_with_rules(
+        run.clone(),
+        36_000,
+        "day",
+        &["settler", "rater", "enricher"],
+        rules.path(),
+    );
+    p.start_collector();
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    // the healthy rules bill to the cent; the broken one bills nothing
+    Settled::read(&p.out).assert_matches(&run, DAY);
+    let failed: Vec<DlqRecord> = read_table(
+        &p.kafka,
+        &[&p.kafka.topics.dlq],
+        &HashMap::new(),
+        Duration::from_secs(30),
+    )
+    .expect("dlq")
+    .into_iter()
+    .filter_map(|r| meterflow_avro::decode::<DlqRecord>(&r.payload?).ok())
+    .filter(|d| d.reason_code == "rule_failed")
+    .collect();
+    assert_eq!(failed.len(), 1, "reported once: {failed:?}");
+    let d = &failed[0];
+    assert_eq!(
+        (d.stage.as_str(), d.topic.as_str()),
+        ("rater", "meterflow.usage")
+    );
+    assert_eq!(d.key.as_deref(), Some(&b"broken"[..]));
+    assert!(d.reason.contains("broken@3"), "{}", d.reason);
+    assert!(String::from_utf8_lossy(&d.payload).contains("COUNT(*) - COUNT(*)"));
+    assert!(p.rater.log().contains("rule quarantined"));
+    p.stop();
+}

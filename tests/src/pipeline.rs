@@ -54,6 +54,17 @@ impl Pipeline {
     /// Like `start`, launching only the named stages; the others are prepared and can be
     /// started later with `launch` on their `Proc`.
     pub fn start_stages(run: FleetRun, speed: u32, period: &str, stages: &[&str]) -> Pipeline {
+        Pipeline::start_with_rules(run, speed, period, stages, &rules_dir())
+    }
+
+    /// Like `start_stages`, with the rater reading the rules in `rules`.
+    pub fn start_with_rules(
+        run: FleetRun,
+        speed: u32,
+        period: &str,
+        stages: &[&str],
+        rules: &Path,
+    ) -> Pipeline {
         let dir = tempfile::tempdir().expect("tmp");
         let broker = Tansu::start(dir.path());
         let kafka = KafkaConfig {
@@ -84,10 +95,7 @@ impl Pipeline {
             "settler",
             format!("out_dir = \"{}\"\nperiod = \"{period}\"\n", out.display()),
         );
-        let rater = svc(
-            "rater",
-            format!("rules_dir = \"{}\"\n", rules_dir().display()),
-        );
+        let rater = svc("rater", format!("rules_dir = \"{}\"\n", rules.display()));
         let enricher = svc("enricher", String::new());
         Pipeline {
             dir: Some(dir),

@@ -358,9 +358,18 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                             out.extend(ev);
                                         }
                                         Err(e) => {
-                                            tracing::error!(error = %e, "rule quarantined");
                                             failed_total.inc();
                                             quarantined.insert(r);
+                                            quarantine(
+                                                &mut io,
+                                                &engine,
+                                                r,
+                                                &topics.usage,
+                                                p,
+                                                off,
+                                                &e,
+                                            )
+                                            .await?;
                                         }
                                     }
                                     continue;
@@ -407,9 +416,10 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     match engine.evaluate(r, ws, &rows, *p, None).await {
                         Ok(ev) => out.extend(ev),
                         Err(e) => {
-                            tracing::error!(error = %e, "rule quarantined");
                             failed_total.inc();
                             quarantined.insert(r);
+                            let first = win.rows.iter().map(|(o, _)| *o).min().unwrap_or(0);
+                            quarantine(&mut io, &engine, r, &topics.usage, *p, first, &e).await?;
                         }
                     }
                 }
@@ -479,6 +489,34 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A rule failed at run time: it is quarantined (the other rules go on) and reported —
+/// logged, counted, and a dead-letter record naming the rule, the window's first usage
+/// record and the error, with the rule's SQL as the payload.
+async fn quarantine(
+    io: &mut StageIo,
+    engine: &Engine,
+    r: usize,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    e: &rules::RuleError,
+) -> Result<()> {
+    let src = &engine.rules[r].source;
+    tracing::error!(rule = %src.header.name, version = src.header.version, error = %e, "rule quarantined: it prices nothing until the rater restarts with a fixed rule set");
+    io.dead_letter_at(
+        meterflow_kafka::Coordinates {
+            topic,
+            partition,
+            offset,
+            key: Some(src.header.name.as_bytes()),
+            payload: src.sql.as_bytes(),
+        },
+        "rule_failed",
+        &format!("rule {}@{}: {e}", src.header.name, src.header.version),
+    )
+    .await
 }
 
 fn load_checkpoints(cfg: &KafkaConfig, ruleset: &str) -> Result<HashMap<i32, RaterCheckpoint>> {

@@ -426,6 +426,28 @@ impl Rule {
     }
 }
 
+/// Every operator's output stream takes part in tokio's cooperative scheduling, so an
+/// evaluation yields regularly and its time limit can stop it: an operator that makes
+/// rows from memory (a cross join of the window with itself, a generated series) never
+/// waits on its input, and would otherwise run to completion whatever the limit.
+fn cooperative_everywhere(
+    plan: Arc<dyn ExecutionPlan>,
+) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+    use datafusion::physical_plan::coop::CooperativeExec;
+    let children = plan
+        .children()
+        .into_iter()
+        .map(|c| {
+            cooperative_everywhere(c.clone())
+                .map(|c| Arc::new(CooperativeExec::new(c)) as Arc<dyn ExecutionPlan>)
+        })
+        .collect::<datafusion::error::Result<Vec<_>>>()?;
+    if children.is_empty() {
+        return Ok(plan);
+    }
+    plan.with_new_children(children)
+}
+
 /// The `usage` columns an optimized plan scans.
 fn scanned_columns(plan: &LogicalPlan) -> Vec<usize> {
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
@@ -684,7 +706,9 @@ impl Engine {
         };
         let run = async {
             let df = self.ctx.execute_logical_plan(rule.plan.clone()).await?;
-            df.collect().await
+            let task = Arc::new(df.task_ctx());
+            let physical = cooperative_everywhere(df.create_physical_plan().await?)?;
+            datafusion::physical_plan::collect(physical, task).await
         };
         let out = tokio::time::timeout(self.eval_timeout, run)
             .await
@@ -1022,6 +1046,49 @@ mod tests {
         .err()
         .expect("overlapping versions refused");
         assert!(err.to_string().contains("rules/v1.sql"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expensive_rules_are_bounded_by_the_memory_pool_and_the_time_limit() {
+        let cases = [
+            // a cross-join bomb: 2,000³ rows
+            "SELECT a.entity_id, 'x' AS unit, COUNT(*) AS quantity, 1 AS unit_price, COUNT(*) AS amount \
+             FROM usage a, usage b, usage c GROUP BY a.entity_id",
+            // a huge generated series
+            "SELECT 'e' AS entity_id, 'x' AS unit, SUM(value) AS quantity, 1 AS unit_price, SUM(value) AS amount \
+             FROM generate_series(1, 1000000000000)",
+            // a sort that must hold a cross join in memory
+            "SELECT a.entity_id, 'x' AS unit, 1 AS quantity, 1 AS unit_price, 1 AS amount \
+             FROM usage a, usage b ORDER BY a.id_text, b.id_text",
+        ];
+        let rows: Vec<Usage> = (0..2000)
+            .map(|i| usage(&format!("e{}", i % 10), "1", i, 0))
+            .collect();
+        let refs: Vec<&Usage> = rows.iter().collect();
+        for sql in cases {
+            let sql = sql.replace("id_text", "instance_id");
+            let text =
+                format!("-- name: heavy\n-- version: 1\n-- window: 1h\n-- currency: USD\n{sql}\n");
+            let src = parse_rule(Path::new("rules/heavy.sql"), &text).expect("header parses");
+            let e = match Engine::new(vec![src], 16 << 20, Duration::from_secs(2)).await {
+                Err(e) => {
+                    // refused at load is as good, if it says where
+                    assert!(e.to_string().contains("rules/heavy.sql"), "{e}");
+                    continue;
+                }
+                Ok(e) => e,
+            };
+            let err = e
+                .evaluate(0, 0, &refs, 0, None)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("ran to completion: {sql}"));
+            let msg = err.to_string();
+            assert!(
+                msg.contains("time limit") || msg.to_lowercase().contains("resources exhausted"),
+                "{sql}: {msg}"
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
