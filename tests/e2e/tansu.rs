@@ -720,3 +720,86 @@ fn a_rule_failing_at_run_time_is_quarantined_and_the_others_bill_exactly() {
     assert!(p.rater.log().contains("rule quarantined"));
     p.stop();
 }
+
+#[test]
+fn batch_rerating_of_the_recorded_usage_gives_the_streams_revenue_events() {
+    let run = two_days(22);
+    let mut p = Pipeline::start(run.clone(), 36_000, "day");
+    p.start_collector();
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    let dir = p.path();
+    let meterflow = |args: &[&str]| {
+        let out = std::process::Command::new(meterflow_tests::bin("meterflow"))
+            .args(args)
+            .env("METERFLOW_LOG", "warn")
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let usage = dir.join("usage.parquet");
+    let said = meterflow(&[
+        "usage",
+        "export",
+        "--brokers",
+        &p.kafka.brokers,
+        "--out",
+        usage.to_str().expect("utf8"),
+    ]);
+    assert!(said.contains("watermark markers written"), "{said}");
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    let out = dir.join("rerated");
+    let said = meterflow(&[
+        "rerate",
+        "--usage",
+        usage.to_str().expect("utf8"),
+        "--rules",
+        rules.to_str().expect("utf8"),
+        "--out",
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(said.contains("revenue events"), "{said}");
+    let batch: BTreeMap<String, RatedEvent> =
+        meterflow_rater::batch::read_rated(&out.join("rated.parquet"))
+            .expect("rated.parquet")
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
+    let mut stream: BTreeMap<String, RatedEvent> = BTreeMap::new();
+    for r in read_table(
+        &p.kafka,
+        &[&p.kafka.topics.rated],
+        &HashMap::new(),
+        Duration::from_secs(30),
+    )
+    .expect("rated topic")
+    {
+        if let Ok(meterflow_avro::RatedMsg::Rated(e)) =
+            meterflow_avro::decode_rated_msg(r.payload.as_deref().unwrap_or_default())
+        {
+            if let Some(prev) = stream.insert(e.id.clone(), e.clone()) {
+                assert_eq!(prev, e, "a replayed event is identical");
+            }
+        }
+    }
+    assert!(stream.len() > 100, "{} events", stream.len());
+    let only_stream: Vec<_> = stream.keys().filter(|k| !batch.contains_key(*k)).collect();
+    let only_batch: Vec<_> = batch.keys().filter(|k| !stream.contains_key(*k)).collect();
+    assert!(
+        only_stream.is_empty() && only_batch.is_empty(),
+        "{} only in the stream (first {:?}), {} only in the batch (first {:?})",
+        only_stream.len(),
+        only_stream.first().map(|k| &stream[*k]),
+        only_batch.len(),
+        only_batch.first().map(|k| &batch[*k])
+    );
+    for (id, e) in &stream {
+        assert_eq!(&batch[id], e, "event {id}");
+    }
+    p.stop();
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 mod audit;
 mod golden;
 mod ownership;
+mod rerate;
 mod up;
 
 #[derive(Parser)]
@@ -60,6 +61,13 @@ enum Cmd {
     },
     /// What is held back: usage parked for want of an owner, and missing nodes.
     Audit(audit::AuditArgs),
+    /// Recorded usage: export the usage topic to Parquet.
+    Usage {
+        #[command(subcommand)]
+        cmd: rerate::UsageCmd,
+    },
+    /// Apply rules to recorded usage in batch (the stream's windows and event ids).
+    Rerate(rerate::RerateArgs),
     /// Check rule files: parse, plan, check the output contract.
     Rules {
         #[command(subcommand)]
@@ -89,6 +97,8 @@ fn main() -> Result<()> {
             Cmd::Up(a) => up::run(a).await,
             Cmd::Ownership { cmd } => ownership::run(cmd).await,
             Cmd::Audit(a) => tokio::task::block_in_place(|| audit::run(a)),
+            Cmd::Usage { cmd } => tokio::task::block_in_place(|| rerate::export(cmd)),
+            Cmd::Rerate(a) => rerate::run(a).await,
             Cmd::Collect {
                 once,
                 print,

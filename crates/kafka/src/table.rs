@@ -134,6 +134,17 @@ fn read_to_end(
     Ok(v)
 }
 
+/// Every record of `topic` from the beginning to the end, handed to `on_record` one at a
+/// time (nothing is held): for exports of whole topics.
+pub fn scan_topic(
+    cfg: &KafkaConfig,
+    topic: &str,
+    timeout: Duration,
+    on_record: impl FnMut(TableRecord),
+) -> Result<Vec<(i32, i64)>> {
+    read_to_end(cfg, topic, |_| 0, Instant::now() + timeout, on_record)
+}
+
 /// End offset (next offset to be written) of every partition of `topic`.
 pub fn high_watermarks(cfg: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64)>> {
     let c = reader(cfg, "meterflow-hwm")?;

@@ -13,6 +13,7 @@
 //! the committed offset, skips records of windows the checkpoint shows closed up to the
 //! checkpointed position, and so rebuilds exactly the open windows.
 
+pub mod batch;
 pub mod rules;
 pub mod tables;
 
@@ -114,7 +115,7 @@ pub fn split_usage(u: &Usage, w: Tumbling) -> Vec<(Millis, Usage)> {
 }
 
 /// A usage id as 128 bits (ids are 32 hex digits; anything else is hashed).
-fn id_key(id: &str) -> u128 {
+pub(crate) fn id_key(id: &str) -> u128 {
     u128::from_str_radix(id, 16).unwrap_or_else(|_| {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -533,7 +534,7 @@ fn load_checkpoints(cfg: &KafkaConfig, ruleset: &str) -> Result<HashMap<i32, Rat
 }
 
 /// A usage record's pieces, one per window it overlaps: (window start, piece).
-type Pieces = Vec<(Millis, std::sync::Arc<Usage>)>;
+pub(crate) type Pieces = Vec<(Millis, std::sync::Arc<Usage>)>;
 
 #[cfg(test)]
 mod tests {

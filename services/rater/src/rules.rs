@@ -419,6 +419,10 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// The `usage` columns the rule reads (indices into `usage_schema()`).
+    pub fn columns(&self) -> &[usize] {
+        &self.columns
+    }
     /// Whether the rule reads the `labels` column.
     pub fn reads_labels(&self) -> bool {
         let labels = usage_schema().fields().len() - 1;
@@ -445,7 +449,7 @@ fn cooperative_everywhere(
     if children.is_empty() {
         return Ok(plan);
     }
-    plan.with_new_children(children)
+    datafusion::physical_plan::replace_children_if_necessary(plan, children)
 }
 
 /// The `usage` columns an optimized plan scans.
