@@ -801,5 +801,46 @@ fn batch_rerating_of_the_recorded_usage_gives_the_streams_revenue_events() {
     for (id, e) in &stream {
         assert_eq!(&batch[id], e, "event {id}");
     }
+    // rules diff: a candidate that doubles the vCPU price moves each entity by exactly
+    // its vCPU amount
+    let candidate = dir.join("candidate");
+    std::fs::create_dir_all(&candidate).expect("dir");
+    for f in ["memory_gb_hours.sql", "network_egress_gb.sql"] {
+        std::fs::copy(rules.join(f), candidate.join(f)).expect("copy");
+    }
+    let vcpu = std::fs::read_to_string(rules.join("vcpu_hours.sql"))
+        .expect("rule")
+        .replace("-- version: 1", "-- version: 2")
+        .replace("0.036 AS unit_price", "0.072 AS unit_price")
+        .replace("* 0.00001 AS amount", "* 0.00002 AS amount");
+    std::fs::write(candidate.join("vcpu_hours.sql"), vcpu).expect("write");
+    let said = meterflow(&[
+        "rules",
+        "diff",
+        "--candidate",
+        candidate.to_str().expect("utf8"),
+        "--active",
+        rules.to_str().expect("utf8"),
+        "--usage",
+        usage.to_str().expect("utf8"),
+        "--json",
+    ]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&said).expect("json");
+    let mut vcpu_amount: BTreeMap<String, meterflow_types::Dec> = BTreeMap::new();
+    for e in stream.values().filter(|e| e.rule_id == "vcpu_hours") {
+        let t = vcpu_amount
+            .entry(e.entity_id.clone())
+            .or_insert(meterflow_types::Dec::ZERO);
+        *t = t.checked_add(e.amount).expect("sum");
+    }
+    assert_eq!(rows.len(), vcpu_amount.len(), "{said}");
+    for r in &rows {
+        let e = r["entity_id"].as_str().expect("entity");
+        assert_eq!(
+            r["difference"].as_str(),
+            Some(vcpu_amount[e].to_string().as_str()),
+            "{e}: {said}"
+        );
+    }
     p.stop();
 }

@@ -84,6 +84,9 @@ enum RulesCmd {
     Test {
         dir: PathBuf,
     },
+    /// Replay recorded usage through the candidate and the active rules and print the
+    /// revenue difference per entity.
+    Diff(rerate::DiffArgs),
 }
 
 fn main() -> Result<()> {
@@ -144,6 +147,9 @@ fn main() -> Result<()> {
                     meterflow_collector::run(cfg, ctx).await
                 }
             }
+            Cmd::Rules {
+                cmd: RulesCmd::Diff(a),
+            } => rerate::diff(a).await,
             Cmd::Rules {
                 cmd: RulesCmd::Test { dir },
             } => {

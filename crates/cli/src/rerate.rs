@@ -6,11 +6,10 @@ use anyhow::{Context, Result};
 use meterflow_avro::UsageMsg;
 use meterflow_kafka::KafkaConfig;
 use meterflow_rater::batch::{
-    count_rows, has_markers, needed_columns, read_usage_file, usage_files, usage_rows, RatedWriter,
-    Rerate, Row, UsageWriter,
+    count_rows, rerate_files, usage_files, RatedWriter, Row, UsageWriter,
 };
 use meterflow_rater::rules::Engine;
-use meterflow_types::{Dec, RatedEvent};
+use meterflow_types::Dec;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -100,8 +99,22 @@ pub struct Rerated {
     pub totals: BTreeMap<(String, String), Dec>,
 }
 
+/// One rule engine per core, for as many workers.
+async fn engines(rules: &std::path::Path, memory_mb: usize) -> Result<Vec<Engine>> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(
+            Engine::load(rules, memory_mb << 20, Duration::from_secs(600))
+                .await
+                .with_context(|| format!("rules in {}", rules.display()))?,
+        );
+    }
+    Ok(v)
+}
+
 pub async fn rerate(a: &RerateArgs, progress: bool) -> Result<Rerated> {
-    let engine = Engine::load(&a.rules, a.memory_mb << 20, Duration::from_secs(600)).await?;
+    let engines = engines(&a.rules, a.memory_mb).await?;
     let files = usage_files(&a.usage)?;
     let total = count_rows(&files)?;
     std::fs::create_dir_all(&a.out)?;
@@ -118,40 +131,25 @@ pub async fn rerate(a: &RerateArgs, progress: bool) -> Result<Rerated> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let cols = needed_columns(&engine);
     let mut totals: BTreeMap<(String, String), Dec> = BTreeMap::new();
-    let mut add = |ev: &[RatedEvent]| -> Result<()> {
-        for e in ev {
-            let t = totals
-                .entry((e.entity_id.clone(), e.currency.clone()))
-                .or_insert(Dec::ZERO);
-            *t = t.checked_add(e.amount)?;
-        }
-        Ok(())
-    };
-    let marked = has_markers(&files)?;
-    let mut r = Rerate::new(
-        &engine,
-        marked,
-        a.max_disorder.as_millis() as i64,
-        a.dedup_horizon.as_millis() as i64,
-    );
-    for f in &files {
-        for b in read_usage_file(f, &cols)? {
-            let rows = usage_rows(&b?, f)?;
-            let n = rows.len() as u64;
-            for row in rows {
-                r.push(row).await?;
-            }
-            let ev = r.take_events();
-            add(&ev)?;
-            writer.write(&ev)?;
-            bar.inc(n);
-        }
-    }
-    let (ev, usage, duplicates) = r.finish().await?;
-    add(&ev)?;
-    writer.write(&ev)?;
+    let (usage, duplicates) = tokio::task::block_in_place(|| {
+        rerate_files(
+            &engines,
+            &files,
+            a.max_disorder.as_millis() as i64,
+            a.dedup_horizon.as_millis() as i64,
+            |n| bar.inc(n),
+            |ev| {
+                for e in ev {
+                    let t = totals
+                        .entry((e.entity_id.clone(), e.currency.clone()))
+                        .or_insert(Dec::ZERO);
+                    *t = t.checked_add(e.amount)?;
+                }
+                writer.write(ev)
+            },
+        )
+    })?;
     let events = writer.finish()?;
     bar.finish_and_clear();
     Ok(Rerated {
@@ -180,5 +178,95 @@ pub async fn run(a: RerateArgs) -> Result<()> {
     for ((e, c), amount) in &r.totals {
         println!("{e:<24} {c:<8} {:>24}", amount.to_string());
     }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct DiffArgs {
+    /// The rules (and reference tables) proposed.
+    #[arg(long)]
+    pub candidate: PathBuf,
+    /// The rules in force (default: the shipped `rules/`).
+    #[arg(long, default_value = "rules")]
+    pub active: PathBuf,
+    /// Recorded usage to replay (`meterflow usage export`), files or directories.
+    #[arg(long, required = true, num_args = 1..)]
+    pub usage: Vec<PathBuf>,
+    #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
+    pub max_disorder: Duration,
+    /// One JSON document instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Σ amount per (entity, currency) of a rule set over recorded usage.
+async fn totals(
+    rules: &std::path::Path,
+    files: &[PathBuf],
+    max_disorder: Duration,
+) -> Result<BTreeMap<(String, String), Dec>> {
+    let engines = engines(rules, 1024).await?;
+    let mut t: BTreeMap<(String, String), Dec> = BTreeMap::new();
+    tokio::task::block_in_place(|| {
+        rerate_files(
+            &engines,
+            files,
+            max_disorder.as_millis() as i64,
+            2 * 3600 * 1000,
+            |_| {},
+            |ev| {
+                for e in ev {
+                    let x = t
+                        .entry((e.entity_id.clone(), e.currency.clone()))
+                        .or_insert(Dec::ZERO);
+                    *x = x.checked_add(e.amount)?;
+                }
+                Ok(())
+            },
+        )
+    })?;
+    Ok(t)
+}
+
+/// `meterflow rules diff`: the revenue difference per entity between two rule sets on the
+/// same recorded usage. Exit code 0 either way: a difference is the answer, not an error.
+pub async fn diff(a: DiffArgs) -> Result<()> {
+    let files = usage_files(&a.usage)?;
+    let active = totals(&a.active, &files, a.max_disorder).await?;
+    let candidate = totals(&a.candidate, &files, a.max_disorder).await?;
+    let keys: std::collections::BTreeSet<&(String, String)> =
+        active.keys().chain(candidate.keys()).collect();
+    let mut rows = Vec::new();
+    for k in keys {
+        let x = active.get(k).copied().unwrap_or(Dec::ZERO);
+        let y = candidate.get(k).copied().unwrap_or(Dec::ZERO);
+        let d = y.checked_sub(x)?;
+        rows.push((k.0.clone(), k.1.clone(), x, y, d));
+    }
+    if a.json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(e, c, x, y, d)| {
+                serde_json::json!({"entity_id": e, "currency": c, "active": x.to_string(),
+                    "candidate": y.to_string(), "difference": d.to_string()})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<8} {:>20} {:>20} {:>20}",
+        "entity", "currency", "active", "candidate", "difference"
+    );
+    for (e, c, x, y, d) in &rows {
+        println!(
+            "{e:<24} {c:<8} {:>20} {:>20} {:>20}",
+            x.to_string(),
+            y.to_string(),
+            d.to_string()
+        );
+    }
+    let changed = rows.iter().filter(|r| r.4 != Dec::ZERO).count();
+    println!("{changed} of {} entities change", rows.len());
     Ok(())
 }

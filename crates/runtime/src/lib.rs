@@ -34,6 +34,20 @@ impl Default for Ctx {
     }
 }
 
+/// This process's peak resident set (VmHWM) in MiB, for benchmarks; 0 if unknown.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("METERFLOW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));

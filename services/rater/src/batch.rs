@@ -452,10 +452,36 @@ pub fn read_usage_file(
     Ok(r.map(|b| b.map_err(anyhow::Error::from)))
 }
 
+/// Hashes (usage id key, pane) pairs: the ids are already uniformly spread (derived
+/// hashes), so folding them is enough and much cheaper than SipHash on 43M rows.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 ^= (v as u64) ^ ((v >> 64) as u64);
+        self.0 = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_i64(&mut self, v: i64) {
+        self.0 ^= v as u64;
+        self.0 = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Keys = HashSet<(u128, Millis), std::hash::BuildHasherDefault<KeyHasher>>;
+
 #[derive(Default)]
 struct Win {
     rows: Vec<Arc<Usage>>,
-    keys: HashSet<(u128, Millis)>,
+    keys: Keys,
 }
 
 #[derive(Default)]
@@ -463,13 +489,15 @@ struct Part {
     /// Open windows per rule.
     windows: Vec<BTreeMap<Millis, Win>>,
     /// Keys of recently closed windows per rule, as the stream keeps them.
-    closed_keys: Vec<BTreeMap<Millis, HashSet<(u128, Millis)>>>,
+    closed_keys: Vec<BTreeMap<Millis, Keys>>,
     /// Latest marker per source partition (a recorded topic).
     sources: SourceTimes,
     /// Without markers: every window ending at or before this has been priced.
     closed_through: Millis,
     /// Latest interval end read.
     max_end: Millis,
+    /// The earliest end of an open window (no window can close before it).
+    next_due: Millis,
 }
 
 /// Batch re-rating state: feed rows with `push`, then `finish`.
@@ -488,6 +516,8 @@ pub struct Rerate<'a> {
     dedup_horizon: Millis,
     parts: HashMap<i32, Part>,
     panes: Vec<Tumbling>,
+    /// Scratch: one record's pieces per distinct pane size.
+    split: Vec<(Tumbling, crate::Pieces)>,
     keep_labels: bool,
     /// Revenue events of windows closed so far (taken with `take_events`).
     events: Vec<RatedEvent>,
@@ -514,6 +544,7 @@ impl<'a> Rerate<'a> {
                 .iter()
                 .map(|r| Tumbling::new(r.source.header.slide))
                 .collect(),
+            split: Vec::new(),
             keep_labels: engine.rules.iter().any(|r| r.reads_labels()),
             events: Vec::new(),
             usage: 0,
@@ -540,14 +571,7 @@ impl<'a> Rerate<'a> {
     }
 
     fn part(&mut self, partition: i32) -> &mut Part {
-        let nrules = self.engine.rules.len();
-        self.parts.entry(partition).or_insert_with(|| Part {
-            windows: (0..nrules).map(|_| BTreeMap::new()).collect(),
-            closed_keys: (0..nrules).map(|_| BTreeMap::new()).collect(),
-            closed_through: Millis::MIN,
-            max_end: Millis::MIN,
-            ..Default::default()
-        })
+        new_part(&mut self.parts, self.engine.rules.len(), partition)
     }
 
     async fn push_usage(&mut self, partition: i32, mut u: Usage) -> Result<()> {
@@ -555,23 +579,37 @@ impl<'a> Rerate<'a> {
         if !self.keep_labels {
             u.labels.clear();
         }
-        let nrules = self.engine.rules.len();
-        let engine = self.engine;
-        let panes = self.panes.clone();
-        let max_disorder = self.max_disorder;
-        let mut late: Vec<(usize, Millis, Arc<Usage>, String)> = Vec::new();
-        let marked = self.marked;
-        let part = self.part(partition);
-        let wm = if marked { part.sources.min() } else { None };
-        let mut split: Vec<(Tumbling, crate::Pieces)> = Vec::new();
+        let Rerate {
+            engine,
+            marked,
+            max_disorder,
+            parts,
+            panes,
+            split,
+            ..
+        } = self;
+        let engine: &Engine = engine;
+        let nrules = engine.rules.len();
+        let part = new_part(parts, nrules, partition);
+        let wm = if *marked { part.sources.min() } else { None };
         let key = id_key(&u.id);
+        let (start, end) = (u.interval_start, u.interval_end);
+        let whole = Arc::new(u);
+        let mut late: Vec<(usize, Millis, Arc<Usage>, String)> = Vec::new();
         let mut duplicates = 0;
+        split.clear();
         for (r, &pane) in panes.iter().enumerate().take(nrules) {
             if !split.iter().any(|(w, _)| *w == pane) {
-                let pieces = split_usage(&u, pane)
-                    .into_iter()
-                    .map(|(ws, p)| (ws, Arc::new(p)))
-                    .collect();
+                // a record inside one pane is shared as it is; others are split pro rata
+                let one = end <= start || pane.start_of(start) == pane.start_of(end - 1);
+                let pieces = if one {
+                    vec![(pane.start_of(start), whole.clone())]
+                } else {
+                    split_usage(&whole, pane)
+                        .into_iter()
+                        .map(|(ws, p)| (ws, Arc::new(p)))
+                        .collect()
+                };
                 split.push((pane, pieces));
             }
             let Some((_, pieces)) = split.iter().find(|(w, _)| *w == pane) else {
@@ -586,32 +624,33 @@ impl<'a> Rerate<'a> {
                     if !header.applies(ws) {
                         continue;
                     }
-                    let end = ws.saturating_add(header.window);
-                    if marked {
-                        if wm.is_some_and(|wm| end.saturating_add(header.lateness) <= wm) {
+                    let w_end = ws.saturating_add(header.window);
+                    if *marked {
+                        if wm.is_some_and(|wm| w_end.saturating_add(header.lateness) <= wm) {
                             // the stream had closed this window: a duplicate, or an adjustment
                             if !part.closed_keys[r].entry(ws).or_default().insert(k) {
                                 duplicates += 1;
                                 continue;
                             }
                             let of = if hops == 1 {
-                                u.id.clone()
+                                whole.id.clone()
                             } else {
-                                format!("{}@{ps}", u.id)
+                                format!("{}@{ps}", whole.id)
                             };
                             late.push((r, ws, piece.clone(), of));
                             continue;
                         }
-                    } else if end <= part.closed_through {
+                    } else if w_end <= part.closed_through {
                         bail!(
-                            "usage {} (partition {partition}, {}..{}) belongs to a window of rule {} that was already priced: the input is more out of order than --max-disorder ({max_disorder} ms)",
-                            u.id,
-                            u.interval_start,
-                            u.interval_end,
+                            "usage {} (partition {partition}, {start}..{end}) belongs to a window of rule {} that was already priced: the input is more out of order than --max-disorder ({max_disorder} ms)",
+                            whole.id,
                             header.name,
                         );
                     }
-                    let win = part.windows[r].entry(ws).or_default();
+                    let win = part.windows[r].entry(ws).or_insert_with(|| {
+                        part.next_due = part.next_due.min(w_end);
+                        Win::default()
+                    });
                     if win.keys.insert(k) {
                         win.rows.push(piece.clone());
                     } else {
@@ -620,8 +659,9 @@ impl<'a> Rerate<'a> {
                 }
             }
         }
-        part.max_end = part.max_end.max(u.interval_end);
-        let through = part.max_end.saturating_sub(max_disorder);
+        part.max_end = part.max_end.max(end);
+        let through = part.max_end.saturating_sub(*max_disorder);
+        let due = !*marked && through >= part.next_due;
         self.duplicates += duplicates;
         for (r, ws, piece, of) in late {
             let ev = engine
@@ -630,11 +670,10 @@ impl<'a> Rerate<'a> {
                 .with_context(|| format!("adjustment for window {ws} of partition {partition}"))?;
             self.events.extend(ev);
         }
-        if marked {
-            Ok(())
-        } else {
-            self.close(partition, Close::Through(through)).await
+        if due {
+            self.close(partition, Close::Through(through)).await?;
         }
+        Ok(())
     }
 
     /// Evaluate and drop the windows of `partition` that are due.
@@ -682,6 +721,16 @@ impl<'a> Rerate<'a> {
         if let Close::Through(t) = how {
             part.closed_through = part.closed_through.max(t);
         }
+        part.next_due = (0..engine.rules.len())
+            .filter_map(|r| {
+                let size = engine.rules[r].source.header.window;
+                part.windows[r]
+                    .keys()
+                    .next()
+                    .map(|ws| ws.saturating_add(size))
+            })
+            .min()
+            .unwrap_or(Millis::MAX);
         Ok(())
     }
 
@@ -701,12 +750,132 @@ impl<'a> Rerate<'a> {
     }
 }
 
+fn new_part(parts: &mut HashMap<i32, Part>, nrules: usize, partition: i32) -> &mut Part {
+    parts.entry(partition).or_insert_with(|| Part {
+        windows: (0..nrules).map(|_| BTreeMap::new()).collect(),
+        closed_keys: (0..nrules).map(|_| BTreeMap::new()).collect(),
+        closed_through: Millis::MIN,
+        max_end: Millis::MIN,
+        next_due: Millis::MAX,
+        ..Default::default()
+    })
+}
+
 #[derive(Clone, Copy)]
 enum Close {
     /// Windows whose end + lateness the watermark has passed.
     Watermark(Millis),
     /// Windows ending at or before this.
     Through(Millis),
+}
+
+/// Re-rate usage files: every row through `Rerate`, events handed to `on_events` as
+/// windows close, `on_rows` told how many rows were read. With several engines (one per
+/// core), usage partitions are spread over worker threads — partitions are independent
+/// in the stream too — while this thread decodes the files. Returns (usage records read,
+/// duplicates dropped).
+pub fn rerate_files(
+    engines: &[Engine],
+    files: &[PathBuf],
+    max_disorder: Millis,
+    dedup_horizon: Millis,
+    mut on_rows: impl FnMut(u64),
+    mut on_events: impl FnMut(&[RatedEvent]) -> Result<()>,
+) -> Result<(u64, u64)> {
+    let first = engines.first().context("no engine")?;
+    let marked = has_markers(files)?;
+    let cols = needed_columns(first);
+    let n = engines.len();
+    std::thread::scope(|sc| -> Result<(u64, u64)> {
+        let (ev_tx, ev_rx) = std::sync::mpsc::channel::<Vec<RatedEvent>>();
+        let mut row_txs = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n);
+        for engine in engines {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Row>>(4);
+            row_txs.push(tx);
+            let ev_tx = ev_tx.clone();
+            workers.push(sc.spawn(move || -> Result<(u64, u64)> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async {
+                    let mut r = Rerate::new(engine, marked, max_disorder, dedup_horizon);
+                    for rows in rx {
+                        for row in rows {
+                            r.push(row).await?;
+                        }
+                        let _ = ev_tx.send(r.take_events());
+                    }
+                    let (ev, usage, dups) = r.finish().await?;
+                    let _ = ev_tx.send(ev);
+                    Ok((usage, dups))
+                })
+            }));
+        }
+        drop(ev_tx);
+        let mut fed: Result<()> = Ok(());
+        'files: for f in files {
+            let batches = match read_usage_file(f, &cols) {
+                Ok(b) => b,
+                Err(e) => {
+                    fed = Err(e);
+                    break;
+                }
+            };
+            for b in batches {
+                let rows = match b.and_then(|b| usage_rows(&b, f)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        fed = Err(e);
+                        break 'files;
+                    }
+                };
+                let count = rows.len() as u64;
+                let mut per: Vec<Vec<Row>> = (0..n).map(|_| Vec::new()).collect();
+                for row in rows {
+                    let p = match &row {
+                        Row::Usage(p, _) | Row::Marker(p, _) => *p,
+                    };
+                    per[p.rem_euclid(n as i32) as usize].push(row);
+                }
+                for (tx, rows) in row_txs.iter().zip(per) {
+                    if !rows.is_empty() && tx.send(rows).is_err() {
+                        break 'files; // a worker failed: its error is reported below
+                    }
+                }
+                while let Ok(ev) = ev_rx.try_recv() {
+                    if let Err(e) = on_events(&ev) {
+                        fed = Err(e);
+                        break 'files;
+                    }
+                }
+                on_rows(count);
+            }
+        }
+        drop(row_txs);
+        let mut totals = (0, 0);
+        let mut failed = None;
+        for w in workers {
+            match w.join() {
+                Ok(Ok((u, d))) => {
+                    totals.0 += u;
+                    totals.1 += d;
+                }
+                Ok(Err(e)) => failed = Some(e),
+                Err(_) => failed = Some(anyhow::anyhow!("a re-rating worker panicked")),
+            }
+        }
+        for ev in ev_rx.try_iter() {
+            if fed.is_ok() {
+                fed = on_events(&ev);
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        fed?;
+        Ok(totals)
+    })
 }
 
 /// The revenue-event contract as Parquet columns (one per `RatedEvent` field).

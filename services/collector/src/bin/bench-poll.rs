@@ -21,18 +21,7 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        })
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
+use meterflow_runtime::peak_rss_mib;
 
 /// A containerd OCI bundle `config.json` of realistic size (about 6 KB: process, env,
 /// mounts, annotations), as the collector finds under `run/containerd/…/<id>/`.
