@@ -1061,9 +1061,9 @@ mod tests {
             // a huge generated series
             "SELECT 'e' AS entity_id, 'x' AS unit, SUM(value) AS quantity, 1 AS unit_price, SUM(value) AS amount \
              FROM generate_series(1, 1000000000000)",
-            // a sort that must hold a cross join in memory
+            // a sort that must hold a cross join in memory (8·10⁹ rows)
             "SELECT a.entity_id, 'x' AS unit, 1 AS quantity, 1 AS unit_price, 1 AS amount \
-             FROM usage a, usage b ORDER BY a.id_text, b.id_text",
+             FROM usage a, usage b, usage c ORDER BY a.id_text, b.id_text, c.id_text",
         ];
         let rows: Vec<Usage> = (0..2000)
             .map(|i| usage(&format!("e{}", i % 10), "1", i, 0))
