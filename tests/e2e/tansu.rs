@@ -64,6 +64,46 @@ fn a_known_fleet_settles_to_the_cent_on_tansu() {
         "2 days × 3 entities, one version each: {sets:?}"
     );
     s.assert_matches(&run, DAY);
+    // every period regenerates from the rated topic byte for byte
+    let periods: std::collections::BTreeSet<&str> =
+        s.manifests.iter().map(|m| m.period.as_str()).collect();
+    for period in periods {
+        let out = p.path().join(format!("rebuilt-{period}"));
+        let st = std::process::Command::new(meterflow_tests::bin("meterflow"))
+            .args(["settle", "--period", period, "--brokers", &p.kafka.brokers])
+            .arg("--from")
+            .arg(&p.out)
+            .arg("--out")
+            .arg(&out)
+            .env("METERFLOW_LOG", "warn")
+            .output()
+            .expect("runs");
+        let said = String::from_utf8_lossy(&st.stdout);
+        assert!(
+            st.status.success() && said.contains("byte-identical"),
+            "{said}{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    }
+    // and a changed file is caught
+    let m = &s.manifests[0];
+    let csv =
+        meterflow_settler::files::entity_dir(&p.out, &m.period, &m.entity_id).join("lines.csv");
+    let mut text = std::fs::read_to_string(&csv).expect("csv");
+    text.push('\n');
+    std::fs::write(&csv, text).expect("write");
+    let st = std::process::Command::new(meterflow_tests::bin("meterflow"))
+        .args(["settle", "--period", &m.period, "--entity", &m.entity_id])
+        .args(["--brokers", &p.kafka.brokers])
+        .arg("--from")
+        .arg(&p.out)
+        .arg("--out")
+        .arg(p.path().join("rebuilt-again"))
+        .env("METERFLOW_LOG", "warn")
+        .output()
+        .expect("runs");
+    assert!(!st.status.success());
+    assert!(String::from_utf8_lossy(&st.stdout).contains("lines.csv differs"));
     p.stop();
 }
 

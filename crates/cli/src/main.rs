@@ -9,6 +9,7 @@ mod audit;
 mod golden;
 mod ownership;
 mod rerate;
+mod settle;
 mod up;
 
 #[derive(Parser)]
@@ -68,6 +69,9 @@ enum Cmd {
     },
     /// Apply rules to recorded usage in batch (the stream's windows and event ids).
     Rerate(rerate::RerateArgs),
+    /// Rebuild a period's settlement files from the rated topic and compare them, byte
+    /// for byte, with the originals.
+    Settle(settle::SettleArgs),
     /// Check rule files: parse, plan, check the output contract.
     Rules {
         #[command(subcommand)]
@@ -102,6 +106,7 @@ fn main() -> Result<()> {
             Cmd::Audit(a) => tokio::task::block_in_place(|| audit::run(a)),
             Cmd::Usage { cmd } => tokio::task::block_in_place(|| rerate::export(cmd)),
             Cmd::Rerate(a) => rerate::run(a).await,
+            Cmd::Settle(a) => tokio::task::block_in_place(|| settle::run(a)),
             Cmd::Collect {
                 once,
                 print,

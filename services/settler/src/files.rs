@@ -75,7 +75,8 @@ pub fn existing(dir: &Path) -> Result<Vec<Manifest>> {
     Ok(out)
 }
 
-fn version_name(v: u32, base: &str) -> String {
+/// A version's file name: `base` for version 1, then prefixed with the version.
+pub fn version_name(v: u32, base: &str) -> String {
     if v == 1 {
         base.to_string()
     } else {
