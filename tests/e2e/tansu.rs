@@ -884,3 +884,82 @@ fn batch_rerating_of_the_recorded_usage_gives_the_streams_revenue_events() {
     }
     p.stop();
 }
+
+#[test]
+fn period_to_date_usage_survives_a_rater_kill_and_counts_each_window_once() {
+    let run = two_days(23);
+    let rules = tempfile::tempdir().expect("tmp");
+    // quantity = the entity's vCPU-hours so far in the day, through this window
+    std::fs::write(
+        rules.path().join("vcpu_day_to_date.sql"),
+        "-- name: vcpu_day_to_date\n-- version: 1\n-- window: 1h\n-- lateness: 5m\n-- currency: USD\n\
+         WITH q AS (SELECT entity_id, SUM(vcpu_seconds) AS s FROM usage GROUP BY entity_id)\n\
+         SELECT q.entity_id, 'vcpu_hour_to_date' AS unit,\n\
+         (q.s + COALESCE(d.vcpu_seconds, 0)) / 3600 AS quantity, 0 AS unit_price, 0 AS amount\n\
+         FROM q LEFT JOIN usage_to_date d ON q.entity_id = d.entity_id\n",
+    )
+    .expect("rule");
+    // about 25 s of collection: the kill lands mid-run
+    let mut p = Pipeline::start_with_rules(
+        run.clone(),
+        7_200,
+        "day",
+        &["settler", "rater", "enricher"],
+        rules.path(),
+    );
+    p.start_collector();
+    let rated = p.kafka.topics.rated.clone();
+    p.wait_for(Duration::from_secs(120), "revenue events to flow", |p| {
+        p.messages(&rated) >= 40
+    });
+    p.rater.kill9();
+    p.rater.restart();
+    let collecting = p.collector.as_mut().map(|c| c.exited().is_none());
+    assert_eq!(
+        collecting,
+        Some(true),
+        "the kill must land mid-run{}",
+        p.logs()
+    );
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    let model = run.fleet.model();
+    // a window re-closed after the restart is re-emitted under its id, identical
+    let mut events: BTreeMap<String, RatedEvent> = BTreeMap::new();
+    for r in read_table(
+        &p.kafka,
+        &[&rated],
+        &HashMap::new(),
+        Duration::from_secs(30),
+    )
+    .expect("rated")
+    {
+        if let Ok(meterflow_avro::RatedMsg::Rated(e)) =
+            meterflow_avro::decode_rated_msg(r.payload.as_deref().unwrap_or_default())
+        {
+            if let Some(prev) = events.insert(e.id.clone(), e.clone()) {
+                assert_eq!(prev, e, "a re-emitted event is identical");
+            }
+        }
+    }
+    let mut checked = 0;
+    for e in events.values() {
+        let vcpus: i64 = model
+            .iter()
+            .filter(|i| i.entity_id == e.entity_id)
+            .map(|i| i.vcpus as i64)
+            .sum();
+        let day_start = e.window_start - e.window_start.rem_euclid(DAY);
+        let hours = (e.window_end - day_start) / meterflow_tests::expect::HOUR;
+        assert_eq!(
+            e.quantity,
+            meterflow_types::Dec::from_int(vcpus * hours),
+            "{} window {}: the day so far",
+            e.entity_id,
+            e.window_start
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 3 * 48, "every entity and hour of the two days");
+    assert_eq!(p.rater.starts, 2);
+    p.stop();
+}

@@ -95,7 +95,13 @@ impl Pipeline {
             "settler",
             format!("out_dir = \"{}\"\nperiod = \"{period}\"\n", out.display()),
         );
-        let rater = svc("rater", format!("rules_dir = \"{}\"\n", rules.display()));
+        let rater = svc(
+            "rater",
+            format!(
+                "rules_dir = \"{}\"\nbilling_period = \"{period}\"\n",
+                rules.display()
+            ),
+        );
         let enricher = svc("enricher", String::new());
         Pipeline {
             dir: Some(dir),

@@ -559,6 +559,50 @@ impl Record for RaterCheckpoint {
     }
 }
 
+impl Record for RaterToDate {
+    const NAME: &'static str = "RaterToDate";
+    fn compiled() -> &'static Compiled {
+        crate::rater_to_date_c()
+    }
+    fn to_value(&self) -> Value {
+        let arr = |v: &[Dec]| Value::Array(v.iter().map(|d| dec(*d)).collect());
+        rec(vec![
+            ("partition", Value::Int(self.partition)),
+            ("rule", s(&self.rule)),
+            ("period_start", ts(self.period_start)),
+            ("entity_id", s(&self.entity_id)),
+            ("last_window", ts(self.last_window)),
+            ("before", arr(&self.before)),
+            ("after", arr(&self.after)),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        let partition = f.int("partition")?;
+        let rule = f.string("rule")?;
+        let period_start = f.long("period_start")?;
+        let entity_id = f.string("entity_id")?;
+        let last_window = f.long("last_window")?;
+        let mut decs = |name: &str| -> Result<Vec<Dec>, DecodeError> {
+            let Value::Array(items) = f.take(name)? else {
+                return Err(f.bad(name, "not an array"));
+            };
+            items.into_iter().map(|i| f.dec_value(name, i)).collect()
+        };
+        let before = decs("before")?;
+        let after = decs("after")?;
+        Ok(RaterToDate {
+            partition,
+            rule,
+            period_start,
+            entity_id,
+            last_window,
+            before,
+            after,
+        })
+    }
+}
+
 impl Record for EnricherCheckpoint {
     const NAME: &'static str = "EnricherCheckpoint";
     fn compiled() -> &'static Compiled {
@@ -823,6 +867,18 @@ mod tests {
                 }],
             },
             schemas::ENRICHER_CHECKPOINT,
+        );
+        round_trip(
+            RaterToDate {
+                partition: 1,
+                rule: "tiers@2".into(),
+                period_start: 5,
+                entity_id: "acme".into(),
+                last_window: 7,
+                before: vec![d("1.5"), d("0")],
+                after: vec![d("2.5"), d("-3")],
+            },
+            schemas::RATER_TO_DATE,
         );
     }
 

@@ -7,7 +7,8 @@
 //!   "expect": [ { "entity_id": "acme", "quantity": "2", "amount": "0.072" } ] }
 //! ```
 //! Usage fields left out default to empty strings and zero quantities; the interval
-//! defaults to the whole window.
+//! defaults to the whole window. Rules reading `usage_to_date` get it from an optional
+//! `"usage_to_date": [ { "entity_id": "acme", "vcpu_seconds": "3600000" } ]`.
 
 use anyhow::{Context, Result};
 use meterflow_rater::rules::Engine;
@@ -22,6 +23,9 @@ use std::time::Duration;
 struct Golden {
     window_start: String,
     usage: Vec<GoldenUsage>,
+    /// For rules reading `usage_to_date`: each entity's usage earlier in the period.
+    #[serde(default)]
+    usage_to_date: Vec<GoldenUsage>,
     expect: Vec<Expected>,
 }
 
@@ -105,7 +109,28 @@ pub async fn run(dir: &Path) -> Result<usize> {
             })
             .collect();
         let refs: Vec<&Usage> = rows.iter().collect();
-        let events = engine.evaluate(idx, ws, &refs, 0, None).await?;
+        let to_date: Vec<(String, meterflow_rater::todate::Sums)> = golden
+            .usage_to_date
+            .iter()
+            .map(|g| {
+                (
+                    g.entity_id.clone(),
+                    [
+                        g.vcpu_seconds,
+                        g.cpu_seconds,
+                        g.memory_byte_seconds,
+                        g.memory_used_byte_seconds.unwrap_or(Dec::ZERO),
+                        g.net_rx_bytes,
+                        g.net_tx_bytes,
+                        g.disk_read_bytes,
+                        g.disk_write_bytes,
+                    ],
+                )
+            })
+            .collect();
+        let events = engine
+            .evaluate_with(idx, ws, &refs, 0, None, &to_date)
+            .await?;
         let mut got: Vec<Expected> = events
             .into_iter()
             .map(|e| Expected {

@@ -9,6 +9,7 @@ use meterflow_rater::batch::{
     count_rows, rerate_files, usage_files, RatedWriter, Row, UsageWriter,
 };
 use meterflow_rater::rules::Engine;
+use meterflow_types::window::Period;
 use meterflow_types::Dec;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -85,6 +86,9 @@ pub struct RerateArgs {
     /// Memory pool of the rule engine, in MiB.
     #[arg(long, default_value = "1024")]
     pub memory_mb: usize,
+    /// As the rater's `billing_period`: what `usage_to_date` counts within.
+    #[arg(long, default_value = "month")]
+    pub billing_period: String,
     /// As the rater's `dedup_horizon`: how long usage ids of closed windows are kept to
     /// drop duplicates instead of pricing them as adjustments (recorded topics only).
     #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
@@ -135,6 +139,7 @@ pub async fn rerate(a: &RerateArgs, progress: bool) -> Result<Rerated> {
     let (usage, duplicates) = tokio::task::block_in_place(|| {
         rerate_files(
             &engines,
+            Period::parse(&a.billing_period).map_err(anyhow::Error::msg)?,
             &files,
             a.max_disorder.as_millis() as i64,
             a.dedup_horizon.as_millis() as i64,
@@ -194,6 +199,9 @@ pub struct DiffArgs {
     pub usage: Vec<PathBuf>,
     #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
     pub max_disorder: Duration,
+    /// As the rater's `billing_period`.
+    #[arg(long, default_value = "month")]
+    pub billing_period: String,
     /// One JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -204,12 +212,14 @@ async fn totals(
     rules: &std::path::Path,
     files: &[PathBuf],
     max_disorder: Duration,
+    period: Period,
 ) -> Result<BTreeMap<(String, String), Dec>> {
     let engines = engines(rules, 1024).await?;
     let mut t: BTreeMap<(String, String), Dec> = BTreeMap::new();
     tokio::task::block_in_place(|| {
         rerate_files(
             &engines,
+            period,
             files,
             max_disorder.as_millis() as i64,
             2 * 3600 * 1000,
@@ -232,8 +242,9 @@ async fn totals(
 /// same recorded usage. Exit code 0 either way: a difference is the answer, not an error.
 pub async fn diff(a: DiffArgs) -> Result<()> {
     let files = usage_files(&a.usage)?;
-    let active = totals(&a.active, &files, a.max_disorder).await?;
-    let candidate = totals(&a.candidate, &files, a.max_disorder).await?;
+    let period = Period::parse(&a.billing_period).map_err(anyhow::Error::msg)?;
+    let active = totals(&a.active, &files, a.max_disorder, period).await?;
+    let candidate = totals(&a.candidate, &files, a.max_disorder, period).await?;
     let keys: std::collections::BTreeSet<&(String, String)> =
         active.keys().chain(candidate.keys()).collect();
     let mut rows = Vec::new();

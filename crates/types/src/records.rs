@@ -243,3 +243,17 @@ pub struct EnricherCheckpoint {
     pub partition: i32,
     pub seen: Vec<SeenSample>,
 }
+
+/// One entity's period-to-date usage for a rule reading `usage_to_date` (rater state).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaterToDate {
+    pub partition: i32,
+    /// `name@version`
+    pub rule: String,
+    pub period_start: Millis,
+    pub entity_id: String,
+    pub last_window: Millis,
+    /// The eight usage quantities before and after `last_window`.
+    pub before: Vec<Dec>,
+    pub after: Vec<Dec>,
+}

@@ -32,17 +32,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Quantity columns of a usage record, in `Usage` field order.
-const QUANTITIES: [&str; 8] = [
-    "vcpu_seconds",
-    "cpu_seconds",
-    "memory_byte_seconds",
-    "memory_used_byte_seconds",
-    "net_rx_bytes",
-    "net_tx_bytes",
-    "disk_read_bytes",
-    "disk_write_bytes",
-];
+use crate::todate::QUANTITIES;
 
 /// Recorded usage as Parquet: the usage partition it was on, then the `Usage` fields.
 pub fn usage_file_schema() -> SchemaRef {
@@ -92,7 +82,8 @@ pub enum Row {
     Marker(i32, Watermark),
 }
 
-fn empty_usage() -> Usage {
+/// A usage record with every field empty (marker rows, tests).
+pub(crate) fn empty_usage() -> Usage {
     Usage {
         id: String::new(),
         sample_id: String::new(),
@@ -498,6 +489,8 @@ struct Part {
     max_end: Millis,
     /// The earliest end of an open window (no window can close before it).
     next_due: Millis,
+    /// Period-to-date usage per rule (rules reading `usage_to_date`).
+    to_date: Vec<crate::todate::ToDate>,
 }
 
 /// Batch re-rating state: feed rows with `push`, then `finish`.
@@ -509,6 +502,8 @@ struct Part {
 /// already priced is an error.
 pub struct Rerate<'a> {
     engine: &'a Engine,
+    /// The billing period `usage_to_date` counts within.
+    period: meterflow_types::window::Period,
     /// The input carries watermark markers (a recorded topic): windows close as in the
     /// stream, never before a marker says so.
     marked: bool,
@@ -529,12 +524,14 @@ pub struct Rerate<'a> {
 impl<'a> Rerate<'a> {
     pub fn new(
         engine: &'a Engine,
+        period: meterflow_types::window::Period,
         marked: bool,
         max_disorder: Millis,
         dedup_horizon: Millis,
     ) -> Rerate<'a> {
         Rerate {
             engine,
+            period,
             marked,
             max_disorder,
             dedup_horizon,
@@ -664,8 +661,15 @@ impl<'a> Rerate<'a> {
         let due = !*marked && through >= part.next_due;
         self.duplicates += duplicates;
         for (r, ws, piece, of) in late {
+            let to_date = if engine.rules[r].reads_to_date {
+                let ps = self.period.bounds(ws).0;
+                let t = &self.parts[&partition].to_date[r];
+                vec![(piece.entity_id.clone(), t.current(ps, &piece.entity_id))]
+            } else {
+                Vec::new()
+            };
             let ev = engine
-                .evaluate(r, ws, &[piece.as_ref()], partition, Some(&of))
+                .evaluate_with(r, ws, &[piece.as_ref()], partition, Some(&of), &to_date)
                 .await
                 .with_context(|| format!("adjustment for window {ws} of partition {partition}"))?;
             self.events.extend(ev);
@@ -702,8 +706,15 @@ impl<'a> Rerate<'a> {
                     continue;
                 };
                 let rows: Vec<&Usage> = win.rows.iter().map(|u| u.as_ref()).collect();
+                let to_date = if engine.rules[r].reads_to_date {
+                    let ps = self.period.bounds(ws).0;
+                    part.to_date[r].prune(self.period.bounds(ps - 1).0);
+                    part.to_date[r].close_window(ps, ws, &rows)?
+                } else {
+                    Vec::new()
+                };
                 let ev = engine
-                    .evaluate(r, ws, &rows, partition, None)
+                    .evaluate_with(r, ws, &rows, partition, None, &to_date)
                     .await
                     .with_context(|| format!("window {ws} of partition {partition}"))?;
                 self.events.extend(ev);
@@ -757,6 +768,7 @@ fn new_part(parts: &mut HashMap<i32, Part>, nrules: usize, partition: i32) -> &m
         closed_through: Millis::MIN,
         max_end: Millis::MIN,
         next_due: Millis::MAX,
+        to_date: (0..nrules).map(|_| Default::default()).collect(),
         ..Default::default()
     })
 }
@@ -776,6 +788,7 @@ enum Close {
 /// duplicates dropped).
 pub fn rerate_files(
     engines: &[Engine],
+    period: meterflow_types::window::Period,
     files: &[PathBuf],
     max_disorder: Millis,
     dedup_horizon: Millis,
@@ -799,7 +812,7 @@ pub fn rerate_files(
                     .enable_all()
                     .build()?;
                 rt.block_on(async {
-                    let mut r = Rerate::new(engine, marked, max_disorder, dedup_horizon);
+                    let mut r = Rerate::new(engine, period, marked, max_disorder, dedup_horizon);
                     for rows in rx {
                         for row in rows {
                             r.push(row).await?;

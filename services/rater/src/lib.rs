@@ -16,6 +16,7 @@
 pub mod batch;
 pub mod rules;
 pub mod tables;
+pub mod todate;
 
 use anyhow::{Context, Result};
 use meterflow_avro::UsageMsg;
@@ -51,6 +52,9 @@ pub struct RaterConfig {
     /// drop duplicates that arrive late (e.g. a collector resending after a restart).
     #[serde(with = "humantime_serde")]
     pub dedup_horizon: Duration,
+    /// The billing period `usage_to_date` counts within (`month`, `week`, `day`, or a
+    /// duration): the settler's `period`.
+    pub billing_period: String,
 }
 
 impl Default for RaterConfig {
@@ -65,6 +69,7 @@ impl Default for RaterConfig {
             eval_timeout: Duration::from_secs(10),
             batch_size: 5000,
             dedup_horizon: Duration::from_secs(2 * 3600),
+            billing_period: "month".into(),
         }
     }
 }
@@ -142,6 +147,8 @@ struct PartState {
     /// From the checkpoint: records before this offset were already handled.
     replay_until: i64,
     last_marker: Option<Millis>,
+    /// Period-to-date usage per rule (for rules reading `usage_to_date`).
+    to_date: Vec<todate::ToDate>,
 }
 
 impl PartState {
@@ -155,6 +162,7 @@ impl PartState {
             position: None,
             replay_until: cp.map(|c| c.position).unwrap_or(0),
             last_marker: None,
+            to_date: (0..rules).map(|_| todate::ToDate::default()).collect(),
         }
     }
     fn resume_offset(&self) -> Option<i64> {
@@ -219,6 +227,9 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
     let mut parts: HashMap<i32, PartState> = HashMap::new();
     let nrules = engine.rules.len();
     let keep_labels = engine.rules.iter().any(|r| r.reads_labels());
+    let reads_to_date = engine.rules.iter().any(|r| r.reads_to_date);
+    let period = meterflow_types::window::Period::parse(&cfg.billing_period)
+        .map_err(|e| anyhow::anyhow!("billing_period: {e}"))?;
     // per rule: panes of `slide` (each usage record is split once per distinct pane
     // size; rules share the pieces), and each pane belongs to `hops` windows
     let panes: Vec<Tumbling> = engine
@@ -258,6 +269,11 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             .collect();
         if !new.is_empty() {
             let cps = load_checkpoints(&cfg.kafka, &ruleset)?;
+            let mut saved_to_date = if reads_to_date {
+                load_to_date(&cfg.kafka)?
+            } else {
+                Vec::new()
+            };
             for p in new {
                 let cp = cps.get(&p);
                 if let Some(c) = cp {
@@ -268,7 +284,30 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         "resuming from checkpoint"
                     );
                 }
-                parts.insert(p, PartState::new(nrules, cp));
+                let mut st = PartState::new(nrules, cp);
+                for t in saved_to_date.iter_mut().filter(|t| t.partition == p) {
+                    let Some(r) = engine.rules.iter().position(|r| {
+                        format!("{}@{}", r.source.header.name, r.source.header.version) == t.rule
+                    }) else {
+                        continue;
+                    };
+                    let (Ok(before), Ok(after)) = (
+                        <todate::Sums>::try_from(std::mem::take(&mut t.before)),
+                        <todate::Sums>::try_from(std::mem::take(&mut t.after)),
+                    ) else {
+                        continue;
+                    };
+                    st.to_date[r].restore(
+                        t.period_start,
+                        std::mem::take(&mut t.entity_id),
+                        todate::Entry {
+                            last_window: t.last_window,
+                            before,
+                            after,
+                        },
+                    );
+                }
+                parts.insert(p, st);
             }
         }
         // reference tables changed on disk: new contents for the windows that close next
@@ -353,7 +392,19 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                         dup_total.inc(); // counted in the window already
                                         continue;
                                     }
-                                    match engine.evaluate(r, ws, &[&piece], p, Some(&key)).await {
+                                    let to_date = if engine.rules[r].reads_to_date {
+                                        let ps = period.bounds(ws).0;
+                                        vec![(
+                                            piece.entity_id.clone(),
+                                            st.to_date[r].current(ps, &piece.entity_id),
+                                        )]
+                                    } else {
+                                        Vec::new()
+                                    };
+                                    match engine
+                                        .evaluate_with(r, ws, &[&piece], p, Some(&key), &to_date)
+                                        .await
+                                    {
                                         Ok(ev) => {
                                             adjustments_total.add(ev.len() as u64);
                                             out.extend(ev);
@@ -414,7 +465,15 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         continue;
                     }
                     let rows: Vec<&Usage> = win.rows.iter().map(|(_, u)| u.as_ref()).collect();
-                    match engine.evaluate(r, ws, &rows, *p, None).await {
+                    let to_date = if engine.rules[r].reads_to_date {
+                        let ps = period.bounds(ws).0;
+                        let prev = period.bounds(ps - 1).0;
+                        st.to_date[r].prune(prev);
+                        st.to_date[r].close_window(ps, ws, &rows)?
+                    } else {
+                        Vec::new()
+                    };
+                    match engine.evaluate_with(r, ws, &rows, *p, None, &to_date).await {
                         Ok(ev) => out.extend(ev),
                         Err(e) => {
                             failed_total.inc();
@@ -457,6 +516,33 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             let bytes = meterflow_avro::encode(&w);
             for rp in 0..rated_parts {
                 io.send(&topics.rated, b"", &bytes, Some(rp)).await?;
+            }
+        }
+        // period-to-date state, then checkpoints, then offsets
+        for (p, st) in parts.iter_mut() {
+            for (r, t) in st.to_date.iter_mut().enumerate() {
+                let rule = format!(
+                    "{}@{}",
+                    engine.rules[r].source.header.name, engine.rules[r].source.header.version
+                );
+                for ((ps, entity), e) in t.take_dirty() {
+                    let rec = meterflow_types::RaterToDate {
+                        partition: *p,
+                        rule: rule.clone(),
+                        period_start: ps,
+                        entity_id: entity.clone(),
+                        last_window: e.last_window,
+                        before: e.before.to_vec(),
+                        after: e.after.to_vec(),
+                    };
+                    io.send(
+                        &topics.rater_state,
+                        format!("todate|{p}|{rule}|{ps}|{entity}").as_bytes(),
+                        &meterflow_avro::encode(&rec),
+                        None,
+                    )
+                    .await?;
+                }
             }
         }
         // checkpoints, then offsets
@@ -518,6 +604,15 @@ async fn quarantine(
         &format!("rule {}@{}: {e}", src.header.name, src.header.version),
     )
     .await
+}
+
+/// Every persisted period-to-date entry (rules reading `usage_to_date`).
+fn load_to_date(cfg: &KafkaConfig) -> Result<Vec<meterflow_types::RaterToDate>> {
+    Ok(meterflow_kafka::read_latest(cfg, &cfg.topics.rater_state)?
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(b"todate|"))
+        .filter_map(|(_, r)| meterflow_avro::decode(&r.payload.unwrap_or_default()).ok())
+        .collect())
 }
 
 fn load_checkpoints(cfg: &KafkaConfig, ruleset: &str) -> Result<HashMap<i32, RaterCheckpoint>> {

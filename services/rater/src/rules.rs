@@ -253,6 +253,32 @@ pub fn usage_schema() -> SchemaRef {
     ]))
 }
 
+/// The `usage_to_date` table: per entity of the window, its usage in the billing period
+/// before the window (the rule's earlier windows), one column per usage quantity.
+pub fn to_date_schema() -> SchemaRef {
+    let dec = || DataType::Decimal128(38, 9);
+    let mut fields = vec![Field::new("entity_id", DataType::Utf8, false)];
+    for q in crate::todate::QUANTITIES {
+        fields.push(Field::new(q, dec(), false));
+    }
+    Arc::new(Schema::new(fields))
+}
+
+fn to_date_batch(rows: &[(String, crate::todate::Sums)]) -> Result<RecordBatch, RuleError> {
+    let io = |e: datafusion::arrow::error::ArrowError| RuleError::Io(e.to_string());
+    let mut cols: Vec<ArrayRef> = vec![Arc::new(StringArray::from_iter_values(
+        rows.iter().map(|(e, _)| e.as_str()),
+    ))];
+    for i in 0..8 {
+        cols.push(Arc::new(
+            Decimal128Array::from_iter_values(rows.iter().map(|(_, s)| s[i].raw()))
+                .with_precision_and_scale(38, 9)
+                .map_err(io)?,
+        ));
+    }
+    RecordBatch::try_new(to_date_schema(), cols).map_err(io)
+}
+
 /// `labels`: Map<Utf8, Utf8>, keys sorted; in SQL `labels['team']` (NULL when absent).
 fn labels_type() -> DataType {
     MapBuilder::new(None, StringBuilder::new(), StringBuilder::new())
@@ -346,7 +372,10 @@ pub fn usage_columns(
     let schema = usage_schema()
         .project(needed)
         .map_err(|e| RuleError::Io(e.to_string()))?;
-    RecordBatch::try_new(Arc::new(schema), cols).map_err(|e| RuleError::Io(e.to_string()))
+    // a rule may read no usage column at all (COUNT(*)): the batch still has its rows
+    let opts = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
+    RecordBatch::try_new_with_options(Arc::new(schema), cols, &opts)
+        .map_err(|e| RuleError::Io(e.to_string()))
 }
 
 /// A table whose batches are swapped before each evaluation, so a plan built once per
@@ -416,6 +445,8 @@ pub struct Rule {
     has_resource: bool,
     /// The `usage` columns the optimized plan reads (indices into `usage_schema()`).
     columns: Vec<usize>,
+    /// The rule reads `usage_to_date` (period-to-date usage per entity).
+    pub reads_to_date: bool,
 }
 
 impl Rule {
@@ -452,13 +483,29 @@ fn cooperative_everywhere(
     datafusion::physical_plan::replace_children_if_necessary(plan, children)
 }
 
-/// The `usage` columns an optimized plan scans.
+/// The tables an optimized plan scans.
+fn scanned_tables(plan: &LogicalPlan) -> Vec<String> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut out = Vec::new();
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::TableScan(t) = node {
+            out.push(t.table_name.table().to_string());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    out
+}
+
+/// The `usage` columns an optimized plan scans (reference tables' scans are not `usage`).
 fn scanned_columns(plan: &LogicalPlan) -> Vec<usize> {
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
     let n = usage_schema().fields().len();
     let mut cols = std::collections::BTreeSet::new();
     let _ = plan.apply(|node| {
         if let LogicalPlan::TableScan(t) = node {
+            if t.table_name.table() != "usage" {
+                return Ok(TreeNodeRecursion::Continue);
+            }
             match &t.projection {
                 Some(p) => cols.extend(p.iter().copied()),
                 None => cols.extend(0..n),
@@ -473,6 +520,8 @@ fn scanned_columns(plan: &LogicalPlan) -> Vec<usize> {
 pub struct Engine {
     ctx: SessionContext,
     table: Arc<Mutex<Current>>,
+    /// `usage_to_date` of the evaluation in progress.
+    to_date: Arc<crate::tables::RefTable>,
     pub rules: Vec<Rule>,
     pub eval_timeout: Duration,
     /// Reference tables the rules may join.
@@ -578,6 +627,11 @@ impl Engine {
             }),
         )
         .map_err(|e| RuleError::Io(e.to_string()))?;
+        let to_date = Arc::new(crate::tables::RefTable::new(RecordBatch::new_empty(
+            to_date_schema(),
+        )));
+        ctx.register_table("usage_to_date", to_date.clone())
+            .map_err(|e| RuleError::Io(e.to_string()))?;
         let mut loaded = Vec::new();
         for t in tables {
             let l = crate::tables::Loaded::load(t)?;
@@ -654,16 +708,27 @@ impl Engine {
                 file: file.clone(),
                 msg: e.to_string(),
             })?;
+            let reads_to_date = scanned_tables(&optimized)
+                .iter()
+                .any(|t| t == "usage_to_date");
+            if reads_to_date && s.header.hops() > 1 {
+                return Err(RuleError::Sql {
+                    file,
+                    msg: "usage_to_date needs tumbling windows (no slide)".into(),
+                });
+            }
             rules.push(Rule {
                 source: s,
                 columns: scanned_columns(&optimized),
                 plan,
                 has_resource,
+                reads_to_date,
             });
         }
         Ok(Engine {
             ctx,
             table,
+            to_date,
             tables: loaded,
             rules,
             eval_timeout,
@@ -694,7 +759,24 @@ impl Engine {
         partition: i32,
         adjustment_of: Option<&str>,
     ) -> Result<Vec<RatedEvent>, RuleError> {
+        self.evaluate_with(idx, window_start, rows, partition, adjustment_of, &[])
+            .await
+    }
+
+    /// `evaluate`, with the `usage_to_date` rows of the window's entities.
+    pub async fn evaluate_with(
+        &self,
+        idx: usize,
+        window_start: Millis,
+        rows: &[&Usage],
+        partition: i32,
+        adjustment_of: Option<&str>,
+        to_date: &[(String, crate::todate::Sums)],
+    ) -> Result<Vec<RatedEvent>, RuleError> {
         let rule = &self.rules[idx];
+        if rule.reads_to_date {
+            self.to_date.replace(to_date_batch(to_date)?);
+        }
         let h = &rule.source.header;
         let window_end = window_start + h.window;
         let batch = usage_columns(window_start, window_end, rows, &rule.columns)?;

@@ -209,6 +209,12 @@ impl RefTable {
     pub fn columns(&self) -> SchemaRef {
         self.schema.clone()
     }
+    /// New contents with the same columns.
+    pub fn replace(&self, batch: RecordBatch) {
+        if let Ok(mut b) = self.batch.lock() {
+            *b = batch;
+        }
+    }
     pub fn new(batch: RecordBatch) -> RefTable {
         RefTable {
             schema: batch.schema(),
