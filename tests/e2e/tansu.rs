@@ -64,6 +64,58 @@ fn a_known_fleet_settles_to_the_cent_on_tansu() {
         "2 days × 3 entities, one version each: {sets:?}"
     );
     s.assert_matches(&run, DAY);
+    // one settlements-topic record per file set, agreeing with its manifest
+    let announced: Vec<meterflow_types::Settlement> = read_table(
+        &p.kafka,
+        &[&p.kafka.topics.settlements],
+        &HashMap::new(),
+        Duration::from_secs(30),
+    )
+    .expect("settlements")
+    .into_iter()
+    .filter_map(|r| meterflow_avro::decode(&r.payload?).ok())
+    .collect();
+    assert_eq!(announced.len(), s.manifests.len(), "{announced:?}");
+    for m in &s.manifests {
+        let a = announced
+            .iter()
+            .find(|a| a.entity_id == m.entity_id && a.period == m.period)
+            .expect("announced");
+        assert_eq!(a.version as u32, m.version);
+        assert_eq!(a.totals, m.totals.clone().into_iter().collect());
+        assert_eq!(a.files, m.files.clone().into_iter().collect());
+        let dir = p.out.join(&a.directory);
+        assert!(dir.join(&a.manifest).exists(), "{}", dir.display());
+    }
+    // a version whose record was never acknowledged (crash between the files and the
+    // record) is announced again on restart, identically
+    let first = &announced[0];
+    std::fs::remove_file(p.out.join(&first.directory).join("announced")).expect("marker");
+    p.settler.kill9();
+    p.settler.restart();
+    let topic = p.kafka.topics.settlements.clone();
+    let want = announced.len() as i64 + 1;
+    p.wait_for(
+        Duration::from_secs(60),
+        "the version to be announced again",
+        |p| p.messages(&topic) >= want,
+    );
+    let again: Vec<meterflow_types::Settlement> = read_table(
+        &p.kafka,
+        &[&topic],
+        &HashMap::new(),
+        Duration::from_secs(30),
+    )
+    .expect("settlements")
+    .into_iter()
+    .filter_map(|r| meterflow_avro::decode(&r.payload?).ok())
+    .collect();
+    assert_eq!(again.len(), announced.len() + 1);
+    assert_eq!(
+        again.iter().filter(|a| *a == first).count(),
+        2,
+        "the same record twice"
+    );
     // every period regenerates from the rated topic byte for byte
     let periods: std::collections::BTreeSet<&str> =
         s.manifests.iter().map(|m| m.period.as_str()).collect();

@@ -559,6 +559,42 @@ impl Record for RaterCheckpoint {
     }
 }
 
+impl Record for Settlement {
+    const NAME: &'static str = "Settlement";
+    fn compiled() -> &'static Compiled {
+        crate::settlement_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("entity_id", s(&self.entity_id)),
+            ("period", s(&self.period)),
+            ("period_start", ts(self.period_start)),
+            ("period_end", ts(self.period_end)),
+            ("version", Value::Int(self.version)),
+            ("directory", s(&self.directory)),
+            ("manifest", s(&self.manifest)),
+            ("line_count", Value::Long(self.line_count)),
+            ("totals", labels(&self.totals)),
+            ("files", labels(&self.files)),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        Ok(Settlement {
+            entity_id: f.string("entity_id")?,
+            period: f.string("period")?,
+            period_start: f.long("period_start")?,
+            period_end: f.long("period_end")?,
+            version: f.int("version")?,
+            directory: f.string("directory")?,
+            manifest: f.string("manifest")?,
+            line_count: f.long("line_count")?,
+            totals: f.labels("totals")?,
+            files: f.labels("files")?,
+        })
+    }
+}
+
 impl Record for RaterToDate {
     const NAME: &'static str = "RaterToDate";
     fn compiled() -> &'static Compiled {
@@ -879,6 +915,21 @@ mod tests {
                 after: vec![d("2.5"), d("-3")],
             },
             schemas::RATER_TO_DATE,
+        );
+        round_trip(
+            Settlement {
+                entity_id: "acme".into(),
+                period: "2026-03".into(),
+                period_start: 1,
+                period_end: 2,
+                version: 2,
+                directory: "period=2026-03/entity=acme".into(),
+                manifest: "v2.manifest.json".into(),
+                line_count: 7,
+                totals: [("USD".to_string(), "12.34".to_string())].into(),
+                files: [("v2.lines.csv".to_string(), "ab".to_string())].into(),
+            },
+            schemas::SETTLEMENT,
         );
     }
 

@@ -21,6 +21,7 @@ pub mod schemas {
     pub const WATERMARK: &str = include_str!("../../../schemas/watermark.avsc");
     pub const DLQ: &str = include_str!("../../../schemas/dlq.avsc");
     pub const RATER_CHECKPOINT: &str = include_str!("../../../schemas/rater_checkpoint.avsc");
+    pub const SETTLEMENT: &str = include_str!("../../../schemas/settlement.avsc");
     pub const RATER_TO_DATE: &str = include_str!("../../../schemas/rater_to_date.avsc");
     pub const ENRICHER_CHECKPOINT: &str = include_str!("../../../schemas/enricher_checkpoint.avsc");
 }
@@ -98,6 +99,7 @@ compiled!(dlq_c, schemas::DLQ);
 compiled!(rater_checkpoint_c, schemas::RATER_CHECKPOINT);
 compiled!(enricher_checkpoint_c, schemas::ENRICHER_CHECKPOINT);
 compiled!(rater_to_date_c, schemas::RATER_TO_DATE);
+compiled!(settlement_c, schemas::SETTLEMENT);
 
 /// Encode one record as Avro single-object encoding.
 pub fn encode<R: Record>(r: &R) -> Vec<u8> {

@@ -84,6 +84,7 @@ pub async fn run(a: UpArgs) -> Result<()> {
                 (&t.rater_state, 1),
                 (&t.parked, 4),
                 (&t.enricher_state, 1),
+                (&t.settlements, 4),
             ] {
                 b.create_topic(name, parts)?;
             }

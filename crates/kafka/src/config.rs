@@ -29,6 +29,8 @@ pub struct Topics {
     pub parked: String,
     /// The enricher's duplicate-detection checkpoints (compacted).
     pub enricher_state: String,
+    /// One record per settlement file set written, for downstream consumers.
+    pub settlements: String,
 }
 
 impl Default for Topics {
@@ -44,6 +46,7 @@ impl Default for Topics {
             rater_state: "meterflow.rater-state".into(),
             parked: "meterflow.parked".into(),
             enricher_state: "meterflow.enricher-state".into(),
+            settlements: "meterflow.settlements".into(),
         }
     }
 }

@@ -80,6 +80,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
         (&t.rater_state, 1, &compact),
         (&t.parked, cfg.partitions, &compact),
         (&t.enricher_state, 1, &compact),
+        (&t.settlements, cfg.partitions, &plain),
     ];
     let existing = topic_names(cfg)?;
     let new: Vec<NewTopic<'_>> = specs

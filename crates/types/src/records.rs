@@ -257,3 +257,21 @@ pub struct RaterToDate {
     pub before: Vec<Dec>,
     pub after: Vec<Dec>,
 }
+
+/// `meterflow.settlements`, key = entity_id: one settlement file set written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settlement {
+    pub entity_id: String,
+    pub period: String,
+    pub period_start: Millis,
+    pub period_end: Millis,
+    pub version: i32,
+    /// Relative to the settlement root: `period=<p>/entity=<e>`.
+    pub directory: String,
+    pub manifest: String,
+    pub line_count: i64,
+    /// Currency → sum of the rounded lines.
+    pub totals: Labels,
+    /// File name → SHA-256.
+    pub files: Labels,
+}

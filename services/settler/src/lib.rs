@@ -12,6 +12,7 @@ use meterflow_kafka::{ensure_topics, KafkaConfig, Message, StageIo};
 use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
 use meterflow_types::watermark::SourceTimes;
 use meterflow_types::window::Period;
+use meterflow_types::Settlement;
 use meterflow_types::{Millis, RatedEvent};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -68,6 +69,31 @@ struct PartState {
     position: Option<i64>,
 }
 
+/// The settlements-topic record of a written version, and the marker file that says it
+/// was acknowledged.
+fn settlement_of(
+    root: &std::path::Path,
+    m: &files::Manifest,
+) -> Result<(Settlement, std::path::PathBuf)> {
+    let dir = files::entity_dir(root, &m.period, &m.entity_id);
+    let rel = dir.strip_prefix(root).unwrap_or(&dir).display().to_string();
+    let rec = Settlement {
+        entity_id: m.entity_id.clone(),
+        period: m.period.clone(),
+        period_start: meterflow_types::time::parse_rfc3339(&m.period_start)
+            .map_err(anyhow::Error::msg)?,
+        period_end: meterflow_types::time::parse_rfc3339(&m.period_end)
+            .map_err(anyhow::Error::msg)?,
+        version: m.version as i32,
+        directory: rel,
+        manifest: files::version_name(m.version, "manifest.json"),
+        line_count: m.line_count as i64,
+        totals: m.totals.clone().into_iter().collect(),
+        files: m.files.clone().into_iter().collect(),
+    };
+    Ok((rec, dir.join(files::version_name(m.version, "announced"))))
+}
+
 pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let period = Period::parse(&cfg.period).map_err(anyhow::Error::msg)?;
     ensure_topics(&cfg.kafka).await?;
@@ -81,6 +107,21 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         &cfg.member,
     )?;
     let m = &ctx.metrics;
+    // versions written but not yet announced (a crash between the files and the record)
+    let mut to_mark: Vec<std::path::PathBuf> = Vec::new();
+    for man in tokio::task::block_in_place(|| files::all_manifests(&cfg.out_dir))? {
+        let (rec, marker) = settlement_of(&cfg.out_dir, &man)?;
+        if !marker.exists() {
+            io.send(
+                &topics.settlements,
+                rec.entity_id.as_bytes(),
+                &meterflow_avro::encode(&rec),
+                None,
+            )
+            .await?;
+            to_mark.push(marker);
+        }
+    }
     let files_total = m.counter(
         "meterflow_settler_file_sets_total",
         "Settlement file sets written.",
@@ -196,6 +237,15 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     )
                 })?;
                 tracing::info!(period = %label, entity = %key.1, lines = man.line_count, totals = ?man.totals, "settled");
+                let (rec, marker) = settlement_of(&cfg.out_dir, &man)?;
+                io.send(
+                    &topics.settlements,
+                    rec.entity_id.as_bytes(),
+                    &meterflow_avro::encode(&rec),
+                    None,
+                )
+                .await?;
+                to_mark.push(marker);
                 files_total.inc();
                 written.entry(key).or_default().extend(ids);
             }
@@ -206,6 +256,15 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                 files::write_version(&cfg.out_dir, &label, period.bounds(key.0), &key.1, evs)
             })?;
             tracing::info!(period = %label, entity = %key.1, version = man.version, "correction written");
+            let (rec, marker) = settlement_of(&cfg.out_dir, &man)?;
+            io.send(
+                &topics.settlements,
+                rec.entity_id.as_bytes(),
+                &meterflow_avro::encode(&rec),
+                None,
+            )
+            .await?;
+            to_mark.push(marker);
             corrections_total.inc();
         }
         // commit: never past an event of a period not yet written
@@ -222,8 +281,12 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     .map(|o| (topics.rated.clone(), *p, o))
             })
             .collect();
-        if !offsets.is_empty() {
+        if !offsets.is_empty() || !to_mark.is_empty() {
             io.commit(&offsets).await?;
+        }
+        // the records are acknowledged: mark their versions announced
+        for marker in to_mark.drain(..) {
+            std::fs::write(&marker, b"")?;
         }
     }
     Ok(())
