@@ -182,6 +182,7 @@ pub async fn run(a: UpArgs) -> Result<()> {
         kafka: kafka.clone(),
         member: "up".into(),
         rules_dir,
+        billing_period: a.period.clone(),
         ..Default::default()
     };
     tasks.spawn(named("rater", meterflow_rater::run(ra, ctx.clone())));
