@@ -105,7 +105,13 @@ pub fn run(a: SettleArgs) -> Result<()> {
                     .map_err(anyhow::Error::msg)?,
                 meterflow_types::time::parse_rfc3339(&m.period_end).map_err(anyhow::Error::msg)?,
             );
-            let rebuilt = write_version(&a.out, &m.period, bounds, entity, events)
+            let focus = m
+                .files
+                .contains_key(&meterflow_settler::files::version_name(
+                    m.version,
+                    "focus.csv",
+                ));
+            let rebuilt = write_version(&a.out, &m.period, bounds, entity, events, focus)
                 .with_context(|| format!("rebuilding {entity} v{}", m.version))?;
             let (orig_dir, new_dir) = (
                 entity_dir(&a.from, &m.period, entity),

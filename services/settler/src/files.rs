@@ -108,6 +108,59 @@ pub fn rounded(e: &RatedEvent) -> Dec {
     e.amount.round_half_even(minor_units(&e.currency))
 }
 
+/// The lines as FOCUS 1.x (FinOps Open Cost and Usage Specification) rows: costs are the
+/// rounded line amounts in the billing currency (no discounts: billed = effective = list
+/// = contracted), the charge period is the rating window, the SKU is the rule and its
+/// price the rule version; late usage and correction versions are `ChargeClass`
+/// `Correction`.
+pub fn focus_csv(
+    events: &[(i32, i64, RatedEvent)],
+    period: (Millis, Millis),
+    correction_version: bool,
+) -> String {
+    let mut s = String::from(
+        "BilledCost,EffectiveCost,ListCost,ContractedCost,BillingCurrency,BillingPeriodStart,BillingPeriodEnd,\
+         ChargePeriodStart,ChargePeriodEnd,ChargeCategory,ChargeClass,ChargeFrequency,ChargeDescription,\
+         ConsumedQuantity,ConsumedUnit,PricingQuantity,PricingUnit,ListUnitPrice,ContractedUnitPrice,\
+         ResourceId,SkuId,SkuPriceId,SubAccountId,ProviderName,PublisherName,InvoiceIssuerName,ServiceCategory\n",
+    );
+    let esc = |v: &str| {
+        if v.contains([',', '"', '\n']) {
+            format!("\"{}\"", v.replace('"', "\"\""))
+        } else {
+            v.to_string()
+        }
+    };
+    for (_, _, e) in events {
+        let cost = rounded(e).to_fixed(minor_units(&e.currency));
+        let class = if e.adjustment || correction_version {
+            "Correction"
+        } else {
+            ""
+        };
+        s.push_str(&format!(
+            "{cost},{cost},{cost},{cost},{},{},{},{},{},Usage,{class},Usage-Based,{},{},{},{},{},{},{},{},{},{},{},meterflow,meterflow,meterflow,Compute\n",
+            e.currency,
+            fmt_rfc3339(period.0),
+            fmt_rfc3339(period.1),
+            fmt_rfc3339(e.window_start),
+            fmt_rfc3339(e.window_end),
+            esc(&format!("{}@{} {}", e.rule_id, e.rule_version, e.unit)),
+            e.quantity,
+            esc(&e.unit),
+            e.quantity,
+            esc(&e.unit),
+            e.unit_price,
+            e.unit_price,
+            esc(&e.resource_id),
+            esc(&e.rule_id),
+            esc(&format!("{}@{}", e.rule_id, e.rule_version)),
+            esc(&e.entity_id),
+        ));
+    }
+    s
+}
+
 pub fn csv(events: &[(i32, i64, RatedEvent)]) -> String {
     let mut s = String::from("id,entity_id,rule_id,rule_version,resource_id,window_start,window_end,unit,quantity,unit_price,amount,currency,amount_unrounded,adjustment\n");
     let esc = |v: &str| {
@@ -210,6 +263,7 @@ pub fn write_version(
     bounds: (Millis, Millis),
     entity: &str,
     mut events: Vec<(i32, i64, RatedEvent)>,
+    focus: bool,
 ) -> Result<Manifest> {
     let dir = entity_dir(root, period_label, entity);
     std::fs::create_dir_all(&dir)?;
@@ -225,6 +279,12 @@ pub fn write_version(
     });
     let csv_bytes = csv(&events).into_bytes();
     let pq = parquet(&events)?;
+    let focus_file = focus.then(|| {
+        (
+            version_name(version, "focus.csv"),
+            focus_csv(&events, bounds, version > 1).into_bytes(),
+        )
+    });
     let csv_name = version_name(version, "lines.csv");
     let pq_name = version_name(version, "lines.parquet");
     let mut totals: BTreeMap<String, Dec> = BTreeMap::new();
@@ -261,6 +321,7 @@ pub fn write_version(
             (pq_name.clone(), sha(&pq)),
         ]
         .into_iter()
+        .chain(focus_file.iter().map(|(n, b)| (n.clone(), sha(b))))
         .collect(),
         rule_versions: rules,
         input_offsets: offsets,
@@ -268,6 +329,9 @@ pub fn write_version(
     };
     write_atomic(&dir.join(&csv_name), &csv_bytes)?;
     write_atomic(&dir.join(&pq_name), &pq)?;
+    if let Some((name, bytes)) = &focus_file {
+        write_atomic(&dir.join(name), bytes)?;
+    }
     // the manifest last: its presence means the version is complete
     write_atomic(
         &dir.join(version_name(version, "manifest.json")),
@@ -298,4 +362,94 @@ pub fn all_manifests(root: &Path) -> Result<Vec<Manifest>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: &str, ws: Millis, amount: &str, adjustment: bool) -> (i32, i64, RatedEvent) {
+        (
+            0,
+            ws,
+            RatedEvent {
+                id: id.into(),
+                rule_id: "vcpu_hours".into(),
+                rule_version: 2,
+                entity_id: "acme, inc".into(),
+                resource_id: String::new(),
+                window_start: ws,
+                window_end: ws + 3_600_000,
+                unit: "vcpu_hour".into(),
+                quantity: "2".parse().expect("dec"),
+                unit_price: "0.036".parse().expect("dec"),
+                amount: amount.parse().expect("dec"),
+                currency: "USD".into(),
+                adjustment,
+                usage_records: 1,
+                source_partition: 0,
+            },
+        )
+    }
+
+    #[test]
+    fn focus_export_is_listed_checksummed_and_sums_to_the_manifest() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let events = vec![
+            ev("a", 0, "0.072", false),
+            ev("b", 3_600_000, "0.0725", false),
+            ev("c", 0, "0.036", true),
+        ];
+        let m = write_version(
+            dir.path(),
+            "p",
+            (0, 86_400_000),
+            "acme, inc",
+            events.clone(),
+            true,
+        )
+        .expect("written");
+        let d = entity_dir(dir.path(), "p", "acme, inc");
+        let focus = std::fs::read(d.join("focus.csv")).expect("focus.csv");
+        assert_eq!(m.files.get("focus.csv"), Some(&sha(&focus)));
+        let text = String::from_utf8(focus).expect("utf8");
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().expect("header").split(',').collect();
+        assert_eq!(header.len(), 27);
+        assert!(header.contains(&"BilledCost") && header.contains(&"SubAccountId"));
+        let rows: Vec<&str> = lines.collect();
+        assert_eq!(rows.len(), 3);
+        // Σ BilledCost (first column) equals the manifest total, to the cent
+        let billed = rows
+            .iter()
+            .map(|r| {
+                r.split(',')
+                    .next()
+                    .expect("cost")
+                    .parse::<Dec>()
+                    .expect("dec")
+            })
+            .fold(Dec::ZERO, |a, b| a.checked_add(b).expect("sum"));
+        assert_eq!(billed.to_fixed(2), m.totals["USD"]);
+        assert_eq!(
+            rows.iter().filter(|r| r.contains(",Correction,")).count(),
+            1
+        );
+        assert!(rows[0].contains("\"acme, inc\""), "{}", rows[0]);
+        // the same events give the same bytes
+        let again = tempfile::tempdir().expect("tmp");
+        write_version(
+            again.path(),
+            "p",
+            (0, 86_400_000),
+            "acme, inc",
+            events,
+            true,
+        )
+        .expect("again");
+        assert_eq!(
+            std::fs::read(entity_dir(again.path(), "p", "acme, inc").join("focus.csv")).expect("f"),
+            text.into_bytes()
+        );
+    }
 }

@@ -33,6 +33,9 @@ pub struct SettlerConfig {
     /// `month` (calendar, UTC), `day`, `week`, or a duration such as `6h`.
     pub period: String,
     pub batch_size: usize,
+    /// Also write each file set's lines as FOCUS (`focus.csv`, FinOps Open Cost and Usage
+    /// Specification columns), listed and checksummed in the manifest.
+    pub focus: bool,
 }
 
 impl Default for SettlerConfig {
@@ -45,6 +48,7 @@ impl Default for SettlerConfig {
             out_dir: PathBuf::from("settlements"),
             period: "month".into(),
             batch_size: 5000,
+            focus: false,
         }
     }
 }
@@ -234,6 +238,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                         period.bounds(key.0),
                         &key.1,
                         o.events,
+                        cfg.focus,
                     )
                 })?;
                 tracing::info!(period = %label, entity = %key.1, lines = man.line_count, totals = ?man.totals, "settled");
@@ -253,7 +258,14 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         for (key, evs) in corrections {
             let label = period.label(key.0);
             let man = tokio::task::block_in_place(|| {
-                files::write_version(&cfg.out_dir, &label, period.bounds(key.0), &key.1, evs)
+                files::write_version(
+                    &cfg.out_dir,
+                    &label,
+                    period.bounds(key.0),
+                    &key.1,
+                    evs,
+                    cfg.focus,
+                )
             })?;
             tracing::info!(period = %label, entity = %key.1, version = man.version, "correction written");
             let (rec, marker) = settlement_of(&cfg.out_dir, &man)?;
