@@ -137,6 +137,63 @@ fn a_known_fleet_settles_to_the_cent_on_tansu() {
             String::from_utf8_lossy(&st.stderr)
         );
     }
+    // the period reconciles: usage re-rated = revenue events = settlement totals
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    let audit = |period: &str| {
+        std::process::Command::new(meterflow_tests::bin("meterflow"))
+            .args([
+                "audit",
+                "--period",
+                period,
+                "--billing-period",
+                "day",
+                "--json",
+            ])
+            .args(["--brokers", &p.kafka.brokers])
+            .arg("--from")
+            .arg(&p.out)
+            .arg("--rules")
+            .arg(&rules)
+            .env("METERFLOW_LOG", "warn")
+            .output()
+            .expect("runs")
+    };
+    let first = s.manifests[0].period.clone();
+    let out = audit(&first);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&said).expect("json");
+    assert_eq!(rows.len(), 3, "{said}");
+    assert!(rows
+        .iter()
+        .all(|r| r["ok"] == true && r["settled"] == r["rerated"]));
+    // a settlement total that does not add up is found, with its entity
+    let man =
+        meterflow_settler::files::entity_dir(&p.out, &first, "entity-1").join("manifest.json");
+    let text = std::fs::read_to_string(&man).expect("manifest");
+    let m1 = s
+        .manifests
+        .iter()
+        .find(|m| m.period == first && m.entity_id == "entity-1")
+        .expect("entity-1");
+    let total = &m1.totals["USD"];
+    let bumped: meterflow_types::Dec = total
+        .parse::<meterflow_types::Dec>()
+        .expect("dec")
+        .checked_add("0.01".parse().expect("dec"))
+        .expect("add");
+    std::fs::write(&man, text.replace(total.as_str(), &bumped.to_fixed(2))).expect("write");
+    let out = audit(&first);
+    assert_eq!(out.status.code(), Some(1));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    let bad: Vec<_> = rows.iter().filter(|r| r["ok"] == false).collect();
+    assert_eq!(bad.len(), 1, "{rows:?}");
+    assert_eq!(bad[0]["entity_id"], "entity-1");
+    std::fs::write(&man, text).expect("restore");
     // and a changed file is caught
     let m = &s.manifests[0];
     let csv =

@@ -1,6 +1,10 @@
 //! `meterflow audit --parked`: what the enricher is holding back, and which nodes it has
 //! stopped waiting for. Read from the compacted `meterflow.parked` and
 //! `meterflow.instances` topics, so it works against any running deployment.
+//!
+//! `meterflow audit --period <p>`: a period reconciled per entity — the usage out of the
+//! enricher re-rated in batch, the revenue events on the rated topic, and the settlement
+//! files' totals, each rounded per line as settled; exit code 1 on any mismatch.
 
 use anyhow::Result;
 use meterflow_kafka::{read_table, KafkaConfig};
@@ -14,6 +18,18 @@ pub struct AuditArgs {
     /// Show usage parked for want of an owner, per instance, and the node table.
     #[arg(long)]
     pub parked: bool,
+    /// Reconcile this settlement period (its `period=<label>`): usage → rated → settled.
+    #[arg(long)]
+    pub period: Option<String>,
+    /// The settlement directory (for --period).
+    #[arg(long, default_value = "out/settlements")]
+    pub from: std::path::PathBuf,
+    /// The rules the rater runs (for --period).
+    #[arg(long, default_value = "rules")]
+    pub rules: std::path::PathBuf,
+    /// The rater's billing_period (for --period).
+    #[arg(long, default_value = "month")]
+    pub billing_period: String,
     /// One JSON document instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -151,7 +167,14 @@ pub fn run(a: AuditArgs) -> Result<()> {
         brokers: a.brokers.clone(),
         ..Default::default()
     };
-    let _ = a.parked; // the only audit so far; the default
+    if let Some(period) = a.period.clone() {
+        let ok = tokio::runtime::Handle::current().block_on(period_audit(&a, &cfg, &period))?;
+        if !ok {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    let _ = a.parked; // the default audit
     let r = parked_report(&cfg, a.node_timeout)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -194,4 +217,194 @@ pub fn run(a: AuditArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One entity's reconciliation for a period, per currency.
+#[derive(Serialize, Debug, Default, Clone, PartialEq, Eq)]
+pub struct PeriodRow {
+    pub entity_id: String,
+    pub currency: String,
+    /// Σ vCPU-seconds of the usage whose interval starts in the period.
+    pub usage_vcpu_seconds: String,
+    /// The recorded usage re-rated, rounded per line.
+    pub rerated: String,
+    /// The revenue events on the rated topic (each id once), rounded per line.
+    pub rated: String,
+    /// The settlement files' totals (all versions).
+    pub settled: String,
+    pub ok: bool,
+}
+
+async fn period_audit(a: &AuditArgs, cfg: &KafkaConfig, period: &str) -> Result<bool> {
+    use meterflow_settler::files::{all_manifests, rounded};
+    use meterflow_types::{Dec, RatedEvent};
+    let manifests: Vec<_> = all_manifests(&a.from)?
+        .into_iter()
+        .filter(|m| m.period == period)
+        .collect();
+    let Some(first) = manifests.first() else {
+        anyhow::bail!("no settlement of period {period} in {}", a.from.display());
+    };
+    let bounds = (
+        meterflow_types::time::parse_rfc3339(&first.period_start).map_err(anyhow::Error::msg)?,
+        meterflow_types::time::parse_rfc3339(&first.period_end).map_err(anyhow::Error::msg)?,
+    );
+    let inside = |t: Millis| t >= bounds.0 && t < bounds.1;
+    type Key = (String, String);
+    let add = |m: &mut BTreeMap<Key, Dec>, k: Key, d: Dec| -> Result<()> {
+        let e = m.entry(k).or_insert(Dec::ZERO);
+        *e = e.checked_add(d)?;
+        Ok(())
+    };
+    let mut settled: BTreeMap<Key, Dec> = BTreeMap::new();
+    for m in &manifests {
+        for (cur, total) in &m.totals {
+            add(
+                &mut settled,
+                (m.entity_id.clone(), cur.clone()),
+                total.parse()?,
+            )?;
+        }
+    }
+    // the rated topic, each id once
+    let mut rated: BTreeMap<Key, Dec> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut events: Vec<RatedEvent> = Vec::new();
+    tokio::task::block_in_place(|| {
+        meterflow_kafka::scan_topic(cfg, &cfg.topics.rated, Duration::from_secs(3600), |r| {
+            if let Ok(meterflow_avro::RatedMsg::Rated(e)) =
+                meterflow_avro::decode_rated_msg(r.payload.as_deref().unwrap_or_default())
+            {
+                if inside(e.window_start) && seen.insert(e.id.clone()) {
+                    events.push(e);
+                }
+            }
+        })
+    })?;
+    for e in &events {
+        add(
+            &mut rated,
+            (e.entity_id.clone(), e.currency.clone()),
+            rounded(e),
+        )?;
+    }
+    // the usage topic, recorded and re-rated as the stream rated it
+    let dir = std::env::temp_dir().join(format!("meterflow-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("usage.parquet");
+    let mut usage_vcpu: BTreeMap<String, Dec> = BTreeMap::new();
+    {
+        let mut w = meterflow_rater::batch::UsageWriter::create(&file)?;
+        let mut err = None;
+        tokio::task::block_in_place(|| {
+            meterflow_kafka::scan_topic(cfg, &cfg.topics.usage, Duration::from_secs(3600), |r| {
+                let row = match meterflow_avro::decode_usage_msg(
+                    r.payload.as_deref().unwrap_or_default(),
+                ) {
+                    Ok(meterflow_avro::UsageMsg::Usage(u)) => {
+                        if inside(u.interval_start) {
+                            let v = usage_vcpu.entry(u.entity_id.clone()).or_insert(Dec::ZERO);
+                            *v = v.checked_add(u.vcpu_seconds).unwrap_or(*v);
+                        }
+                        meterflow_rater::batch::Row::Usage(r.partition, u)
+                    }
+                    Ok(meterflow_avro::UsageMsg::Watermark(m)) => {
+                        meterflow_rater::batch::Row::Marker(r.partition, m)
+                    }
+                    Err(_) => return,
+                };
+                if let Err(e) = w.push(row) {
+                    err.get_or_insert(e);
+                }
+            })
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        w.finish()?;
+    }
+    let engines = crate::rerate::engines(&a.rules, 1024).await?;
+    let mut rerated: BTreeMap<Key, Dec> = BTreeMap::new();
+    let billing =
+        meterflow_types::window::Period::parse(&a.billing_period).map_err(anyhow::Error::msg)?;
+    let mut fail = None;
+    tokio::task::block_in_place(|| {
+        meterflow_rater::batch::rerate_files(
+            &engines,
+            billing,
+            std::slice::from_ref(&file),
+            24 * 3600 * 1000,
+            2 * 3600 * 1000,
+            |_| {},
+            |ev| {
+                for e in ev.iter().filter(|e| inside(e.window_start)) {
+                    if let Err(x) = add(
+                        &mut rerated,
+                        (e.entity_id.clone(), e.currency.clone()),
+                        rounded(e),
+                    ) {
+                        fail.get_or_insert(x);
+                    }
+                }
+                Ok(())
+            },
+        )
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(e) = fail {
+        return Err(e);
+    }
+    let keys: std::collections::BTreeSet<&Key> = settled
+        .keys()
+        .chain(rated.keys())
+        .chain(rerated.keys())
+        .collect();
+    let get = |m: &BTreeMap<Key, Dec>, k: &Key| m.get(k).copied().unwrap_or(Dec::ZERO);
+    let rows: Vec<PeriodRow> = keys
+        .into_iter()
+        .map(|k| {
+            let (x, y, z) = (get(&rerated, k), get(&rated, k), get(&settled, k));
+            let places = meterflow_types::decimal::minor_units(&k.1);
+            PeriodRow {
+                entity_id: k.0.clone(),
+                currency: k.1.clone(),
+                usage_vcpu_seconds: usage_vcpu
+                    .get(&k.0)
+                    .copied()
+                    .unwrap_or(Dec::ZERO)
+                    .to_string(),
+                rerated: x.to_fixed(places),
+                rated: y.to_fixed(places),
+                settled: z.to_fixed(places),
+                ok: x == y && y == z,
+            }
+        })
+        .collect();
+    let ok = rows.iter().all(|r| r.ok);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<24} {:<8} {:>18} {:>14} {:>14} {:>14}  status",
+            "entity", "currency", "usage vCPU-s", "re-rated", "rated", "settled"
+        );
+        for r in &rows {
+            println!(
+                "{:<24} {:<8} {:>18} {:>14} {:>14} {:>14}  {}",
+                r.entity_id,
+                r.currency,
+                r.usage_vcpu_seconds,
+                r.rerated,
+                r.rated,
+                r.settled,
+                if r.ok { "ok" } else { "MISMATCH" }
+            );
+        }
+        let bad = rows.iter().filter(|r| !r.ok).count();
+        println!(
+            "period {period}: {} entit(ies), {bad} mismatch(es)",
+            rows.len()
+        );
+    }
+    Ok(ok)
 }

@@ -104,7 +104,7 @@ pub struct Rerated {
 }
 
 /// One rule engine per core, for as many workers.
-async fn engines(rules: &std::path::Path, memory_mb: usize) -> Result<Vec<Engine>> {
+pub(crate) async fn engines(rules: &std::path::Path, memory_mb: usize) -> Result<Vec<Engine>> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
