@@ -1072,3 +1072,81 @@ fn period_to_date_usage_survives_a_rater_kill_and_counts_each_window_once() {
     assert_eq!(p.rater.starts, 2);
     p.stop();
 }
+
+#[test]
+fn settled_periods_ignore_duplicate_events_and_take_late_ones_as_correction_versions() {
+    let run = two_days(24);
+    let mut p = Pipeline::start(run.clone(), 36_000, "day");
+    p.start_collector();
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    let before = Settled::read(&p.out);
+    let t = p.kafka.topics.clone();
+    let events: Vec<RatedEvent> = read_table(
+        &p.kafka,
+        &[&t.rated],
+        &HashMap::new(),
+        Duration::from_secs(30),
+    )
+    .expect("rated")
+    .into_iter()
+    .filter_map(|r| match meterflow_avro::decode_rated_msg(&r.payload?) {
+        Ok(meterflow_avro::RatedMsg::Rated(e)) => Some(e),
+        _ => None,
+    })
+    .collect();
+    // every event of the first day again (a replay upstream), and one late adjustment
+    let day1: Vec<&RatedEvent> = events
+        .iter()
+        .filter(|e| e.window_start < run.start + DAY)
+        .collect();
+    let mut late = day1[0].clone();
+    late.id = "late-adjustment-1".into();
+    late.adjustment = true;
+    late.quantity = "1".parse().expect("dec");
+    late.amount = "0.036".parse().expect("dec");
+    let producer = meterflow_kafka::producer(&p.kafka, "replayer", None).expect("producer");
+    block_on(async {
+        for e in day1.iter().copied().chain(std::iter::once(&late)) {
+            producer
+                .send(
+                    FutureRecord::to(&t.rated)
+                        .key(e.entity_id.as_bytes())
+                        .payload(&meterflow_avro::encode(e)),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .expect("sent");
+        }
+    });
+    let want = before.manifests.len() + 1;
+    p.drain(Duration::from_secs(120), |out| {
+        meterflow_settler::files::all_manifests(out)
+            .map(|m| m.len() >= want)
+            .unwrap_or(false)
+    });
+    let after = Settled::read(&p.out);
+    after.assert_no_id_twice();
+    assert_eq!(
+        after.manifests.len(),
+        want,
+        "one correction version, nothing else"
+    );
+    let v2: Vec<_> = after.manifests.iter().filter(|m| m.version == 2).collect();
+    assert_eq!(v2.len(), 1);
+    let v2 = v2[0];
+    assert_eq!(v2.entity_id, late.entity_id);
+    assert_eq!(v2.previous.as_deref(), Some("manifest.json"));
+    assert_eq!(v2.ids, vec![late.id.clone()]);
+    assert_eq!(v2.totals["USD"], "0.04", "the delta, rounded once");
+    // the first versions are untouched
+    for m in &before.manifests {
+        let now = after
+            .manifests
+            .iter()
+            .find(|x| x.entity_id == m.entity_id && x.period == m.period && x.version == 1)
+            .expect("still there");
+        assert_eq!(now, m);
+    }
+    p.stop();
+}
