@@ -1150,3 +1150,34 @@ fn settled_periods_ignore_duplicate_events_and_take_late_ones_as_correction_vers
     }
     p.stop();
 }
+
+#[test]
+fn a_settler_killed_as_it_writes_files_settles_each_period_once() {
+    let run = two_days(25);
+    // about 25 s of collection: the first day settles mid-run
+    let mut p = Pipeline::start(run.clone(), 7_200, "day");
+    p.start_collector();
+    // kill it the moment the first file sets appear: files written, offsets likely not
+    // yet committed
+    let out = p.out.clone();
+    p.wait_for(Duration::from_secs(120), "the first file sets", |_| {
+        meterflow_settler::files::all_manifests(&out)
+            .map(|m| !m.is_empty())
+            .unwrap_or(false)
+    });
+    p.settler.kill9();
+    p.settler.restart();
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    assert_eq!(p.settler.starts, 2);
+    let s = Settled::read(&p.out);
+    assert!(
+        s.manifests.iter().all(|m| m.version == 1),
+        "each period settled once: {:?}",
+        s.manifests
+            .iter()
+            .map(|m| (&m.period, &m.entity_id, m.version))
+            .collect::<Vec<_>>()
+    );
+    s.assert_matches(&run, DAY);
+    p.stop();
+}
