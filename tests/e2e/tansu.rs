@@ -4,11 +4,11 @@
 
 use meterflow_avro::header_of;
 use meterflow_collector::fleet::FleetConfig;
-use meterflow_kafka::read_table;
 use meterflow_tests::expect::{FleetRun, DAY};
 use meterflow_tests::pipeline::{block_on, Pipeline};
 use meterflow_tests::settled::Settled;
-use meterflow_types::{DlqRecord, InstanceState, Ownership, RatedEvent, Sample, Usage};
+use meterflow_tests::{meterflow, meterflow_ok, utf8};
+use meterflow_types::{DlqRecord, InstanceState, Ownership, RatedEvent, Sample, Settlement, Usage};
 use rdkafka::producer::FutureRecord;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -27,6 +27,23 @@ fn two_days(seed: u64) -> FleetRun {
         polls: 2 * 288 + 1,
         reassign: Vec::new(),
     }
+}
+
+/// Records keyed by id; a record seen again (a replay) must be identical.
+fn once_each<R: PartialEq + std::fmt::Debug>(
+    records: Vec<R>,
+    id: impl Fn(&R) -> String,
+) -> BTreeMap<String, R> {
+    let mut out = BTreeMap::new();
+    for r in records {
+        let k = id(&r);
+        if let Some(prev) = out.get(&k) {
+            assert_eq!(prev, &r, "{k} seen twice with different contents");
+        } else {
+            out.insert(k, r);
+        }
+    }
+    out
 }
 
 /// Every expected (period, entity) has a manifest.
@@ -65,16 +82,7 @@ fn a_known_fleet_settles_to_the_cent_on_tansu() {
     );
     s.assert_matches(&run, DAY);
     // one settlements-topic record per file set, agreeing with its manifest
-    let announced: Vec<meterflow_types::Settlement> = read_table(
-        &p.kafka,
-        &[&p.kafka.topics.settlements],
-        &HashMap::new(),
-        Duration::from_secs(30),
-    )
-    .expect("settlements")
-    .into_iter()
-    .filter_map(|r| meterflow_avro::decode(&r.payload?).ok())
-    .collect();
+    let announced: Vec<Settlement> = p.records(&p.kafka.topics.settlements);
     assert_eq!(announced.len(), s.manifests.len(), "{announced:?}");
     for m in &s.manifests {
         let a = announced
@@ -100,16 +108,7 @@ fn a_known_fleet_settles_to_the_cent_on_tansu() {
         "the version to be announced again",
         |p| p.messages(&topic) >= want,
     );
-    let again: Vec<meterflow_types::Settlement> = read_table(
-        &p.kafka,
-        &[&topic],
-        &HashMap::new(),
-        Duration::from_secs(30),
-    )
-    .expect("settlements")
-    .into_iter()
-    .filter_map(|r| meterflow_avro::decode(&r.payload?).ok())
-    .collect();
+    let again: Vec<Settlement> = p.records(&topic);
     assert_eq!(again.len(), announced.len() + 1);
     assert_eq!(
         again.iter().filter(|a| *a == first).count(),
@@ -120,52 +119,41 @@ fn a_known_fleet_settles_to_the_cent_on_tansu() {
     let periods: std::collections::BTreeSet<&str> =
         s.manifests.iter().map(|m| m.period.as_str()).collect();
     for period in periods {
-        let out = p.path().join(format!("rebuilt-{period}"));
-        let st = std::process::Command::new(meterflow_tests::bin("meterflow"))
-            .args(["settle", "--period", period, "--brokers", &p.kafka.brokers])
-            .arg("--from")
-            .arg(&p.out)
-            .arg("--out")
-            .arg(&out)
-            .env("METERFLOW_LOG", "warn")
-            .output()
-            .expect("runs");
-        let said = String::from_utf8_lossy(&st.stdout);
-        assert!(
-            st.status.success() && said.contains("byte-identical"),
-            "{said}{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
+        let rebuilt = p.path().join(format!("rebuilt-{period}"));
+        let said = meterflow_ok(&[
+            "settle",
+            "--period",
+            period,
+            "--brokers",
+            &p.kafka.brokers,
+            "--from",
+            utf8(&p.out),
+            "--out",
+            utf8(&rebuilt),
+        ]);
+        assert!(said.contains("byte-identical"), "{said}");
     }
     // the period reconciles: usage re-rated = revenue events = settlement totals
     let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
-    let audit = |period: &str| {
-        std::process::Command::new(meterflow_tests::bin("meterflow"))
-            .args([
-                "audit",
-                "--period",
-                period,
-                "--billing-period",
-                "day",
-                "--json",
-            ])
-            .args(["--brokers", &p.kafka.brokers])
-            .arg("--from")
-            .arg(&p.out)
-            .arg("--rules")
-            .arg(&rules)
-            .env("METERFLOW_LOG", "warn")
-            .output()
-            .expect("runs")
+    let audit_args = |period: &str| {
+        [
+            "audit",
+            "--period",
+            period,
+            "--billing-period",
+            "day",
+            "--json",
+            "--brokers",
+            &p.kafka.brokers,
+            "--from",
+            utf8(&p.out),
+            "--rules",
+            utf8(&rules),
+        ]
+        .map(str::to_string)
     };
     let first = s.manifests[0].period.clone();
-    let out = audit(&first);
-    let said = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = meterflow_ok(&audit_args(&first));
     let rows: Vec<serde_json::Value> = serde_json::from_str(&said).expect("json");
     assert_eq!(rows.len(), 3, "{said}");
     assert!(rows
@@ -187,7 +175,7 @@ fn a_known_fleet_settles_to_the_cent_on_tansu() {
         .checked_add("0.01".parse().expect("dec"))
         .expect("add");
     std::fs::write(&man, text.replace(total.as_str(), &bumped.to_fixed(2))).expect("write");
-    let out = audit(&first);
+    let out = meterflow(&audit_args(&first));
     assert_eq!(out.status.code(), Some(1));
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
     let bad: Vec<_> = rows.iter().filter(|r| r["ok"] == false).collect();
@@ -201,16 +189,19 @@ fn a_known_fleet_settles_to_the_cent_on_tansu() {
     let mut text = std::fs::read_to_string(&csv).expect("csv");
     text.push('\n');
     std::fs::write(&csv, text).expect("write");
-    let st = std::process::Command::new(meterflow_tests::bin("meterflow"))
-        .args(["settle", "--period", &m.period, "--entity", &m.entity_id])
-        .args(["--brokers", &p.kafka.brokers])
-        .arg("--from")
-        .arg(&p.out)
-        .arg("--out")
-        .arg(p.path().join("rebuilt-again"))
-        .env("METERFLOW_LOG", "warn")
-        .output()
-        .expect("runs");
+    let st = meterflow(&[
+        "settle",
+        "--period",
+        &m.period,
+        "--entity",
+        &m.entity_id,
+        "--brokers",
+        &p.kafka.brokers,
+        "--from",
+        utf8(&p.out),
+        "--out",
+        utf8(&p.path().join("rebuilt-again")),
+    ]);
     assert!(!st.status.success());
     assert!(String::from_utf8_lossy(&st.stdout).contains("lines.csv differs"));
     p.stop();
@@ -315,13 +306,7 @@ fn undecodable_bytes_on_every_input_topic_land_in_the_dlq_with_a_reason() {
     sent.extend(inject(&p, 1)); // again, into stages that are busy
     p.drain(Duration::from_secs(300), all_periods_settled(&run));
 
-    let dlq = read_table(
-        &p.kafka,
-        &[&p.kafka.topics.dlq],
-        &HashMap::new(),
-        Duration::from_secs(30),
-    )
-    .expect("reading the dlq");
+    let dlq = p.read(&p.kafka.topics.dlq);
     let mut got: BTreeMap<(String, i32, i64), DlqRecord> = BTreeMap::new();
     for r in dlq {
         let d: DlqRecord =
@@ -399,28 +384,19 @@ fn an_explicit_reassignment_moves_the_usage_from_its_valid_from_on() {
     run.reassign = vec![("sim-0004".into(), from, "acme-reassigned".into())];
     let mut p = Pipeline::start(run.clone(), 36_000, "day");
     // as an operator would: before the usage flows, over the CLI
-    let st = std::process::Command::new(meterflow_tests::bin("meterflow"))
-        .args([
-            "ownership",
-            "set",
-            "sim-0004",
-            "--user",
-            "carol",
-            "--entity",
-            "acme-reassigned",
-            "--valid-from",
-            &meterflow_types::time::fmt_rfc3339(from),
-            "--brokers",
-            &p.kafka.brokers,
-        ])
-        .env("METERFLOW_LOG", "warn")
-        .output()
-        .expect("runs");
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    meterflow_ok(&[
+        "ownership",
+        "set",
+        "sim-0004",
+        "--user",
+        "carol",
+        "--entity",
+        "acme-reassigned",
+        "--valid-from",
+        &meterflow_types::time::fmt_rfc3339(from),
+        "--brokers",
+        &p.kafka.brokers,
+    ]);
     p.start_collector();
     p.drain(Duration::from_secs(300), all_periods_settled(&run));
     let s = Settled::read(&p.out);
@@ -440,35 +416,11 @@ fn samples_sent_again_after_their_windows_closed_are_not_billed_twice() {
     // a collector that lost its acknowledgements resends: the same bytes again, for the
     // last hour of the run, long after those windows closed and were settled
     let t = p.kafka.topics.clone();
-    let again: Vec<(Vec<u8>, Vec<u8>)> = read_table(
-        &p.kafka,
-        &[&t.samples],
-        &HashMap::new(),
-        Duration::from_secs(30),
-    )
-    .expect("samples")
-    .into_iter()
-    .filter_map(|r| {
-        let bytes = r.payload?;
-        let s: Sample = meterflow_avro::decode(&bytes).ok()?;
-        (s.interval_start >= run.end() - meterflow_tests::expect::HOUR)
-            .then(|| (r.key.unwrap_or_default(), bytes))
-    })
-    .collect();
-    assert!(again.len() >= 9 * 12, "{} samples to resend", again.len());
-    let producer = meterflow_kafka::producer(&p.kafka, "resender", None).expect("producer");
-    block_on(async {
-        for (k, v) in &again {
-            producer
-                .send(
-                    FutureRecord::to(&t.samples).key(k).payload(v),
-                    Duration::from_secs(10),
-                )
-                .await
-                .map_err(|(e, _)| e)
-                .expect("resent");
-        }
+    let again = samples_as_sent(&p, |s| {
+        s.interval_start >= run.end() - meterflow_tests::expect::HOUR
     });
+    assert!(again.len() >= 9 * 12, "{} samples to resend", again.len());
+    p.produce(&t.samples, &again);
     p.drain(Duration::from_secs(120), all_periods_settled(&run));
     let s = Settled::read(&p.out);
     assert!(
@@ -496,13 +448,10 @@ fn an_instance_that_moves_node_mid_run_is_billed_once_to_the_cent() {
     // the bill is the unmigrated fleet's: nothing counted twice, nothing lost
     Settled::read(&p.out).assert_matches(&run, DAY);
     let t = p.kafka.topics.clone();
-    let read = |topic: &str| {
-        read_table(&p.kafka, &[topic], &HashMap::new(), Duration::from_secs(30)).expect("read")
-    };
     // node-a ended every instance once, with nothing billed after its last poll
-    let ended: Vec<Sample> = read(&t.samples)
+    let ended: Vec<Sample> = p
+        .records::<Sample>(&t.samples)
         .into_iter()
-        .filter_map(|r| meterflow_avro::decode::<Sample>(&r.payload?).ok())
         .filter(|s| s.ended)
         .collect();
     assert_eq!(ended.len(), 9, "one final sample per instance: {ended:?}");
@@ -512,17 +461,15 @@ fn an_instance_that_moves_node_mid_run_is_billed_once_to_the_cent() {
         assert_eq!((s.vcpu_millis, s.deltas.cpu_time_ns), (0, 0));
     }
     // and tombstoned it on the instances topic, naming itself
-    let tombstones = read(&t.instances)
+    let tombstones = p
+        .read(&t.instances)
         .into_iter()
         .filter(|r| r.payload.is_none())
         .filter(|r| r.header(meterflow_types::headers::DELETED_BY) == Some(&b"node-a"[..]))
         .count();
     assert_eq!(tombstones, 9);
     // usage moved node at the migration point
-    let usage: Vec<Usage> = read(&t.usage)
-        .into_iter()
-        .filter_map(|r| meterflow_avro::decode::<Usage>(&r.payload?).ok())
-        .collect();
+    let usage: Vec<Usage> = p.records(&t.usage);
     assert!(usage
         .iter()
         .filter(|u| u.node_id == "node-a")
@@ -549,36 +496,11 @@ fn samples_delivered_twice_mid_run_count_once_even_after_an_enricher_restart() {
     p.wait_for(Duration::from_secs(120), "samples to flow", |p| {
         p.messages(&samples) >= 2_000
     });
-    let again: Vec<(Vec<u8>, Vec<u8>)> = read_table(
-        &p.kafka,
-        &[&samples],
-        &HashMap::new(),
-        Duration::from_secs(30),
-    )
-    .expect("samples")
-    .into_iter()
-    .filter_map(|r| {
-        let bytes = r.payload?;
-        meterflow_avro::decode::<Sample>(&bytes).ok()?;
-        Some((r.key.unwrap_or_default(), bytes))
-    })
-    .collect();
+    let again = samples_as_sent(&p, |_| true);
     // a restarted enricher must still know them (its checkpoint, not its memory)
     p.enricher.kill9();
     p.enricher.restart();
-    let producer = meterflow_kafka::producer(&p.kafka, "duplicator", None).expect("producer");
-    block_on(async {
-        for (k, v) in &again {
-            producer
-                .send(
-                    FutureRecord::to(&samples).key(k).payload(v),
-                    Duration::from_secs(10),
-                )
-                .await
-                .map_err(|(e, _)| e)
-                .expect("resent");
-        }
-    });
+    p.produce(&samples, &again);
     let collecting = p.collector.as_mut().map(|c| c.exited().is_none());
     assert_eq!(
         collecting,
@@ -594,17 +516,23 @@ fn samples_delivered_twice_mid_run_count_once_even_after_an_enricher_restart() {
 }
 
 fn audit_parked(p: &Pipeline) -> serde_json::Value {
-    let out = std::process::Command::new(meterflow_tests::bin("meterflow"))
-        .args(["audit", "--parked", "--json", "--brokers", &p.kafka.brokers])
-        .env("METERFLOW_LOG", "warn")
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
+    let said = meterflow_ok(&["audit", "--parked", "--json", "--brokers", &p.kafka.brokers]);
+    serde_json::from_str(&said).expect("json")
+}
+
+/// The samples on the samples topic that `keep` selects, as (key, bytes) to send again.
+fn samples_as_sent(
+    p: &Pipeline,
+    keep: impl Fn(&Sample) -> bool,
+) -> Vec<(Vec<u8>, Vec<u8>, Option<i32>)> {
+    p.read(&p.kafka.topics.samples)
+        .into_iter()
+        .filter_map(|r| {
+            let bytes = r.payload?;
+            let s: Sample = meterflow_avro::decode(&bytes).ok()?;
+            keep(&s).then(|| (r.key.unwrap_or_default(), bytes, None))
+        })
+        .collect()
 }
 
 #[test]
@@ -644,36 +572,28 @@ fn usage_whose_owner_arrives_later_is_parked_visibly_then_billed_to_it() {
         instances: 1,
         retired,
     };
-    let producer = meterflow_kafka::producer(&p.kafka, "node-x", None).expect("producer");
-    let send = |topic: &str, key: &str, bytes: Vec<u8>, part: Option<i32>| {
-        block_on(async {
-            let mut r = FutureRecord::to(topic).key(key).payload(&bytes);
-            if let Some(pt) = part {
-                r = r.partition(pt);
-            }
-            producer
-                .send(r, Duration::from_secs(10))
-                .await
-                .map_err(|(e, _)| e)
-                .expect("sent");
-        })
+    // a poll marker of node-x to every samples partition
+    let markers = |retired| -> Vec<_> {
+        (0..4)
+            .map(|part| {
+                let hb = meterflow_avro::encode(&heartbeat(retired));
+                (b"node-x".to_vec(), hb, Some(part))
+            })
+            .collect()
     };
-    for s in &samples {
-        send(&t.samples, "orphan-1", meterflow_avro::encode(s), None);
-    }
-    for part in 0..4 {
-        send(
-            &t.samples,
-            "node-x",
-            meterflow_avro::encode(&heartbeat(false)),
-            Some(part),
-        );
-    }
-    send(
+    let orphan: Vec<_> = samples
+        .iter()
+        .map(|s| (b"orphan-1".to_vec(), meterflow_avro::encode(s), None))
+        .collect();
+    p.produce(&t.samples, &orphan);
+    p.produce(&t.samples, &markers(false));
+    p.produce(
         &t.instances,
-        "node/node-x",
-        meterflow_avro::encode(&heartbeat(false)),
-        None,
+        &[(
+            b"node/node-x".to_vec(),
+            meterflow_avro::encode(&heartbeat(false)),
+            None,
+        )],
     );
     // parked (the deadline is an hour past completeness, which stands at the last sample)
     let mut report = serde_json::Value::Null;
@@ -694,28 +614,19 @@ fn usage_whose_owner_arrives_later_is_parked_visibly_then_billed_to_it() {
     assert_eq!(report["nodes"][0]["status"], "live");
     assert_eq!(p.messages(&t.rated), 0, "nothing billed while parked");
     // the owner arrives, valid from before the usage
-    let st = std::process::Command::new(meterflow_tests::bin("meterflow"))
-        .args([
-            "ownership",
-            "set",
-            "orphan-1",
-            "--user",
-            "dora",
-            "--entity",
-            "late-owner",
-            "--valid-from",
-            "2026-03-01T00:00:00Z",
-            "--brokers",
-            &p.kafka.brokers,
-        ])
-        .env("METERFLOW_LOG", "warn")
-        .output()
-        .expect("runs");
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    meterflow_ok(&[
+        "ownership",
+        "set",
+        "orphan-1",
+        "--user",
+        "dora",
+        "--entity",
+        "late-owner",
+        "--valid-from",
+        "2026-03-01T00:00:00Z",
+        "--brokers",
+        &p.kafka.brokers,
+    ]);
     p.wait_for(
         Duration::from_secs(60),
         "the parked usage to be released",
@@ -726,14 +637,7 @@ fn usage_whose_owner_arrives_later_is_parked_visibly_then_billed_to_it() {
         },
     );
     // node-x retires: everything is complete, the day settles
-    for part in 0..4 {
-        send(
-            &t.samples,
-            "node-x",
-            meterflow_avro::encode(&heartbeat(true)),
-            Some(part),
-        );
-    }
+    p.produce(&t.samples, &markers(true));
     p.wait_for(Duration::from_secs(120), "the day to settle", |p| {
         meterflow_settler::files::all_manifests(&p.out)
             .map(|m| !m.is_empty())
@@ -780,24 +684,7 @@ fn a_collector_killed_twice_mid_run_neither_loses_nor_repeats_usage() {
     // the restarted collector resumed from its state file: every sample interval of an
     // instance follows the previous one exactly (re-sent ones carry the same id)
     let t = p.kafka.topics.clone();
-    let mut by_id: BTreeMap<String, Sample> = BTreeMap::new();
-    for r in read_table(
-        &p.kafka,
-        &[&t.samples],
-        &HashMap::new(),
-        Duration::from_secs(30),
-    )
-    .expect("samples")
-    {
-        if let Some(s) = r
-            .payload
-            .and_then(|b| meterflow_avro::decode::<Sample>(&b).ok())
-        {
-            if let Some(prev) = by_id.insert(s.id.clone(), s.clone()) {
-                assert_eq!(prev, s, "a repeat carries the same id and the same content");
-            }
-        }
-    }
+    let by_id = once_each(p.records::<Sample>(&t.samples), |s| s.id.clone());
     let mut per_instance: BTreeMap<&str, Vec<&Sample>> = BTreeMap::new();
     for s in by_id.values() {
         per_instance.entry(&s.instance_id).or_default().push(s);
@@ -846,17 +733,11 @@ fn a_rule_failing_at_run_time_is_quarantined_and_the_others_bill_exactly() {
     p.drain(Duration::from_secs(300), all_periods_settled(&run));
     // the healthy rules bill to the cent; the broken one bills nothing
     Settled::read(&p.out).assert_matches(&run, DAY);
-    let failed: Vec<DlqRecord> = read_table(
-        &p.kafka,
-        &[&p.kafka.topics.dlq],
-        &HashMap::new(),
-        Duration::from_secs(30),
-    )
-    .expect("dlq")
-    .into_iter()
-    .filter_map(|r| meterflow_avro::decode::<DlqRecord>(&r.payload?).ok())
-    .filter(|d| d.reason_code == "rule_failed")
-    .collect();
+    let failed: Vec<DlqRecord> = p
+        .records::<DlqRecord>(&p.kafka.topics.dlq)
+        .into_iter()
+        .filter(|d| d.reason_code == "rule_failed")
+        .collect();
     assert_eq!(failed.len(), 1, "reported once: {failed:?}");
     let d = &failed[0];
     assert_eq!(
@@ -877,40 +758,26 @@ fn batch_rerating_of_the_recorded_usage_gives_the_streams_revenue_events() {
     p.start_collector();
     p.drain(Duration::from_secs(300), all_periods_settled(&run));
     let dir = p.path();
-    let meterflow = |args: &[&str]| {
-        let out = std::process::Command::new(meterflow_tests::bin("meterflow"))
-            .args(args)
-            .env("METERFLOW_LOG", "warn")
-            .output()
-            .expect("runs");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
     let usage = dir.join("usage.parquet");
-    let said = meterflow(&[
+    let said = meterflow_ok(&[
         "usage",
         "export",
         "--brokers",
         &p.kafka.brokers,
         "--out",
-        usage.to_str().expect("utf8"),
+        utf8(&usage),
     ]);
     assert!(said.contains("watermark markers written"), "{said}");
     let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
     let out = dir.join("rerated");
-    let said = meterflow(&[
+    let said = meterflow_ok(&[
         "rerate",
         "--usage",
-        usage.to_str().expect("utf8"),
+        utf8(&usage),
         "--rules",
-        rules.to_str().expect("utf8"),
+        utf8(&rules),
         "--out",
-        out.to_str().expect("utf8"),
+        utf8(&out),
     ]);
     assert!(said.contains("revenue events"), "{said}");
     let batch: BTreeMap<String, RatedEvent> =
@@ -919,23 +786,9 @@ fn batch_rerating_of_the_recorded_usage_gives_the_streams_revenue_events() {
             .into_iter()
             .map(|e| (e.id.clone(), e))
             .collect();
-    let mut stream: BTreeMap<String, RatedEvent> = BTreeMap::new();
-    for r in read_table(
-        &p.kafka,
-        &[&p.kafka.topics.rated],
-        &HashMap::new(),
-        Duration::from_secs(30),
-    )
-    .expect("rated topic")
-    {
-        if let Ok(meterflow_avro::RatedMsg::Rated(e)) =
-            meterflow_avro::decode_rated_msg(r.payload.as_deref().unwrap_or_default())
-        {
-            if let Some(prev) = stream.insert(e.id.clone(), e.clone()) {
-                assert_eq!(prev, e, "a replayed event is identical");
-            }
-        }
-    }
+    let stream = once_each(p.records::<RatedEvent>(&p.kafka.topics.rated), |e| {
+        e.id.clone()
+    });
     assert!(stream.len() > 100, "{} events", stream.len());
     let only_stream: Vec<_> = stream.keys().filter(|k| !batch.contains_key(*k)).collect();
     let only_batch: Vec<_> = batch.keys().filter(|k| !stream.contains_key(*k)).collect();
@@ -963,15 +816,15 @@ fn batch_rerating_of_the_recorded_usage_gives_the_streams_revenue_events() {
         .replace("0.036 AS unit_price", "0.072 AS unit_price")
         .replace("* 0.00001 AS amount", "* 0.00002 AS amount");
     std::fs::write(candidate.join("vcpu_hours.sql"), vcpu).expect("write");
-    let said = meterflow(&[
+    let said = meterflow_ok(&[
         "rules",
         "diff",
         "--candidate",
-        candidate.to_str().expect("utf8"),
+        utf8(&candidate),
         "--active",
-        rules.to_str().expect("utf8"),
+        utf8(&rules),
         "--usage",
-        usage.to_str().expect("utf8"),
+        utf8(&usage),
         "--json",
     ]);
     let rows: Vec<serde_json::Value> = serde_json::from_str(&said).expect("json");
@@ -1033,23 +886,7 @@ fn period_to_date_usage_survives_a_rater_kill_and_counts_each_window_once() {
     p.drain(Duration::from_secs(300), all_periods_settled(&run));
     let model = run.fleet.model();
     // a window re-closed after the restart is re-emitted under its id, identical
-    let mut events: BTreeMap<String, RatedEvent> = BTreeMap::new();
-    for r in read_table(
-        &p.kafka,
-        &[&rated],
-        &HashMap::new(),
-        Duration::from_secs(30),
-    )
-    .expect("rated")
-    {
-        if let Ok(meterflow_avro::RatedMsg::Rated(e)) =
-            meterflow_avro::decode_rated_msg(r.payload.as_deref().unwrap_or_default())
-        {
-            if let Some(prev) = events.insert(e.id.clone(), e.clone()) {
-                assert_eq!(prev, e, "a re-emitted event is identical");
-            }
-        }
-    }
+    let events = once_each(p.records::<RatedEvent>(&rated), |e| e.id.clone());
     let mut checked = 0;
     for e in events.values() {
         let vcpus: i64 = model
@@ -1081,19 +918,7 @@ fn settled_periods_ignore_duplicate_events_and_take_late_ones_as_correction_vers
     p.drain(Duration::from_secs(300), all_periods_settled(&run));
     let before = Settled::read(&p.out);
     let t = p.kafka.topics.clone();
-    let events: Vec<RatedEvent> = read_table(
-        &p.kafka,
-        &[&t.rated],
-        &HashMap::new(),
-        Duration::from_secs(30),
-    )
-    .expect("rated")
-    .into_iter()
-    .filter_map(|r| match meterflow_avro::decode_rated_msg(&r.payload?) {
-        Ok(meterflow_avro::RatedMsg::Rated(e)) => Some(e),
-        _ => None,
-    })
-    .collect();
+    let events: Vec<RatedEvent> = p.records(&t.rated);
     // every event of the first day again (a replay upstream), and one late adjustment
     let day1: Vec<&RatedEvent> = events
         .iter()
@@ -1104,21 +929,19 @@ fn settled_periods_ignore_duplicate_events_and_take_late_ones_as_correction_vers
     late.adjustment = true;
     late.quantity = "1".parse().expect("dec");
     late.amount = "0.036".parse().expect("dec");
-    let producer = meterflow_kafka::producer(&p.kafka, "replayer", None).expect("producer");
-    block_on(async {
-        for e in day1.iter().copied().chain(std::iter::once(&late)) {
-            producer
-                .send(
-                    FutureRecord::to(&t.rated)
-                        .key(e.entity_id.as_bytes())
-                        .payload(&meterflow_avro::encode(e)),
-                    Duration::from_secs(10),
-                )
-                .await
-                .map_err(|(e, _)| e)
-                .expect("sent");
-        }
-    });
+    let replay: Vec<_> = day1
+        .iter()
+        .copied()
+        .chain(std::iter::once(&late))
+        .map(|e| {
+            (
+                e.entity_id.as_bytes().to_vec(),
+                meterflow_avro::encode(e),
+                None,
+            )
+        })
+        .collect();
+    p.produce(&t.rated, &replay);
     let want = before.manifests.len() + 1;
     p.drain(Duration::from_secs(120), |out| {
         meterflow_settler::files::all_manifests(out)

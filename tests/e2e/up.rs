@@ -3,6 +3,7 @@
 
 use meterflow_collector::fleet::FleetConfig;
 use meterflow_tests::settled::Settled;
+use meterflow_tests::{meterflow, meterflow_ok, utf8};
 use meterflow_types::Dec;
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
@@ -247,31 +248,21 @@ fn collect_reads_every_domain_of_a_custom_test_node_with_owner_metadata() {
 fn collect_prints_vms_and_containers_from_a_test_node_and_a_cgroup_root() {
     let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     let uri = format!("test://{}", fx.join("libvirt-node.xml").display());
-    let st = Command::new(meterflow_tests::bin("meterflow"))
-        .args([
-            "collect",
-            "--once",
-            "--print",
-            "--gap",
-            "0",
-            "--libvirt-uri",
-            &uri,
-        ])
-        .arg("--cgroup-root")
-        .arg(fx.join("cgroup-node/cgroup"))
-        .arg("--proc-root")
-        .arg(fx.join("cgroup-node/proc"))
-        .arg("--runtime-root")
-        .arg(fx.join("cgroup-node/host"))
-        .env("METERFLOW_LOG", "warn")
-        .output()
-        .expect("runs");
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let text = String::from_utf8_lossy(&st.stdout);
+    let text = meterflow_ok(&[
+        "collect",
+        "--once",
+        "--print",
+        "--gap",
+        "0",
+        "--libvirt-uri",
+        &uri,
+        "--cgroup-root",
+        utf8(&fx.join("cgroup-node/cgroup")),
+        "--proc-root",
+        utf8(&fx.join("cgroup-node/proc")),
+        "--runtime-root",
+        utf8(&fx.join("cgroup-node/host")),
+    ]);
     let objs: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
@@ -343,31 +334,12 @@ fn collect_prints_vms_and_containers_from_a_test_node_and_a_cgroup_root() {
 #[test]
 fn rules_test_checks_every_rule_against_its_golden_file() {
     let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
-    let run = |dir: &std::path::Path| {
-        Command::new(meterflow_tests::bin("meterflow"))
-            .args(["rules", "test"])
-            .arg(dir)
-            .env("METERFLOW_LOG", "warn")
-            .output()
-            .expect("runs")
-    };
-    let ok = run(&rules);
-    let out = String::from_utf8_lossy(&ok.stdout);
-    assert!(
-        ok.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let run = |dir: &std::path::Path| meterflow(&["rules", "test", utf8(dir)]);
+    let out = meterflow_ok(&["rules", "test", utf8(&rules)]);
     assert!(out.contains("3 rule(s) match"), "{out}");
     // the pricing-model examples (flat, graduated and volume tiers from a rate card,
     // package, minimum commitment) against theirs
-    let ex = run(&rules.join("examples"));
-    let out = String::from_utf8_lossy(&ex.stdout);
-    assert!(
-        ex.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&ex.stderr)
-    );
+    let out = meterflow_ok(&["rules", "test", utf8(&rules.join("examples"))]);
     assert!(out.contains("6 rule(s) match"), "{out}");
     // a changed rate card changes the price: the tiers come from the table, not the SQL
     let tmp = tempfile::tempdir().expect("tmp");
@@ -460,30 +432,25 @@ fn hopping_windows_and_rule_versions_by_validity_price_exactly() {
         "0.05",
     );
     let out = dir.path().join("settlements");
-    let st = Command::new(meterflow_tests::bin("meterflow"))
-        .args([
-            "up",
-            "--duration",
-            "10",
-            "--instances",
-            "4",
-            "--entities",
-            "2",
-        ])
-        .args(["--period", "day", "--libvirt-uri", "", "--start", start])
-        .arg("--rules")
-        .arg(&rules)
-        .arg("--out")
-        .arg(&out)
-        .env("METERFLOW_LOG", "warn")
-        .output()
-        .expect("runs meterflow up");
-    assert!(
-        st.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&st.stdout),
-        String::from_utf8_lossy(&st.stderr)
-    );
+    meterflow_ok(&[
+        "up",
+        "--duration",
+        "10",
+        "--instances",
+        "4",
+        "--entities",
+        "2",
+        "--period",
+        "day",
+        "--libvirt-uri",
+        "",
+        "--start",
+        start,
+        "--rules",
+        utf8(&rules),
+        "--out",
+        utf8(&out),
+    ]);
     let settled = Settled::read(&out);
     settled.assert_no_id_twice();
     let q = |rule: &str| -> BTreeMap<(String, i64), (Dec, Dec)> {

@@ -12,6 +12,35 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// A path as a command-line argument.
+pub fn utf8(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Run the `meterflow` command line (warnings only in its log) and return its output.
+pub fn meterflow<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    Command::new(bin("meterflow"))
+        .args(args)
+        .env("METERFLOW_LOG", "warn")
+        .output()
+        .expect("runs meterflow")
+}
+
+/// `meterflow` that must succeed; its standard output.
+pub fn meterflow_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = meterflow(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "meterflow {:?} failed:\n{stdout}{}",
+        args.iter()
+            .map(|a| a.as_ref().to_owned())
+            .collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Path of a workspace binary next to the test executable's profile directory.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

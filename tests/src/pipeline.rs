@@ -228,6 +228,45 @@ impl Pipeline {
         s
     }
 
+    /// Every record of `topic` from the beginning (to its end now).
+    pub fn read(&self, topic: &str) -> Vec<meterflow_kafka::TableRecord> {
+        meterflow_kafka::read_table(
+            &self.kafka,
+            &[topic],
+            &std::collections::HashMap::new(),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("reading {topic}: {e}"))
+    }
+
+    /// The records of type `R` on `topic`, in read order (others, such as markers, skipped).
+    pub fn records<R: meterflow_avro::Record>(&self, topic: &str) -> Vec<R> {
+        self.read(topic)
+            .into_iter()
+            .filter_map(|r| meterflow_avro::decode::<R>(&r.payload?).ok())
+            .collect()
+    }
+
+    /// Produce `(key, payload, partition)` records to `topic` and wait for each to be
+    /// acknowledged.
+    pub fn produce(&self, topic: &str, records: &[(Vec<u8>, Vec<u8>, Option<i32>)]) {
+        let producer =
+            meterflow_kafka::producer(&self.kafka, "test-producer", None).expect("producer");
+        block_on(async {
+            for (k, v, part) in records {
+                let mut r = rdkafka::producer::FutureRecord::to(topic).key(k).payload(v);
+                if let Some(pt) = part {
+                    r = r.partition(*pt);
+                }
+                producer
+                    .send(r, Duration::from_secs(10))
+                    .await
+                    .map_err(|(e, _)| e)
+                    .unwrap_or_else(|e| panic!("producing to {topic}: {e}"));
+            }
+        });
+    }
+
     /// Panics with the logs if a downstream service has exited.
     pub fn assert_services_alive(&mut self) {
         let mut dead = Vec::new();

@@ -51,6 +51,35 @@ struct GoldenUsage {
     labels: meterflow_types::Labels,
 }
 
+impl GoldenUsage {
+    /// The usage record, over the whole window `[ws, we)`.
+    fn into_usage(self, i: usize, ws: i64, we: i64) -> Usage {
+        Usage {
+            id: format!("golden-{i}"),
+            sample_id: format!("golden-{i}"),
+            instance_id: self.instance_id,
+            entity_id: self.entity_id,
+            user_id: self.user_id,
+            project: self.project,
+            node_id: self.node_id,
+            site: self.site,
+            kind: self.kind,
+            flavor: self.flavor,
+            interval_start: ws,
+            interval_end: we,
+            vcpu_seconds: self.vcpu_seconds,
+            cpu_seconds: self.cpu_seconds,
+            memory_byte_seconds: self.memory_byte_seconds,
+            memory_used_byte_seconds: self.memory_used_byte_seconds,
+            net_rx_bytes: self.net_rx_bytes,
+            net_tx_bytes: self.net_tx_bytes,
+            disk_read_bytes: self.disk_read_bytes,
+            disk_write_bytes: self.disk_write_bytes,
+            labels: self.labels,
+        }
+    }
+}
+
 #[derive(Deserialize, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(deny_unknown_fields)]
 struct Expected {
@@ -80,53 +109,15 @@ pub async fn run(dir: &Path) -> Result<usize> {
         let ws = meterflow_types::time::parse_rfc3339(&golden.window_start)
             .map_err(anyhow::Error::msg)?;
         let we = ws + engine.rules[idx].source.header.window;
-        let rows: Vec<Usage> = golden
-            .usage
-            .into_iter()
-            .enumerate()
-            .map(|(i, g)| Usage {
-                id: format!("golden-{i}"),
-                sample_id: format!("golden-{i}"),
-                instance_id: g.instance_id,
-                entity_id: g.entity_id,
-                user_id: g.user_id,
-                project: g.project,
-                node_id: g.node_id,
-                site: g.site,
-                kind: g.kind,
-                flavor: g.flavor,
-                interval_start: ws,
-                interval_end: we,
-                vcpu_seconds: g.vcpu_seconds,
-                cpu_seconds: g.cpu_seconds,
-                memory_byte_seconds: g.memory_byte_seconds,
-                memory_used_byte_seconds: g.memory_used_byte_seconds,
-                net_rx_bytes: g.net_rx_bytes,
-                net_tx_bytes: g.net_tx_bytes,
-                disk_read_bytes: g.disk_read_bytes,
-                disk_write_bytes: g.disk_write_bytes,
-                labels: g.labels,
-            })
-            .collect();
+        let usage = |(i, g): (usize, GoldenUsage)| g.into_usage(i, ws, we);
+        let rows: Vec<Usage> = golden.usage.into_iter().enumerate().map(usage).collect();
         let refs: Vec<&Usage> = rows.iter().collect();
         let to_date: Vec<(String, meterflow_rater::todate::Sums)> = golden
             .usage_to_date
-            .iter()
-            .map(|g| {
-                (
-                    g.entity_id.clone(),
-                    [
-                        g.vcpu_seconds,
-                        g.cpu_seconds,
-                        g.memory_byte_seconds,
-                        g.memory_used_byte_seconds.unwrap_or(Dec::ZERO),
-                        g.net_rx_bytes,
-                        g.net_tx_bytes,
-                        g.disk_read_bytes,
-                        g.disk_write_bytes,
-                    ],
-                )
-            })
+            .into_iter()
+            .enumerate()
+            .map(usage)
+            .map(|u| (u.entity_id.clone(), meterflow_rater::todate::sums_of(&u)))
             .collect();
         let events = engine
             .evaluate_with(idx, ws, &refs, 0, None, &to_date)

@@ -103,6 +103,20 @@ pub struct Rerated {
     pub totals: BTreeMap<(String, String), Dec>,
 }
 
+/// Add revenue events' amounts to their (entity, currency) totals.
+fn add_amounts(
+    totals: &mut BTreeMap<(String, String), Dec>,
+    ev: &[meterflow_types::RatedEvent],
+) -> Result<()> {
+    for e in ev {
+        let t = totals
+            .entry((e.entity_id.clone(), e.currency.clone()))
+            .or_insert(Dec::ZERO);
+        *t = t.checked_add(e.amount)?;
+    }
+    Ok(())
+}
+
 /// One rule engine per core, for as many workers.
 pub(crate) async fn engines(rules: &std::path::Path, memory_mb: usize) -> Result<Vec<Engine>> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -145,12 +159,7 @@ pub async fn rerate(a: &RerateArgs, progress: bool) -> Result<Rerated> {
             a.dedup_horizon.as_millis() as i64,
             |n| bar.inc(n),
             |ev| {
-                for e in ev {
-                    let t = totals
-                        .entry((e.entity_id.clone(), e.currency.clone()))
-                        .or_insert(Dec::ZERO);
-                    *t = t.checked_add(e.amount)?;
-                }
+                add_amounts(&mut totals, ev)?;
                 writer.write(ev)
             },
         )
@@ -224,15 +233,7 @@ async fn totals(
             max_disorder.as_millis() as i64,
             2 * 3600 * 1000,
             |_| {},
-            |ev| {
-                for e in ev {
-                    let x = t
-                        .entry((e.entity_id.clone(), e.currency.clone()))
-                        .or_insert(Dec::ZERO);
-                    *x = x.checked_add(e.amount)?;
-                }
-                Ok(())
-            },
+            |ev| add_amounts(&mut t, ev),
         )
     })?;
     Ok(t)

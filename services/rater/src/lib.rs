@@ -227,7 +227,6 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
     let mut parts: HashMap<i32, PartState> = HashMap::new();
     let nrules = engine.rules.len();
     let keep_labels = engine.rules.iter().any(|r| r.reads_labels());
-    let reads_to_date = engine.rules.iter().any(|r| r.reads_to_date);
     let period = meterflow_types::window::Period::parse(&cfg.billing_period)
         .map_err(|e| anyhow::anyhow!("billing_period: {e}"))?;
     // per rule: panes of `slide` (each usage record is split once per distinct pane
@@ -268,12 +267,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             .into_iter()
             .collect();
         if !new.is_empty() {
-            let cps = load_checkpoints(&cfg.kafka, &ruleset)?;
-            let mut saved_to_date = if reads_to_date {
-                load_to_date(&cfg.kafka)?
-            } else {
-                Vec::new()
-            };
+            let (cps, mut saved_to_date) = load_state(&cfg.kafka, &ruleset)?;
             for p in new {
                 let cp = cps.get(&p);
                 if let Some(c) = cp {
@@ -606,26 +600,30 @@ async fn quarantine(
     .await
 }
 
-/// Every persisted period-to-date entry (rules reading `usage_to_date`).
-fn load_to_date(cfg: &KafkaConfig) -> Result<Vec<meterflow_types::RaterToDate>> {
-    Ok(meterflow_kafka::read_latest(cfg, &cfg.topics.rater_state)?
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(b"todate|"))
-        .filter_map(|(_, r)| meterflow_avro::decode(&r.payload.unwrap_or_default()).ok())
-        .collect())
-}
-
-fn load_checkpoints(cfg: &KafkaConfig, ruleset: &str) -> Result<HashMap<i32, RaterCheckpoint>> {
-    let mut out = HashMap::new();
-    for (_, r) in meterflow_kafka::read_latest(cfg, &cfg.topics.rater_state)? {
+/// The rater's durable state for this rule set, read once: the checkpoint of every usage
+/// partition, and every period-to-date entry.
+fn load_state(
+    cfg: &KafkaConfig,
+    ruleset: &str,
+) -> Result<(
+    HashMap<i32, RaterCheckpoint>,
+    Vec<meterflow_types::RaterToDate>,
+)> {
+    let mut checkpoints = HashMap::new();
+    let mut to_date = Vec::new();
+    for (k, r) in meterflow_kafka::read_latest(cfg, &cfg.topics.rater_state)? {
         let p = r.payload.unwrap_or_default();
-        if let Ok(cp) = meterflow_avro::decode::<RaterCheckpoint>(&p) {
+        if k.starts_with(b"todate|") {
+            if let Ok(t) = meterflow_avro::decode(&p) {
+                to_date.push(t);
+            }
+        } else if let Ok(cp) = meterflow_avro::decode::<RaterCheckpoint>(&p) {
             if cp.ruleset == ruleset {
-                out.insert(cp.partition, cp);
+                checkpoints.insert(cp.partition, cp);
             }
         }
     }
-    Ok(out)
+    Ok((checkpoints, to_date))
 }
 
 /// A usage record's pieces, one per window it overlaps: (window start, piece).

@@ -73,14 +73,22 @@ struct PartState {
     position: Option<i64>,
 }
 
-/// The settlements-topic record of a written version, and the marker file that says it
-/// was acknowledged.
-fn settlement_of(
+/// The file beside a version's manifest that says its settlements record was
+/// acknowledged.
+fn announced_marker(root: &std::path::Path, m: &files::Manifest) -> std::path::PathBuf {
+    files::entity_dir(root, &m.period, &m.entity_id)
+        .join(files::version_name(m.version, "announced"))
+}
+
+/// Send a written version's record to the settlements topic (acknowledged with the next
+/// commit; its marker is written after that).
+async fn announce(
+    io: &mut StageIo,
+    topic: &str,
     root: &std::path::Path,
     m: &files::Manifest,
-) -> Result<(Settlement, std::path::PathBuf)> {
+) -> Result<()> {
     let dir = files::entity_dir(root, &m.period, &m.entity_id);
-    let rel = dir.strip_prefix(root).unwrap_or(&dir).display().to_string();
     let rec = Settlement {
         entity_id: m.entity_id.clone(),
         period: m.period.clone(),
@@ -89,13 +97,19 @@ fn settlement_of(
         period_end: meterflow_types::time::parse_rfc3339(&m.period_end)
             .map_err(anyhow::Error::msg)?,
         version: m.version as i32,
-        directory: rel,
+        directory: dir.strip_prefix(root).unwrap_or(&dir).display().to_string(),
         manifest: files::version_name(m.version, "manifest.json"),
         line_count: m.line_count as i64,
         totals: m.totals.clone().into_iter().collect(),
         files: m.files.clone().into_iter().collect(),
     };
-    Ok((rec, dir.join(files::version_name(m.version, "announced"))))
+    io.send(
+        topic,
+        rec.entity_id.as_bytes(),
+        &meterflow_avro::encode(&rec),
+        None,
+    )
+    .await
 }
 
 pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
@@ -114,15 +128,9 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     // versions written but not yet announced (a crash between the files and the record)
     let mut to_mark: Vec<std::path::PathBuf> = Vec::new();
     for man in tokio::task::block_in_place(|| files::all_manifests(&cfg.out_dir))? {
-        let (rec, marker) = settlement_of(&cfg.out_dir, &man)?;
+        let marker = announced_marker(&cfg.out_dir, &man);
         if !marker.exists() {
-            io.send(
-                &topics.settlements,
-                rec.entity_id.as_bytes(),
-                &meterflow_avro::encode(&rec),
-                None,
-            )
-            .await?;
+            announce(&mut io, &topics.settlements, &cfg.out_dir, &man).await?;
             to_mark.push(marker);
         }
     }
@@ -242,15 +250,8 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     )
                 })?;
                 tracing::info!(period = %label, entity = %key.1, lines = man.line_count, totals = ?man.totals, "settled");
-                let (rec, marker) = settlement_of(&cfg.out_dir, &man)?;
-                io.send(
-                    &topics.settlements,
-                    rec.entity_id.as_bytes(),
-                    &meterflow_avro::encode(&rec),
-                    None,
-                )
-                .await?;
-                to_mark.push(marker);
+                announce(&mut io, &topics.settlements, &cfg.out_dir, &man).await?;
+                to_mark.push(announced_marker(&cfg.out_dir, &man));
                 files_total.inc();
                 written.entry(key).or_default().extend(ids);
             }
@@ -268,15 +269,8 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                 )
             })?;
             tracing::info!(period = %label, entity = %key.1, version = man.version, "correction written");
-            let (rec, marker) = settlement_of(&cfg.out_dir, &man)?;
-            io.send(
-                &topics.settlements,
-                rec.entity_id.as_bytes(),
-                &meterflow_avro::encode(&rec),
-                None,
-            )
-            .await?;
-            to_mark.push(marker);
+            announce(&mut io, &topics.settlements, &cfg.out_dir, &man).await?;
+            to_mark.push(announced_marker(&cfg.out_dir, &man));
             corrections_total.inc();
         }
         // commit: never past an event of a period not yet written
