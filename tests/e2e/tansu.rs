@@ -751,6 +751,27 @@ fn a_rule_failing_at_run_time_is_quarantined_and_the_others_bill_exactly() {
     p.stop();
 }
 
+/// The shipped rules with `vcpu_hours` as version 2 at twice the price, written to `dir`;
+/// returns the new rule's text.
+fn doubled_vcpu_price(dir: &std::path::Path) -> String {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    std::fs::create_dir_all(dir).expect("dir");
+    for f in ["memory_gb_hours.sql", "network_egress_gb.sql"] {
+        std::fs::copy(shipped.join(f), dir.join(f)).expect("copy");
+    }
+    let v2 = std::fs::read_to_string(shipped.join("vcpu_hours.sql"))
+        .expect("rule")
+        .replace("-- version: 1", "-- version: 2")
+        .replace("0.036 AS unit_price", "0.072 AS unit_price")
+        .replace("* 0.00001 AS amount", "* 0.00002 AS amount");
+    assert!(
+        v2.contains("0.00002"),
+        "the shipped vcpu rule changed: adapt this test"
+    );
+    std::fs::write(dir.join("vcpu_hours.sql"), &v2).expect("write");
+    v2
+}
+
 #[test]
 fn batch_rerating_of_the_recorded_usage_gives_the_streams_revenue_events() {
     let run = two_days(22);
@@ -806,16 +827,7 @@ fn batch_rerating_of_the_recorded_usage_gives_the_streams_revenue_events() {
     // rules diff: a candidate that doubles the vCPU price moves each entity by exactly
     // its vCPU amount
     let candidate = dir.join("candidate");
-    std::fs::create_dir_all(&candidate).expect("dir");
-    for f in ["memory_gb_hours.sql", "network_egress_gb.sql"] {
-        std::fs::copy(rules.join(f), candidate.join(f)).expect("copy");
-    }
-    let vcpu = std::fs::read_to_string(rules.join("vcpu_hours.sql"))
-        .expect("rule")
-        .replace("-- version: 1", "-- version: 2")
-        .replace("0.036 AS unit_price", "0.072 AS unit_price")
-        .replace("* 0.00001 AS amount", "* 0.00002 AS amount");
-    std::fs::write(candidate.join("vcpu_hours.sql"), vcpu).expect("write");
+    doubled_vcpu_price(&candidate);
     let said = meterflow_ok(&[
         "rules",
         "diff",
@@ -844,6 +856,45 @@ fn batch_rerating_of_the_recorded_usage_gives_the_streams_revenue_events() {
             "{e}: {said}"
         );
     }
+    // the same, replayed from the usage topic instead of a file: whole, as offset ranges
+    // of every partition, and one partition alone (its entities only, the same figures)
+    let from_topic = |ranges: &[&str]| -> Vec<serde_json::Value> {
+        let mut args = vec![
+            "rules",
+            "diff",
+            "--candidate",
+            utf8(&candidate),
+            "--active",
+            utf8(&rules),
+            "--usage-topic",
+            "--brokers",
+            &p.kafka.brokers,
+            "--json",
+        ];
+        for r in ranges {
+            args.extend(["--offsets", r]);
+        }
+        serde_json::from_str(&meterflow_ok(&args)).expect("json")
+    };
+    assert_eq!(from_topic(&[]), rows);
+    assert_eq!(from_topic(&["0:0..", "1:0..", "2:0..", "3:0.."]), rows);
+    let mut one = Vec::new();
+    for part in 0..4 {
+        let r = format!("{part}:0..");
+        let got = from_topic(&[&r]);
+        for row in &got {
+            assert!(
+                rows.contains(row),
+                "partition {part}: {row} is not in {rows:?}"
+            );
+        }
+        one.extend(got);
+    }
+    assert_eq!(
+        one.len(),
+        rows.len(),
+        "each entity's usage is on one partition"
+    );
     p.stop();
 }
 
@@ -1002,5 +1053,146 @@ fn a_settler_killed_as_it_writes_files_settles_each_period_once() {
             .collect::<Vec<_>>()
     );
     s.assert_matches(&run, DAY);
+    p.stop();
+}
+
+#[test]
+fn rules_applied_mid_run_switch_every_rater_at_the_window_boundary_without_a_restart() {
+    let run = two_days(24);
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    // about 24 s of collection, two raters sharing the usage partitions
+    let mut p = Pipeline::start(run.clone(), 7_200, "day");
+    p.start_replica("rater");
+    p.start_collector();
+    let rated = p.kafka.topics.rated.clone();
+    p.wait_for(Duration::from_secs(120), "revenue events to flow", |p| {
+        p.messages(&rated) >= 1
+    });
+    // the candidate: vcpu_hours version 2 at twice the price; the other rules unchanged
+    let candidate = p.path().join("candidate");
+    let v2 = doubled_vcpu_price(&candidate);
+    let switch = run.start + 30 * meterflow_tests::expect::HOUR;
+    let at = meterflow_types::time::fmt_rfc3339(switch);
+    let apply = |extra: &[&str]| {
+        let mut args = vec![
+            "rules",
+            "apply",
+            utf8(&candidate),
+            "--brokers",
+            &p.kafka.brokers,
+        ];
+        args.extend_from_slice(extra);
+        meterflow(&args)
+    };
+    // refused: a switch inside a window, and (once applied) an --active that is not needed
+    let off_boundary = meterflow_types::time::fmt_rfc3339(switch + 60_000);
+    let st = apply(&["--at", &off_boundary, "--active", utf8(&shipped)]);
+    assert!(!st.status.success());
+    assert!(
+        String::from_utf8_lossy(&st.stderr).contains("window start"),
+        "{st:?}"
+    );
+    let st = apply(&["--at", &at, "--active", utf8(&shipped)]);
+    let said = String::from_utf8_lossy(&st.stdout).to_string();
+    assert!(
+        st.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(
+        said.contains("- vcpu_hours@1 ends") && said.contains("+ vcpu_hours@2 starts"),
+        "{said}"
+    );
+    let st = apply(&["--at", &at, "--active", utf8(&shipped)]);
+    assert!(
+        String::from_utf8_lossy(&st.stderr).contains("applied already"),
+        "{st:?}"
+    );
+    // a changed rule under an unchanged version is refused
+    let sneaky = p.path().join("sneaky");
+    std::fs::create_dir_all(&sneaky).expect("dir");
+    std::fs::write(
+        sneaky.join("vcpu_hours.sql"),
+        v2.replace("0.00002", "0.00003"),
+    )
+    .expect("write");
+    let st = meterflow(&[
+        "rules",
+        "apply",
+        utf8(&sneaky),
+        "--brokers",
+        &p.kafka.brokers,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&st.stderr).contains("kept its version"),
+        "{st:?}"
+    );
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    // both raters switched, neither restarted
+    assert_eq!(p.rater.starts, 1);
+    for r in std::iter::once(&p.rater).chain(p.replicas.iter()) {
+        assert!(
+            r.log().contains("rule set switched"),
+            "{}: {}",
+            r.name,
+            r.tail(30)
+        );
+    }
+    // every revenue event carries the version in force for its window
+    let events = once_each(p.records::<RatedEvent>(&rated), |e| e.id.clone());
+    for e in events.values().filter(|e| e.rule_id == "vcpu_hours") {
+        let want = if e.window_start < switch { 1 } else { 2 };
+        assert_eq!(e.rule_version, want, "window {}", e.window_start);
+    }
+    // exact to the cent: vCPU windows from the switch on cost twice as much
+    let mut want: BTreeMap<(i64, String), i128> = BTreeMap::new();
+    let mut lines = 0;
+    for ((entity, rule, w), x) in run.lines() {
+        let nano = if rule == "vcpu_hours" && w >= switch {
+            2 * x.nano
+        } else {
+            x.nano
+        };
+        *want.entry((w.div_euclid(DAY) * DAY, entity)).or_default() +=
+            meterflow_tests::expect::div_half_even(nano, 10_000_000);
+        lines += 1;
+    }
+    let settled = Settled::read(&p.out);
+    settled.assert_no_id_twice();
+    assert_eq!(settled.lines.len(), lines);
+    assert_eq!(settled.totals_cents("USD"), want);
+    // the applied set is on the control topic; re-rating the recorded usage with it (the
+    // audit's default) reconciles every period
+    let got = p.path().join("applied");
+    let said = meterflow_ok(&[
+        "rules",
+        "get",
+        "--brokers",
+        &p.kafka.brokers,
+        "--out",
+        utf8(&got),
+    ]);
+    assert!(said.contains("4 files"), "{said}");
+    let v1 = std::fs::read_to_string(got.join("vcpu_hours@1.sql")).expect("v1");
+    assert!(v1.contains(&format!("-- valid_to: {at}")), "{v1}");
+    let periods: std::collections::BTreeSet<&str> = settled
+        .manifests
+        .iter()
+        .map(|m| m.period.as_str())
+        .collect();
+    for period in periods {
+        let said = meterflow_ok(&[
+            "audit",
+            "--period",
+            period,
+            "--billing-period",
+            "day",
+            "--brokers",
+            &p.kafka.brokers,
+            "--from",
+            utf8(&p.out),
+        ]);
+        assert!(said.contains(" 0 mismatch"), "{said}");
+    }
     p.stop();
 }

@@ -141,7 +141,7 @@ impl Fields {
     fn opt_long(&mut self, name: &str) -> Result<Option<i64>, DecodeError> {
         match self.union(name)? {
             None => Ok(None),
-            Some(Value::Long(v)) => Ok(Some(v)),
+            Some(Value::Long(v) | Value::TimestampMillis(v)) => Ok(Some(v)),
             Some(_) => Err(self.bad(name, "not a long")),
         }
     }
@@ -639,6 +639,54 @@ impl Record for RaterToDate {
     }
 }
 
+impl Record for RuleSet {
+    const NAME: &'static str = "RuleSet";
+    fn compiled() -> &'static Compiled {
+        crate::rule_set_c()
+    }
+    fn to_value(&self) -> Value {
+        let files = self
+            .files
+            .iter()
+            .map(|(n, c)| rec(vec![("name", s(n)), ("content", Value::Bytes(c.clone()))]))
+            .collect();
+        rec(vec![
+            ("id", s(&self.id)),
+            ("previous", opt(self.previous.as_deref().map(s))),
+            ("switch_at", opt(self.switch_at.map(ts))),
+            ("applied_at", ts(self.applied_at)),
+            ("applied_by", s(&self.applied_by)),
+            ("files", Value::Array(files)),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        let id = f.string("id")?;
+        let previous = f.opt_string("previous")?;
+        let switch_at = f.opt_long("switch_at")?;
+        let applied_at = f.long("applied_at")?;
+        let applied_by = f.string("applied_by")?;
+        let Value::Array(items) = f.take("files")? else {
+            return Err(f.bad("files", "not an array"));
+        };
+        let files = items
+            .into_iter()
+            .map(|i| {
+                let mut r = Fields::new(Self::NAME, i)?;
+                Ok((r.string("name")?, r.bytes("content")?))
+            })
+            .collect::<Result<_, DecodeError>>()?;
+        Ok(RuleSet {
+            id,
+            previous,
+            switch_at,
+            applied_at,
+            applied_by,
+            files,
+        })
+    }
+}
+
 impl Record for EnricherCheckpoint {
     const NAME: &'static str = "EnricherCheckpoint";
     fn compiled() -> &'static Compiled {
@@ -930,6 +978,28 @@ mod tests {
                 files: [("v2.lines.csv".to_string(), "ab".to_string())].into(),
             },
             schemas::SETTLEMENT,
+        );
+        round_trip(
+            RuleSet {
+                id: "abc".into(),
+                previous: Some("xyz".into()),
+                switch_at: Some(3_600_000),
+                applied_at: 9,
+                applied_by: "me@host".into(),
+                files: vec![("cpu@2.sql".into(), b"select 1".to_vec())],
+            },
+            schemas::RULE_SET,
+        );
+        round_trip(
+            RuleSet {
+                id: "abc".into(),
+                previous: None,
+                switch_at: None,
+                applied_at: 9,
+                applied_by: String::new(),
+                files: Vec::new(),
+            },
+            schemas::RULE_SET,
         );
     }
 

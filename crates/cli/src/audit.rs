@@ -24,9 +24,10 @@ pub struct AuditArgs {
     /// The settlement directory (for --period).
     #[arg(long, default_value = "out/settlements")]
     pub from: std::path::PathBuf,
-    /// The rules the rater runs (for --period).
-    #[arg(long, default_value = "rules")]
-    pub rules: std::path::PathBuf,
+    /// The rules the rater runs (for --period). Default: the rule set applied on the
+    /// control topic, else `rules/`.
+    #[arg(long)]
+    pub rules: Option<std::path::PathBuf>,
     /// The rater's billing_period (for --period).
     #[arg(long, default_value = "month")]
     pub billing_period: String,
@@ -323,7 +324,8 @@ async fn period_audit(a: &AuditArgs, cfg: &KafkaConfig, period: &str) -> Result<
         }
         w.finish()?;
     }
-    let engines = crate::rerate::engines(&a.rules, 1024).await?;
+    let rules = crate::apply::resolve(cfg, a.rules.as_deref())?;
+    let engines = crate::rerate::engines(&rules, 1024).await?;
     let mut rerated: BTreeMap<Key, Dec> = BTreeMap::new();
     let billing =
         meterflow_types::window::Period::parse(&a.billing_period).map_err(anyhow::Error::msg)?;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod apply;
 mod audit;
 mod golden;
 mod ownership;
@@ -91,6 +92,11 @@ enum RulesCmd {
     /// Replay recorded usage through the candidate and the active rules and print the
     /// revenue difference per entity.
     Diff(rerate::DiffArgs),
+    /// Publish a rule set to the control topic: every rater switches to it at a window
+    /// boundary (event time), without a restart.
+    Apply(apply::ApplyArgs),
+    /// Write the rule set applied on the control topic to a directory.
+    Get(apply::GetArgs),
 }
 
 fn main() -> Result<()> {
@@ -155,6 +161,12 @@ fn main() -> Result<()> {
             Cmd::Rules {
                 cmd: RulesCmd::Diff(a),
             } => rerate::diff(a).await,
+            Cmd::Rules {
+                cmd: RulesCmd::Apply(a),
+            } => apply::apply(a).await,
+            Cmd::Rules {
+                cmd: RulesCmd::Get(a),
+            } => apply::get(a).await,
             Cmd::Rules {
                 cmd: RulesCmd::Test { dir },
             } => {

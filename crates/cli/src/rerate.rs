@@ -17,49 +17,108 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Subcommand)]
 pub enum UsageCmd {
-    /// Write every usage record on the usage topic (with its partition) to a Parquet
-    /// file, for `meterflow rerate` and `meterflow rules diff`.
+    /// Write the usage records on the usage topic (with their partitions, and the
+    /// enricher's watermark markers in place) to a Parquet file, for `meterflow rerate`
+    /// and `meterflow rules diff`.
     Export {
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:9092")]
-        brokers: String,
+        #[command(flatten)]
+        range: TopicRange,
     },
 }
 
-pub fn export(cmd: UsageCmd) -> Result<()> {
-    let UsageCmd::Export { out, brokers } = cmd;
+/// A range of the usage topic: every partition whole, or the offset ranges named.
+#[derive(clap::Args, Clone, Debug)]
+pub struct TopicRange {
+    /// `<partition>:<from>..<to>` (to exclusive; `<partition>:<from>..` to the end),
+    /// repeatable; partitions not named are left out. Default: the whole topic.
+    #[arg(long = "offsets", value_parser = parse_range)]
+    pub offsets: Vec<(i32, i64, Option<i64>)>,
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+}
+
+fn parse_range(s: &str) -> Result<(i32, i64, Option<i64>), String> {
+    let bad = || format!("{s:?}: expected <partition>:<from>..<to> or <partition>:<from>..");
+    let (p, r) = s.split_once(':').ok_or_else(bad)?;
+    let (from, to) = r.split_once("..").ok_or_else(bad)?;
+    let p: i32 = p.parse().map_err(|_| bad())?;
+    let from: i64 = from.parse().map_err(|_| bad())?;
+    let to: Option<i64> = if to.is_empty() {
+        None
+    } else {
+        Some(to.parse().map_err(|_| bad())?)
+    };
+    if p < 0 || from < 0 || to.is_some_and(|t| t < from) {
+        return Err(bad());
+    }
+    Ok((p, from, to))
+}
+
+impl TopicRange {
+    fn contains(&self, partition: i32, offset: i64) -> bool {
+        self.offsets.is_empty()
+            || self.offsets.iter().any(|(p, from, to)| {
+                *p == partition && offset >= *from && to.is_none_or(|t| offset < t)
+            })
+    }
+    fn start(&self, partition: i32) -> i64 {
+        self.offsets
+            .iter()
+            .filter(|(p, _, _)| *p == partition)
+            .map(|(_, f, _)| *f)
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+/// Record a range of the usage topic as a Parquet file: (usage records, markers,
+/// undecodable records skipped).
+pub fn export_range(range: &TopicRange, out: &std::path::Path) -> Result<(u64, u64, u64)> {
     let cfg = KafkaConfig {
-        brokers,
+        brokers: range.brokers.clone(),
         ..Default::default()
     };
-    let mut w = UsageWriter::create(&out)?;
+    let mut w = UsageWriter::create(out)?;
     let mut bad = 0u64;
     let mut markers = 0u64;
     let mut err = None;
-    meterflow_kafka::scan_topic(&cfg, &cfg.topics.usage, Duration::from_secs(3600), |r| {
-        if err.is_some() {
-            return;
-        }
-        match meterflow_avro::decode_usage_msg(r.payload.as_deref().unwrap_or_default()) {
-            Ok(UsageMsg::Usage(u)) => {
-                if let Err(e) = w.push(Row::Usage(r.partition, u)) {
-                    err = Some(e);
-                }
+    meterflow_kafka::scan_topic_from(
+        &cfg,
+        &cfg.topics.usage,
+        |p| range.start(p),
+        Duration::from_secs(3600),
+        |r| {
+            if err.is_some() || !range.contains(r.partition, r.offset) {
+                return;
             }
-            Ok(UsageMsg::Watermark(m)) => {
-                markers += 1;
-                if let Err(e) = w.push(Row::Marker(r.partition, m)) {
-                    err = Some(e);
-                }
+            let row =
+                match meterflow_avro::decode_usage_msg(r.payload.as_deref().unwrap_or_default()) {
+                    Ok(UsageMsg::Usage(u)) => Row::Usage(r.partition, u),
+                    Ok(UsageMsg::Watermark(m)) => {
+                        markers += 1;
+                        Row::Marker(r.partition, m)
+                    }
+                    Err(_) => {
+                        bad += 1;
+                        return;
+                    }
+                };
+            if let Err(e) = w.push(row) {
+                err = Some(e);
             }
-            Err(_) => bad += 1,
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = err {
         return Err(e);
     }
-    let n = w.finish()?;
+    Ok((w.finish()?, markers, bad))
+}
+
+pub fn export(cmd: UsageCmd) -> Result<()> {
+    let UsageCmd::Export { out, range } = cmd;
+    let (n, markers, bad) = export_range(&range, &out)?;
     println!(
         "{n} usage records and {markers} watermark markers written to {} ({bad} undecodable records skipped)",
         out.display()
@@ -67,11 +126,39 @@ pub fn export(cmd: UsageCmd) -> Result<()> {
     Ok(())
 }
 
+/// Where the usage to replay comes from: Parquet files, or a range of the usage topic
+/// (recorded first into a file of this process).
+#[derive(clap::Args, Clone, Debug)]
+pub struct UsageInput {
+    /// Usage Parquet files, or directories of them (`meterflow usage export` writes one).
+    #[arg(long, num_args = 1.., required_unless_present = "usage_topic")]
+    pub usage: Vec<PathBuf>,
+    /// Replay the usage topic itself (`--offsets` to choose ranges, `--brokers`).
+    #[arg(long, conflicts_with = "usage")]
+    pub usage_topic: bool,
+    #[command(flatten)]
+    pub range: TopicRange,
+}
+
+impl UsageInput {
+    /// The Parquet files to read.
+    pub fn files(&self) -> Result<Vec<PathBuf>> {
+        if !self.usage_topic {
+            return usage_files(&self.usage);
+        }
+        let dir = std::env::temp_dir().join(format!("meterflow-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("usage-topic.parquet");
+        let (n, markers, _) = tokio::task::block_in_place(|| export_range(&self.range, &file))?;
+        eprintln!("recorded {n} usage records and {markers} markers from the usage topic");
+        Ok(vec![file])
+    }
+}
+
 #[derive(clap::Args)]
 pub struct RerateArgs {
-    /// Usage Parquet files, or directories of them (`meterflow usage export` writes one).
-    #[arg(long, required = true, num_args = 1..)]
-    pub usage: Vec<PathBuf>,
+    #[command(flatten)]
+    pub input: UsageInput,
     /// The rules (and reference tables) to apply.
     #[arg(long)]
     pub rules: PathBuf,
@@ -133,7 +220,7 @@ pub(crate) async fn engines(rules: &std::path::Path, memory_mb: usize) -> Result
 
 pub async fn rerate(a: &RerateArgs, progress: bool) -> Result<Rerated> {
     let engines = engines(&a.rules, a.memory_mb).await?;
-    let files = usage_files(&a.usage)?;
+    let files = a.input.files()?;
     let total = count_rows(&files)?;
     std::fs::create_dir_all(&a.out)?;
     let mut writer = RatedWriter::create(&a.out.join("rated.parquet"))?;
@@ -201,11 +288,13 @@ pub struct DiffArgs {
     #[arg(long)]
     pub candidate: PathBuf,
     /// The rules in force (default: the shipped `rules/`).
-    #[arg(long, default_value = "rules")]
+    #[arg(long, default_value = "rules", conflicts_with = "applied")]
     pub active: PathBuf,
-    /// Recorded usage to replay (`meterflow usage export`), files or directories.
-    #[arg(long, required = true, num_args = 1..)]
-    pub usage: Vec<PathBuf>,
+    /// The rules in force are the set applied on the control topic (`--brokers`).
+    #[arg(long)]
+    pub applied: bool,
+    #[command(flatten)]
+    pub input: UsageInput,
     #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
     pub max_disorder: Duration,
     /// As the rater's `billing_period`.
@@ -242,9 +331,23 @@ async fn totals(
 /// `meterflow rules diff`: the revenue difference per entity between two rule sets on the
 /// same recorded usage. Exit code 0 either way: a difference is the answer, not an error.
 pub async fn diff(a: DiffArgs) -> Result<()> {
-    let files = usage_files(&a.usage)?;
+    let files = a.input.files()?;
     let period = Period::parse(&a.billing_period).map_err(anyhow::Error::msg)?;
-    let active = totals(&a.active, &files, a.max_disorder, period).await?;
+    let active_rules = if a.applied {
+        let cfg = KafkaConfig {
+            brokers: a.input.range.brokers.clone(),
+            ..Default::default()
+        };
+        anyhow::ensure!(
+            crate::apply::applied(&cfg)?.is_some(),
+            "--applied: no rule set has been applied on {}",
+            cfg.topics.control
+        );
+        crate::apply::resolve(&cfg, None)?
+    } else {
+        a.active.clone()
+    };
+    let active = totals(&active_rules, &files, a.max_disorder, period).await?;
     let candidate = totals(&a.candidate, &files, a.max_disorder, period).await?;
     let keys: std::collections::BTreeSet<&(String, String)> =
         active.keys().chain(candidate.keys()).collect();
@@ -281,4 +384,30 @@ pub async fn diff(a: DiffArgs) -> Result<()> {
     let changed = rows.iter().filter(|r| r.4 != Dec::ZERO).count();
     println!("{changed} of {} entities change", rows.len());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offset_ranges_parse_and_select() {
+        assert_eq!(parse_range("2:10..20"), Ok((2, 10, Some(20))));
+        assert_eq!(parse_range("0:5.."), Ok((0, 5, None)));
+        for bad in ["2:20..10", "x:1..2", "1:..", "1-2", "-1:0.."] {
+            assert!(parse_range(bad).is_err(), "{bad}");
+        }
+        let r = TopicRange {
+            offsets: vec![(1, 10, Some(20)), (3, 0, None)],
+            brokers: String::new(),
+        };
+        assert!(r.contains(1, 10) && !r.contains(1, 20) && !r.contains(1, 9));
+        assert!(r.contains(3, 1_000_000) && !r.contains(0, 0));
+        assert_eq!((r.start(1), r.start(3), r.start(0)), (10, 0, 0));
+        let all = TopicRange {
+            offsets: Vec::new(),
+            brokers: String::new(),
+        };
+        assert!(all.contains(7, 7));
+    }
 }

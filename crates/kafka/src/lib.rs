@@ -12,7 +12,9 @@ pub use outbox::Outbox;
 pub use rdkafka::message::{Message, OwnedMessage};
 pub use stage::{default_member, now_ms};
 pub use stage::{Assignment, Batch, Coordinates, StageIo};
-pub use table::{high_watermarks, read_latest, read_table, scan_topic, TableRecord};
+pub use table::{
+    high_watermarks, read_latest, read_table, scan_topic, scan_topic_from, TableRecord, Tail,
+};
 
 use anyhow::{Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

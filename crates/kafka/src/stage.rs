@@ -375,6 +375,28 @@ impl StageIo {
         Ok(())
     }
 
+    /// Read `partition` of `topic` again from `offset`, as after an assignment: the fetch
+    /// starts `resume_rewind` records earlier (see [`Ctx`]) and `next_batch` drops what
+    /// lies below `offset`. For a partition this member owns and has fetched from.
+    pub fn rewind_to(&self, topic: &str, partition: i32, offset: i64) -> Result<()> {
+        let ctx = self.consumer.context();
+        if let Ok(mut owned) = ctx.owned.lock() {
+            match owned.get_mut(&(topic.to_string(), partition)) {
+                Some(floor) => *floor = offset,
+                None => return Ok(()), // not ours (any more): nothing to re-read
+            }
+        }
+        let from = (offset - ctx.rewind).max(0);
+        self.consumer
+            .seek(
+                topic,
+                partition,
+                Offset::Offset(from),
+                Duration::from_secs(10),
+            )
+            .with_context(|| format!("seeking {topic}/{partition} to {from}"))
+    }
+
     /// Committed offsets of the given partitions (None = nothing committed yet).
     pub fn committed(&self, partitions: &[(String, i32)]) -> Result<Vec<Option<i64>>> {
         let mut tpl = TopicPartitionList::new();

@@ -111,27 +111,68 @@ fn read_to_end(
             Some(Err(e)) => return Err(e).context("reading table"),
             Some(Ok(m)) => {
                 next.insert(m.partition(), m.offset() + 1);
-                on_record(TableRecord {
-                    topic: topic.to_string(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(|k| k.to_vec()),
-                    payload: m.payload().map(|p| p.to_vec()),
-                    headers: m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                });
+                on_record(to_record(topic, &m));
             }
         }
     }
     let mut v: Vec<(i32, i64)> = next.into_iter().collect();
     v.sort_unstable();
     Ok(v)
+}
+
+fn to_record(topic: &str, m: &rdkafka::message::BorrowedMessage<'_>) -> TableRecord {
+    TableRecord {
+        topic: topic.to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(|k| k.to_vec()),
+        payload: m.payload().map(|p| p.to_vec()),
+        headers: m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// A long-lived reader of a (small, compacted) topic from its beginning: each `poll`
+/// returns what arrived since, without waiting. For control records a running stage
+/// must notice within seconds, at no cost per batch.
+pub struct Tail {
+    consumer: BaseConsumer<Quiet>,
+    topic: String,
+}
+
+impl Tail {
+    pub fn new(cfg: &KafkaConfig, topic: &str) -> Result<Tail> {
+        let consumer = reader(cfg, "meterflow-tail")?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..crate::partition_count(cfg, topic)? {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .context("offset list")?;
+        }
+        consumer.assign(&tpl).context("assigning tail partitions")?;
+        Ok(Tail {
+            consumer,
+            topic: topic.to_string(),
+        })
+    }
+
+    /// The records that arrived since the last call (none if nothing did).
+    pub fn poll(&self) -> Result<Vec<TableRecord>> {
+        let mut out = Vec::new();
+        while let Some(r) = self.consumer.poll(Duration::ZERO) {
+            match r {
+                Ok(m) => out.push(to_record(&self.topic, &m)),
+                Err(KafkaError::PartitionEOF(_)) => {}
+                Err(e) => return Err(e).context("reading tail"),
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Every record of `topic` from the beginning to the end, handed to `on_record` one at a
@@ -143,6 +184,17 @@ pub fn scan_topic(
     on_record: impl FnMut(TableRecord),
 ) -> Result<Vec<(i32, i64)>> {
     read_to_end(cfg, topic, |_| 0, Instant::now() + timeout, on_record)
+}
+
+/// Like [`scan_topic`], each partition from `start(p)`.
+pub fn scan_topic_from(
+    cfg: &KafkaConfig,
+    topic: &str,
+    start: impl Fn(i32) -> i64,
+    timeout: Duration,
+    on_record: impl FnMut(TableRecord),
+) -> Result<Vec<(i32, i64)>> {
+    read_to_end(cfg, topic, start, Instant::now() + timeout, on_record)
 }
 
 /// End offset (next offset to be written) of every partition of `topic`.

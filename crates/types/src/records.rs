@@ -275,3 +275,18 @@ pub struct Settlement {
     /// File name → SHA-256.
     pub files: Labels,
 }
+
+/// `meterflow.control`, key = `ruleset`: the rule set the raters run (`meterflow rules
+/// apply`), with the history they need to price every window by event time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleSet {
+    pub id: String,
+    /// The id of the set this one was merged from.
+    pub previous: Option<String>,
+    /// Event time of the switch.
+    pub switch_at: Option<Millis>,
+    pub applied_at: Millis,
+    pub applied_by: String,
+    /// (file name, content): `<rule>@<version>.sql` and reference tables.
+    pub files: Vec<(String, Vec<u8>)>,
+}

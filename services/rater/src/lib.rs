@@ -15,6 +15,7 @@
 
 pub mod batch;
 pub mod rules;
+pub mod ruleset;
 pub mod tables;
 pub mod todate;
 
@@ -180,14 +181,104 @@ fn closed(w_end: Millis, lateness: Millis, watermark: Option<Millis>) -> bool {
     watermark.is_some_and(|wm| w_end.saturating_add(lateness) <= wm)
 }
 
+/// The rules in force, and what the loop needs of them per rule index.
+struct Active {
+    engine: Engine,
+    /// The rule set id (checkpoint key)…
+    ruleset: String,
+    /// …and the ids whose checkpoints this set may resume from, in order of preference:
+    /// itself, then the set it replaced (a switch, or a restart right after one, finds
+    /// the state at the switch under the old id).
+    accept: Vec<String>,
+    /// Per rule: panes of `slide` (each usage record is split once per distinct pane
+    /// size; rules share the pieces), each pane belonging to `hops` windows.
+    panes: Vec<Tumbling>,
+    sizes: Vec<Millis>,
+    lateness: Vec<Millis>,
+    keep_labels: bool,
+}
+
+impl Active {
+    fn new(engine: Engine, earlier: &[String]) -> Active {
+        let ruleset = engine.ruleset_id();
+        let mut accept = vec![ruleset.clone()];
+        accept.extend(earlier.iter().filter(|e| **e != ruleset).cloned());
+        let h = |f: fn(&rules::RuleHeader) -> Millis| -> Vec<Millis> {
+            engine.rules.iter().map(|r| f(&r.source.header)).collect()
+        };
+        Active {
+            panes: h(|h| h.slide).into_iter().map(Tumbling::new).collect(),
+            sizes: h(|h| h.window),
+            lateness: h(|h| h.lateness),
+            keep_labels: engine.rules.iter().any(|r| r.reads_labels()),
+            ruleset,
+            accept,
+            engine,
+        }
+    }
+}
+
+/// The rule set on the control topic, if `meterflow rules apply` published one.
+fn applied_ruleset(records: &[meterflow_kafka::TableRecord]) -> Option<meterflow_types::RuleSet> {
+    let r = records
+        .iter()
+        .rev()
+        .find(|r| r.key.as_deref() == Some(ruleset::KEY))?;
+    match meterflow_avro::decode(r.payload.as_deref()?) {
+        Ok(rs) => Some(rs),
+        Err(e) => {
+            tracing::error!(error = %e, offset = r.offset, "undecodable rule set on the control topic: ignored");
+            None
+        }
+    }
+}
+
+/// Load an applied rule set: its files written to a directory of this process, then
+/// compiled as any rules directory.
+async fn load_applied(cfg: &RaterConfig, rs: &meterflow_types::RuleSet) -> Result<Engine> {
+    let dir = std::env::temp_dir()
+        .join(format!("meterflow-rater-{}", std::process::id()))
+        .join(&rs.id);
+    ruleset::materialize(&ruleset::files_of(rs), &dir).map_err(anyhow::Error::msg)?;
+    let engine = Engine::load(&dir, cfg.memory_limit_mb << 20, cfg.eval_timeout)
+        .await
+        .with_context(|| format!("applied rule set {}", rs.id))?;
+    anyhow::ensure!(
+        engine.ruleset_id() == rs.id,
+        "applied rule set {} compiles to rule set {}: refused",
+        rs.id,
+        engine.ruleset_id()
+    );
+    Ok(engine)
+}
+
 pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
-    let mut engine =
-        Engine::load(&cfg.rules_dir, cfg.memory_limit_mb << 20, cfg.eval_timeout).await?;
-    let mut tables_checked = std::time::Instant::now();
-    let ruleset = engine.ruleset_id();
-    tracing::info!(rules = engine.rules.len(), %ruleset, "rules compiled");
     ensure_topics(&cfg.kafka).await?;
     let topics = cfg.kafka.topics.clone();
+    // the rule set applied on the control topic wins over `rules_dir`
+    let control = meterflow_kafka::Tail::new(&cfg.kafka, &topics.control)?;
+    let mut control_checked = std::time::Instant::now();
+    let applied = applied_ruleset(
+        &meterflow_kafka::read_latest(&cfg.kafka, &topics.control)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect::<Vec<_>>(),
+    );
+    let mut active = match &applied {
+        Some(rs) => {
+            let engine = load_applied(&cfg, rs).await?;
+            tracing::info!(rules = engine.rules.len(), ruleset = %rs.id, applied_by = %rs.applied_by, "rules from the control topic (rules_dir is not read)");
+            Active::new(engine, rs.previous.as_slice())
+        }
+        None => {
+            let engine =
+                Engine::load(&cfg.rules_dir, cfg.memory_limit_mb << 20, cfg.eval_timeout).await?;
+            tracing::info!(rules = engine.rules.len(), dir = %cfg.rules_dir.display(), "rules compiled");
+            Active::new(engine, &[])
+        }
+    };
+    let mut refused: HashSet<String> = HashSet::new();
+    let mut tables_checked = std::time::Instant::now();
     let usage_parts = partition_count(&cfg.kafka, &topics.usage)?;
     let rated_parts = partition_count(&cfg.kafka, &topics.rated)?;
     let mut io = StageIo::new(
@@ -223,30 +314,85 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         "Rule evaluations that failed (rule quarantined).",
         &[],
     );
+    let switches_total = m.counter(
+        "meterflow_rater_rule_switches_total",
+        "Rule sets applied from the control topic without a restart.",
+        &[],
+    );
+    let late_switches_total = m.counter(
+        "meterflow_rater_late_switches_total",
+        "Rule sets applied after a window they change had closed.",
+        &[],
+    );
     let mut quarantined: HashSet<usize> = HashSet::new();
     let mut parts: HashMap<i32, PartState> = HashMap::new();
-    let nrules = engine.rules.len();
-    let keep_labels = engine.rules.iter().any(|r| r.reads_labels());
     let period = meterflow_types::window::Period::parse(&cfg.billing_period)
         .map_err(|e| anyhow::anyhow!("billing_period: {e}"))?;
-    // per rule: panes of `slide` (each usage record is split once per distinct pane
-    // size; rules share the pieces), and each pane belongs to `hops` windows
-    let panes: Vec<Tumbling> = engine
-        .rules
-        .iter()
-        .map(|r| Tumbling::new(r.source.header.slide))
-        .collect();
-    let sizes: Vec<Millis> = engine
-        .rules
-        .iter()
-        .map(|r| r.source.header.window)
-        .collect();
-    let lateness: Vec<Millis> = engine
-        .rules
-        .iter()
-        .map(|r| r.source.header.lateness)
-        .collect();
     while !ctx.shutdown.is_cancelled() {
+        // a rule set applied on the control topic: switch between batches, as a restart
+        // would — every partition is read again from its checkpoint, so the open windows
+        // are rebuilt under the new set (the checkpoint of the old set is the state at the
+        // switch)
+        if control_checked.elapsed() >= Duration::from_secs(2) {
+            control_checked = std::time::Instant::now();
+            if let Some(rs) = applied_ruleset(&control.poll()?) {
+                if rs.id != active.ruleset && !refused.contains(&rs.id) {
+                    match load_applied(&cfg, &rs).await {
+                        Ok(engine) => {
+                            let next = Active::new(
+                                engine,
+                                &[
+                                    vec![active.ruleset.clone()],
+                                    rs.previous.clone().into_iter().collect(),
+                                ]
+                                .concat(),
+                            );
+                            if rs.previous.as_ref().is_some_and(|p| *p != active.ruleset) {
+                                tracing::warn!(ruleset = %rs.id, previous = ?rs.previous, running = %active.ruleset, "the applied rule set was merged from a set this rater was not running");
+                            }
+                            for (p, st) in &parts {
+                                let late = rs.switch_at.is_some_and(|t| {
+                                    (0..next.engine.rules.len()).any(|r| {
+                                        closed(
+                                            t + next.sizes[r],
+                                            next.lateness[r],
+                                            st.sources.min(),
+                                        )
+                                    })
+                                });
+                                if late {
+                                    late_switches_total.inc();
+                                    tracing::error!(partition = p, switch_at = ?rs.switch_at, watermark = ?st.sources.min(), "rule set applied after windows past its switch had closed: those windows stay priced by the previous rules (`meterflow rules diff` shows the difference)");
+                                }
+                                if let Some(resume) = st.resume_offset() {
+                                    io.rewind_to(&topics.usage, *p, resume)?;
+                                }
+                            }
+                            parts.clear();
+                            quarantined.clear();
+                            tracing::info!(from = %active.ruleset, to = %next.ruleset, switch_at = ?rs.switch_at, rules = next.engine.rules.len(), applied_by = %rs.applied_by, "rule set switched");
+                            switches_total.inc();
+                            active = next;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::error!(ruleset = %rs.id, error = format!("{e:#}"), "applied rule set refused: the rater keeps its rules");
+                            refused.insert(rs.id.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let Active {
+            engine,
+            ruleset,
+            panes,
+            sizes,
+            lateness,
+            keep_labels,
+            accept,
+        } = &mut active;
+        let (keep_labels, nrules) = (*keep_labels, engine.rules.len());
         let batch = io
             .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
             .await?;
@@ -267,7 +413,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             .into_iter()
             .collect();
         if !new.is_empty() {
-            let (cps, mut saved_to_date) = load_state(&cfg.kafka, &ruleset)?;
+            let (cps, mut saved_to_date) = load_state(&cfg.kafka, accept)?;
             for p in new {
                 let cp = cps.get(&p);
                 if let Some(c) = cp {
@@ -408,7 +554,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                             quarantined.insert(r);
                                             quarantine(
                                                 &mut io,
-                                                &engine,
+                                                engine,
                                                 r,
                                                 &topics.usage,
                                                 p,
@@ -473,7 +619,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                             failed_total.inc();
                             quarantined.insert(r);
                             let first = win.rows.iter().map(|(o, _)| *o).min().unwrap_or(0);
-                            quarantine(&mut io, &engine, r, &topics.usage, *p, first, &e).await?;
+                            quarantine(&mut io, engine, r, &topics.usage, *p, first, &e).await?;
                         }
                     }
                 }
@@ -600,16 +746,16 @@ async fn quarantine(
     .await
 }
 
-/// The rater's durable state for this rule set, read once: the checkpoint of every usage
-/// partition, and every period-to-date entry.
+/// The rater's durable state, read once: the checkpoint of every usage partition (of the
+/// first rule set in `accept` that has one), and every period-to-date entry.
 fn load_state(
     cfg: &KafkaConfig,
-    ruleset: &str,
+    accept: &[String],
 ) -> Result<(
     HashMap<i32, RaterCheckpoint>,
     Vec<meterflow_types::RaterToDate>,
 )> {
-    let mut checkpoints = HashMap::new();
+    let mut checkpoints: HashMap<i32, (usize, RaterCheckpoint)> = HashMap::new();
     let mut to_date = Vec::new();
     for (k, r) in meterflow_kafka::read_latest(cfg, &cfg.topics.rater_state)? {
         let p = r.payload.unwrap_or_default();
@@ -618,12 +764,21 @@ fn load_state(
                 to_date.push(t);
             }
         } else if let Ok(cp) = meterflow_avro::decode::<RaterCheckpoint>(&p) {
-            if cp.ruleset == ruleset {
-                checkpoints.insert(cp.partition, cp);
+            let Some(rank) = accept.iter().position(|a| *a == cp.ruleset) else {
+                continue;
+            };
+            if checkpoints
+                .get(&cp.partition)
+                .is_none_or(|(r, _)| rank < *r)
+            {
+                checkpoints.insert(cp.partition, (rank, cp));
             }
         }
     }
-    Ok((checkpoints, to_date))
+    Ok((
+        checkpoints.into_iter().map(|(p, (_, c))| (p, c)).collect(),
+        to_date,
+    ))
 }
 
 /// A usage record's pieces, one per window it overlaps: (window start, piece).

@@ -735,13 +735,24 @@ impl Engine {
         })
     }
 
-    /// A stable name for the rule set (names and versions), used to key checkpoints.
+    /// A stable name for the rule set (names, versions and validity), used to key
+    /// checkpoints.
     pub fn ruleset_id(&self) -> String {
-        let parts: Vec<String> = self
+        let mut parts: Vec<String> = self
             .rules
             .iter()
-            .map(|r| format!("{}@{}", r.source.header.name, r.source.header.version))
+            .map(|r| {
+                let h = &r.source.header;
+                format!(
+                    "{}@{}[{},{})",
+                    h.name,
+                    h.version,
+                    h.valid_from.map(|t| t.to_string()).unwrap_or_default(),
+                    h.valid_to.map(|t| t.to_string()).unwrap_or_default()
+                )
+            })
             .collect();
+        parts.sort();
         id::derive(
             "ruleset",
             &parts.iter().map(String::as_str).collect::<Vec<_>>(),
