@@ -105,13 +105,8 @@ pub fn run(a: SettleArgs) -> Result<()> {
                     .map_err(anyhow::Error::msg)?,
                 meterflow_types::time::parse_rfc3339(&m.period_end).map_err(anyhow::Error::msg)?,
             );
-            let focus = m
-                .files
-                .contains_key(&meterflow_settler::files::version_name(
-                    m.version,
-                    "focus.csv",
-                ));
-            let rebuilt = write_version(&a.out, &m.period, bounds, entity, events, focus)
+            let opts = meterflow_settler::files::VersionOpts::of(m)?;
+            let rebuilt = write_version(&a.out, &m.period, bounds, entity, events, &opts)
                 .with_context(|| format!("rebuilding {entity} v{}", m.version))?;
             let (orig_dir, new_dir) = (
                 entity_dir(&a.from, &m.period, entity),

@@ -25,6 +25,16 @@ pub const SCHEMA_VERSION: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     pub schema_version: u32,
+    /// When the version was written (wall clock; a rebuild keeps the original's).
+    #[serde(default)]
+    pub generated_at: String,
+    /// `complete`: the completeness watermark passed the period's end plus the grace.
+    /// `incomplete`: written because the deadline passed first; `reason` says how far
+    /// the data was complete. A later version completes it.
+    #[serde(default = "complete")]
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub entity_id: String,
     pub period: String,
     pub period_start: String,
@@ -41,6 +51,34 @@ pub struct Manifest {
     /// Rated-topic offsets the lines came from: partition → [first, last].
     pub input_offsets: BTreeMap<i32, [i64; 2]>,
     pub ids: Vec<String>,
+}
+
+fn complete() -> String {
+    "complete".into()
+}
+
+/// How a version is written, beyond its events.
+#[derive(Clone, Debug, Default)]
+pub struct VersionOpts {
+    /// Also write `focus.csv`.
+    pub focus: bool,
+    /// The manifest's `generated_at`.
+    pub generated_at: Millis,
+    /// `Some(reason)`: the version is written before the period is complete.
+    pub incomplete: Option<String>,
+}
+
+impl VersionOpts {
+    /// The options a manifest was written with (to rebuild it).
+    pub fn of(m: &Manifest) -> Result<VersionOpts> {
+        Ok(VersionOpts {
+            focus: m.files.contains_key(&version_name(m.version, "focus.csv")),
+            generated_at: meterflow_types::time::parse_rfc3339(&m.generated_at)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("generated_at of {} v{}", m.entity_id, m.version))?,
+            incomplete: (m.status == "incomplete").then(|| m.reason.clone().unwrap_or_default()),
+        })
+    }
 }
 
 /// The directory of one entity's files for one period.
@@ -263,8 +301,9 @@ pub fn write_version(
     bounds: (Millis, Millis),
     entity: &str,
     mut events: Vec<(i32, i64, RatedEvent)>,
-    focus: bool,
+    opts: &VersionOpts,
 ) -> Result<Manifest> {
+    let focus = opts.focus;
     let dir = entity_dir(root, period_label, entity);
     std::fs::create_dir_all(&dir)?;
     let prev = existing(&dir)?;
@@ -305,6 +344,13 @@ pub fn write_version(
     rules.dedup();
     let manifest = Manifest {
         schema_version: SCHEMA_VERSION,
+        generated_at: fmt_rfc3339(opts.generated_at),
+        status: if opts.incomplete.is_some() {
+            "incomplete".into()
+        } else {
+            complete()
+        },
+        reason: opts.incomplete.clone(),
         entity_id: entity.to_string(),
         period: period_label.to_string(),
         period_start: fmt_rfc3339(bounds.0),
@@ -400,15 +446,29 @@ mod tests {
             ev("b", 3_600_000, "0.0725", false),
             ev("c", 0, "0.036", true),
         ];
+        let opts = VersionOpts {
+            focus: true,
+            generated_at: 1_774_000_000_000,
+            incomplete: Some("deadline passed".into()),
+        };
         let m = write_version(
             dir.path(),
             "p",
             (0, 86_400_000),
             "acme, inc",
             events.clone(),
-            true,
+            &opts,
         )
         .expect("written");
+        assert_eq!(
+            (m.status.as_str(), m.reason.as_deref()),
+            ("incomplete", Some("deadline passed"))
+        );
+        let back = VersionOpts::of(&m).expect("opts");
+        assert_eq!(
+            (back.focus, back.generated_at, back.incomplete),
+            (true, opts.generated_at, opts.incomplete.clone())
+        );
         let d = entity_dir(dir.path(), "p", "acme, inc");
         let focus = std::fs::read(d.join("focus.csv")).expect("focus.csv");
         assert_eq!(m.files.get("focus.csv"), Some(&sha(&focus)));
@@ -444,7 +504,7 @@ mod tests {
             (0, 86_400_000),
             "acme, inc",
             events,
-            true,
+            &opts,
         )
         .expect("again");
         assert_eq!(

@@ -30,8 +30,19 @@ pub struct SettlerConfig {
     /// without a rebalance) and its transactional id. Unique among running replicas.
     pub member: String,
     pub out_dir: PathBuf,
-    /// `month` (calendar, UTC), `day`, `week`, or a duration such as `6h`.
+    /// `month`, `week` or `day` (calendar, UTC unless a time zone is named:
+    /// `month@Europe/Berlin`), or a fixed duration such as `6h`. The rater's
+    /// `billing_period` must match.
     pub period: String,
+    /// A period closes for an entity when the completeness watermark passes its end plus
+    /// this much (event time): late usage inside it lands in the first version.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// If the period is still not complete this long (wall clock) after its end plus the
+    /// grace, write what there is, marked `incomplete` with the reason; a later version
+    /// completes it. None: wait for completeness, however long.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Option<Duration>,
     pub batch_size: usize,
     /// Also write each file set's lines as FOCUS (`focus.csv`, FinOps Open Cost and Usage
     /// Specification columns), listed and checksummed in the manifest.
@@ -47,6 +58,8 @@ impl Default for SettlerConfig {
             member: meterflow_kafka::default_member(),
             out_dir: PathBuf::from("settlements"),
             period: "month".into(),
+            grace: Duration::ZERO,
+            deadline: None,
             batch_size: 5000,
             focus: false,
         }
@@ -112,6 +125,30 @@ async fn announce(
     .await
 }
 
+/// Per rated partition, the (period start, entity) whose latest version is incomplete.
+fn incomplete_of(manifests: &[files::Manifest]) -> Result<HashMap<i32, HashSet<Key>>> {
+    let mut latest: HashMap<Key, (u32, bool, Option<i32>)> = HashMap::new();
+    for man in manifests {
+        let ps =
+            meterflow_types::time::parse_rfc3339(&man.period_start).map_err(anyhow::Error::msg)?;
+        let l = latest
+            .entry((ps, man.entity_id.clone()))
+            .or_insert((0, false, None));
+        if man.version > l.0 {
+            l.0 = man.version;
+            l.1 = man.status == "incomplete";
+        }
+        l.2 = l.2.or(man.input_offsets.keys().next().copied());
+    }
+    let mut out: HashMap<i32, HashSet<Key>> = HashMap::new();
+    for (key, (_, open_version, partition)) in latest {
+        if let (true, Some(p)) = (open_version, partition) {
+            out.entry(p).or_default().insert(key);
+        }
+    }
+    Ok(out)
+}
+
 pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let period = Period::parse(&cfg.period).map_err(anyhow::Error::msg)?;
     ensure_topics(&cfg.kafka).await?;
@@ -125,15 +162,20 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         &cfg.member,
     )?;
     let m = &ctx.metrics;
+    let grace = cfg.grace.as_millis() as Millis;
+    let deadline = cfg.deadline.map(|d| d.as_millis() as Millis);
     // versions written but not yet announced (a crash between the files and the record)
     let mut to_mark: Vec<std::path::PathBuf> = Vec::new();
-    for man in tokio::task::block_in_place(|| files::all_manifests(&cfg.out_dir))? {
-        let marker = announced_marker(&cfg.out_dir, &man);
+    let manifests = tokio::task::block_in_place(|| files::all_manifests(&cfg.out_dir))?;
+    for man in &manifests {
+        let marker = announced_marker(&cfg.out_dir, man);
         if !marker.exists() {
-            announce(&mut io, &topics.settlements, &cfg.out_dir, &man).await?;
+            announce(&mut io, &topics.settlements, &cfg.out_dir, man).await?;
             to_mark.push(marker);
         }
     }
+    // per rated partition: the (period, entity) whose latest version is incomplete
+    let mut incomplete = incomplete_of(&manifests)?;
     let files_total = m.counter(
         "meterflow_settler_file_sets_total",
         "Settlement file sets written.",
@@ -142,6 +184,11 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let dup_total = m.counter(
         "meterflow_settler_duplicates_total",
         "Duplicate revenue events dropped.",
+        &[],
+    );
+    let incomplete_total = m.counter(
+        "meterflow_settler_incomplete_total",
+        "File sets written incomplete because the deadline passed.",
         &[],
     );
     let corrections_total = m.counter(
@@ -164,10 +211,17 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
             .await?;
         for r in &batch.rebalances {
-            if let meterflow_kafka::Assignment::Revoked(ps) = r {
-                for (_, p) in ps {
-                    parts.remove(p);
-                    open.remove(p);
+            match r {
+                meterflow_kafka::Assignment::Revoked(ps) => {
+                    for (_, p) in ps {
+                        parts.remove(p);
+                        open.remove(p);
+                    }
+                }
+                // the files are the state: what a partition's last owner left incomplete
+                meterflow_kafka::Assignment::Assigned(_) => {
+                    let all = tokio::task::block_in_place(|| files::all_manifests(&cfg.out_dir))?;
+                    incomplete = incomplete_of(&all)?;
                 }
             }
         }
@@ -198,11 +252,16 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                             .flat_map(|m| m.ids)
                             .collect()
                     });
-                    let closed_before =
-                        !done.is_empty() || st.sources.min().is_some_and(|t| t >= pe);
+                    let closed_before = !done.is_empty()
+                        || st
+                            .sources
+                            .min()
+                            .is_some_and(|t| t >= pe.saturating_add(grace));
+                    // an incomplete version's period takes the rest in its completing version
+                    let held = incomplete.get(&p).is_some_and(|k| k.contains(&key));
                     if done.contains(&e.id) {
                         dup_total.inc();
-                    } else if closed_before && !done.is_empty() {
+                    } else if closed_before && !done.is_empty() && !held {
                         // the period was settled already: a correction with the delta
                         done.insert(e.id.clone());
                         corrections
@@ -220,36 +279,66 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                 }
             }
         }
-        // close periods the markers show complete
+        // close periods the markers show complete (or, past the deadline, incomplete)
+        let now = meterflow_kafka::now_ms();
         for (p, st) in parts.iter() {
-            let Some(through) = st.sources.min() else {
-                continue;
+            let through = st.sources.min();
+            let complete = |ps: Millis| {
+                through.is_some_and(|t| period.bounds(ps).1.saturating_add(grace) <= t)
             };
-            let Some(periods) = open.get_mut(p) else {
-                continue;
-            };
-            let due: Vec<Key> = periods
-                .keys()
-                .filter(|(ps, _)| period.bounds(*ps).1 <= through)
-                .cloned()
-                .collect();
-            for key in due {
-                let Some(o) = periods.remove(&key) else {
+            let waiting = incomplete.entry(*p).or_default();
+            let periods = open.entry(*p).or_default();
+            let mut due: Vec<(Key, Option<String>)> = Vec::new();
+            for key in periods.keys().chain(waiting.iter()) {
+                if due.iter().any(|(k, _)| k == key) {
                     continue;
-                };
+                }
+                let needs = period.bounds(key.0).1.saturating_add(grace);
+                if complete(key.0) {
+                    due.push((key.clone(), None));
+                } else if let Some(d) = deadline.filter(|_| !waiting.contains(key)) {
+                    if now >= needs.saturating_add(d) {
+                        let why = format!(
+                            "deadline {} passed: rated partition {p} was complete through {}, the period needs {} (end + grace {})",
+                            humantime::format_duration(Duration::from_millis(d as u64)),
+                            through.map_or("nothing yet".into(), meterflow_types::time::fmt_rfc3339),
+                            meterflow_types::time::fmt_rfc3339(needs),
+                            humantime::format_duration(cfg.grace),
+                        );
+                        due.push((key.clone(), Some(why)));
+                    }
+                }
+            }
+            for (key, why) in due {
+                let events = periods.remove(&key).map(|o| o.events).unwrap_or_default();
                 let label = period.label(key.0);
-                let ids: HashSet<String> = o.ids.clone();
+                let ids: Vec<String> = events.iter().map(|(_, _, e)| e.id.clone()).collect();
+                let opts = files::VersionOpts {
+                    focus: cfg.focus,
+                    generated_at: now,
+                    incomplete: why.clone(),
+                };
                 let man = tokio::task::block_in_place(|| {
                     files::write_version(
                         &cfg.out_dir,
                         &label,
                         period.bounds(key.0),
                         &key.1,
-                        o.events,
-                        cfg.focus,
+                        events,
+                        &opts,
                     )
                 })?;
-                tracing::info!(period = %label, entity = %key.1, lines = man.line_count, totals = ?man.totals, "settled");
+                match &why {
+                    Some(w) => {
+                        tracing::warn!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, reason = %w, "settled incomplete");
+                        incomplete_total.inc();
+                        waiting.insert(key.clone());
+                    }
+                    None => {
+                        tracing::info!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, totals = ?man.totals, "settled");
+                        waiting.remove(&key);
+                    }
+                }
                 announce(&mut io, &topics.settlements, &cfg.out_dir, &man).await?;
                 to_mark.push(announced_marker(&cfg.out_dir, &man));
                 files_total.inc();
@@ -258,6 +347,11 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         }
         for (key, evs) in corrections {
             let label = period.label(key.0);
+            let opts = files::VersionOpts {
+                focus: cfg.focus,
+                generated_at: now,
+                incomplete: None,
+            };
             let man = tokio::task::block_in_place(|| {
                 files::write_version(
                     &cfg.out_dir,
@@ -265,7 +359,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     period.bounds(key.0),
                     &key.1,
                     evs,
-                    cfg.focus,
+                    &opts,
                 )
             })?;
             tracing::info!(period = %label, entity = %key.1, version = man.version, "correction written");

@@ -202,7 +202,7 @@ fn main() -> Result<()> {
     let mut vcpu_hours = Dec::ZERO;
     let (usage, dups) = rerate_files(
         &engines,
-        meterflow_types::window::Period::Month,
+        meterflow_types::window::Period::MONTH,
         &files,
         5 * MINUTE,
         2 * 3600 * 1000,
