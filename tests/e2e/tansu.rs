@@ -1196,3 +1196,104 @@ fn rules_applied_mid_run_switch_every_rater_at_the_window_boundary_without_a_res
     }
     p.stop();
 }
+
+#[test]
+fn two_settlers_settle_their_entities_and_the_master_indexes_each_period_once_through_its_kill() {
+    let run = two_days(25);
+    let mut p = Pipeline::start(run.clone(), 7_200, "day");
+    p.start_replica("settler");
+    p.start_collector();
+    // the master is the member the group protocol gave rated partition 0
+    p.wait_for(Duration::from_secs(120), "a settler master", |p| {
+        std::iter::once(&p.settler)
+            .chain(p.replicas.iter())
+            .any(|s| s.log().contains("master: this member"))
+    });
+    let first_is_master = p.settler.log().contains("master: this member");
+    // lose the master as the first period closes: files on disk, index not yet written
+    let out = p.out.clone();
+    p.wait_for(
+        Duration::from_secs(120),
+        "the first settlement files",
+        |_| meterflow_settler::files::all_manifests(&out).is_ok_and(|m| !m.is_empty()),
+    );
+    let master = if first_is_master {
+        &mut p.settler
+    } else {
+        &mut p.replicas[0]
+    };
+    master.kill9();
+    master.restart();
+    let periods = run
+        .totals(DAY)
+        .keys()
+        .map(|(ps, _)| *ps)
+        .collect::<std::collections::BTreeSet<_>>();
+    let mut settled = all_periods_settled(&run);
+    p.drain(Duration::from_secs(300), |out| {
+        settled(out)
+            && meterflow_settler::index::period_dirs(out).is_ok_and(|d| {
+                d.len() == periods.len() && d.iter().all(|d| d.join("index.json").exists())
+            })
+    });
+    let s = Settled::read(&p.out);
+    s.assert_matches(&run, DAY);
+    // one index per period, written once, listing every entity with its manifest's hash
+    let mut written = 0;
+    for dir in meterflow_settler::index::period_dirs(&p.out).expect("dirs") {
+        let idx = meterflow_settler::index::indexes(&dir).expect("indexes");
+        assert_eq!(idx.len(), 1, "{}: one index version", dir.display());
+        let idx = &idx[0];
+        let manifests: Vec<_> = s
+            .manifests
+            .iter()
+            .filter(|m| m.period == idx.period)
+            .collect();
+        assert_eq!(idx.entity_count, manifests.len());
+        assert_eq!(idx.status, "complete");
+        let mut total = meterflow_types::Dec::ZERO;
+        for e in &idx.entities {
+            let v = &e.versions[0];
+            let bytes = std::fs::read(dir.join(&e.directory).join(&v.manifest)).expect("manifest");
+            assert_eq!(
+                v.manifest_sha256,
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+            );
+            total = total
+                .checked_add(e.totals["USD"].parse().expect("dec"))
+                .expect("sum");
+        }
+        assert_eq!(idx.totals["USD"], total.to_fixed(2));
+        let want: i128 = run
+            .totals(DAY)
+            .iter()
+            .filter(|((ps, _), _)| meterflow_types::time::fmt_rfc3339(*ps) == idx.period_start)
+            .map(|(_, c)| *c)
+            .sum();
+        assert_eq!(
+            total.raw(),
+            want * 10_000_000,
+            "{}: the period's total",
+            idx.period
+        );
+        written += std::iter::once(&p.settler)
+            .chain(p.replicas.iter())
+            .map(|s| {
+                s.log()
+                    .lines()
+                    .filter(|l| l.contains("period index written") && l.contains(&idx.period))
+                    .count()
+            })
+            .sum::<usize>();
+    }
+    assert_eq!(
+        written,
+        periods.len(),
+        "each index written by one master, once"
+    );
+    // both members settled entities of their own partitions
+    for s in std::iter::once(&p.settler).chain(p.replicas.iter()) {
+        assert!(s.log().contains("assigned"), "{}: {}", s.name, s.tail(20));
+    }
+    p.stop();
+}

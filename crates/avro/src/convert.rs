@@ -687,6 +687,52 @@ impl Record for RuleSet {
     }
 }
 
+impl Record for SettlerProgress {
+    const NAME: &'static str = "SettlerProgress";
+    fn compiled() -> &'static Compiled {
+        crate::settler_progress_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("partition", Value::Int(self.partition)),
+            ("partitions", Value::Int(self.partitions)),
+            ("member", s(&self.member)),
+            ("closed_through", ts(self.closed_through)),
+            (
+                "corrected",
+                Value::Array(self.corrected.iter().map(|c| s(c)).collect()),
+            ),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        let partition = f.int("partition")?;
+        let partitions = f.int("partitions")?;
+        let member = f.string("member")?;
+        let closed_through = f.long("closed_through")?;
+        let Value::Array(items) = f.take("corrected")? else {
+            return Err(f.bad("corrected", "not an array"));
+        };
+        let corrected = items
+            .into_iter()
+            .map(|i| match i {
+                Value::String(x) => Ok(x),
+                _ => Err(f.bad("corrected", "not a string")),
+            })
+            .collect::<Result<_, _>>()?;
+        if partition < 0 || partition >= partitions {
+            return Err(f.bad("partition", "outside 0..partitions"));
+        }
+        Ok(SettlerProgress {
+            partition,
+            partitions,
+            member,
+            closed_through,
+            corrected,
+        })
+    }
+}
+
 impl Record for EnricherCheckpoint {
     const NAME: &'static str = "EnricherCheckpoint";
     fn compiled() -> &'static Compiled {
@@ -1000,6 +1046,16 @@ mod tests {
                 files: Vec::new(),
             },
             schemas::RULE_SET,
+        );
+        round_trip(
+            SettlerProgress {
+                partition: 1,
+                partitions: 4,
+                member: "settler-2".into(),
+                closed_through: 86_400_000,
+                corrected: vec!["2026-03".into()],
+            },
+            schemas::SETTLER_PROGRESS,
         );
     }
 

@@ -25,6 +25,7 @@ pub mod schemas {
     pub const RATER_TO_DATE: &str = include_str!("../../../schemas/rater_to_date.avsc");
     pub const ENRICHER_CHECKPOINT: &str = include_str!("../../../schemas/enricher_checkpoint.avsc");
     pub const RULE_SET: &str = include_str!("../../../schemas/rule_set.avsc");
+    pub const SETTLER_PROGRESS: &str = include_str!("../../../schemas/settler_progress.avsc");
 }
 
 /// Messages larger than this are refused before decoding (reason `oversized`).
@@ -102,6 +103,7 @@ compiled!(enricher_checkpoint_c, schemas::ENRICHER_CHECKPOINT);
 compiled!(rater_to_date_c, schemas::RATER_TO_DATE);
 compiled!(settlement_c, schemas::SETTLEMENT);
 compiled!(rule_set_c, schemas::RULE_SET);
+compiled!(settler_progress_c, schemas::SETTLER_PROGRESS);
 
 /// Encode one record as Avro single-object encoding.
 pub fn encode<R: Record>(r: &R) -> Vec<u8> {

@@ -72,21 +72,10 @@ pub async fn run(a: UpArgs) -> Result<()> {
         None => {
             let b = EmbeddedBroker::start()?;
             let s = b.bootstrap_servers();
-            let t = meterflow_kafka::Topics::default();
-            for (name, parts) in [
-                (&t.samples, 4),
-                (&t.instances, 4),
-                (&t.ownership, 4),
-                (&t.usage, 4),
-                (&t.rated, 4),
-                (&t.dlq, 1),
-                (&t.control, 1),
-                (&t.rater_state, 1),
-                (&t.parked, 4),
-                (&t.enricher_state, 1),
-                (&t.settlements, 4),
-            ] {
-                b.create_topic(name, parts)?;
+            for (name, parts, _) in
+                meterflow_kafka::topic_specs(&meterflow_kafka::KafkaConfig::default())
+            {
+                b.create_topic(&name, parts)?;
             }
             println!("meterflow up: embedded broker at {s} (librdkafka mock cluster — ephemeral, gone when this process exits)");
             _broker = b;

@@ -31,6 +31,9 @@ pub struct Topics {
     pub enricher_state: String,
     /// One record per settlement file set written, for downstream consumers.
     pub settlements: String,
+    /// Settler members' progress per rated partition, for the master's period index
+    /// (compacted).
+    pub settler_state: String,
 }
 
 impl Default for Topics {
@@ -47,6 +50,7 @@ impl Default for Topics {
             parked: "meterflow.parked".into(),
             enricher_state: "meterflow.enricher-state".into(),
             settlements: "meterflow.settlements".into(),
+            settler_state: "meterflow.settler-state".into(),
         }
     }
 }

@@ -62,34 +62,44 @@ pub fn producer(
     c.create().context("creating Kafka producer")
 }
 
+/// Every topic meterflow uses: (name, partitions, compacted).
+pub fn topic_specs(cfg: &KafkaConfig) -> Vec<(String, i32, bool)> {
+    let t = &cfg.topics;
+    let n = cfg.partitions;
+    [
+        (&t.samples, n, false),
+        (&t.instances, n, true),
+        (&t.ownership, n, true),
+        (&t.usage, n, false),
+        (&t.rated, n, false),
+        (&t.dlq, 1, false),
+        (&t.control, 1, true),
+        (&t.rater_state, 1, true),
+        (&t.parked, n, true),
+        (&t.enricher_state, 1, true),
+        (&t.settlements, n, false),
+        (&t.settler_state, 1, true),
+    ]
+    .into_iter()
+    .map(|(name, p, c)| (name.clone(), p, c))
+    .collect()
+}
+
 /// Create the topics meterflow uses if they do not exist (compacted where the brief says so).
 pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(cfg, "meterflow-admin")
         .create()
         .context("creating Kafka admin client")?;
-    let t = &cfg.topics;
+    let specs = topic_specs(cfg);
     let compact = [("cleanup.policy", "compact")];
     let plain: [(&str, &str); 0] = [];
-    type Spec<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
-    let specs: Vec<Spec<'_>> = vec![
-        (&t.samples, cfg.partitions, &plain),
-        (&t.instances, cfg.partitions, &compact),
-        (&t.ownership, cfg.partitions, &compact),
-        (&t.usage, cfg.partitions, &plain),
-        (&t.rated, cfg.partitions, &plain),
-        (&t.dlq, 1, &plain),
-        (&t.control, 1, &compact),
-        (&t.rater_state, 1, &compact),
-        (&t.parked, cfg.partitions, &compact),
-        (&t.enricher_state, 1, &compact),
-        (&t.settlements, cfg.partitions, &plain),
-    ];
     let existing = topic_names(cfg)?;
     let new: Vec<NewTopic<'_>> = specs
         .iter()
         .filter(|(name, _, _)| !existing.iter().any(|e| e == name))
-        .map(|(name, parts, conf)| {
+        .map(|(name, parts, compacted)| {
             let mut nt = NewTopic::new(name, *parts, TopicReplication::Fixed(cfg.replication));
+            let conf: &[(&str, &str)] = if *compacted { &compact } else { &plain };
             for (k, v) in conf.iter() {
                 nt = nt.set(k, v);
             }

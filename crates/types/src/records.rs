@@ -290,3 +290,16 @@ pub struct RuleSet {
     /// (file name, content): `<rule>@<version>.sql` and reference tables.
     pub files: Vec<(String, Vec<u8>)>,
 }
+
+/// `meterflow.settler-state`, key = `progress|<partition>`: the periods a settler member
+/// has closed on a rated partition (for the master's period index).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettlerProgress {
+    pub partition: i32,
+    pub partitions: i32,
+    pub member: String,
+    /// Every period ending at or before this is written for the partition's entities.
+    pub closed_through: Millis,
+    /// Labels of periods given a correction version since the previous record.
+    pub corrected: Vec<String>,
+}

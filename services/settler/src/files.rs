@@ -99,9 +99,14 @@ pub fn entity_dir(root: &Path, period_label: &str, entity: &str) -> PathBuf {
 
 /// Versions already written for an entity and period (1, 2, ...), with their manifests.
 pub fn existing(dir: &Path) -> Result<Vec<Manifest>> {
+    read_versions(dir, "manifest.json")
+}
+
+/// The JSON documents `base`, `v2.base`, ... in `dir`, up to the first missing version.
+pub fn read_versions<T: serde::de::DeserializeOwned>(dir: &Path, base: &str) -> Result<Vec<T>> {
     let mut out = Vec::new();
     for v in 1.. {
-        let f = dir.join(version_name(v, "manifest.json"));
+        let f = dir.join(version_name(v, base));
         if !f.exists() {
             break;
         }

@@ -5,10 +5,11 @@
 //! already written become a correction version holding only the delta.
 
 pub mod files;
+pub mod index;
 
 use anyhow::Result;
 use meterflow_avro::RatedMsg;
-use meterflow_kafka::{ensure_topics, KafkaConfig, Message, StageIo};
+use meterflow_kafka::{ensure_topics, partition_count, KafkaConfig, Message, StageIo};
 use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
 use meterflow_types::watermark::SourceTimes;
 use meterflow_types::window::Period;
@@ -149,6 +150,70 @@ fn incomplete_of(manifests: &[files::Manifest]) -> Result<HashMap<i32, HashSet<K
     Ok(out)
 }
 
+/// The master's view: every rated partition's progress, read from the settler-state topic.
+struct Master {
+    tail: meterflow_kafka::Tail,
+    closed: HashMap<i32, Millis>,
+    corrected: HashSet<String>,
+    /// On taking over: look at every period once, indexed or not.
+    full_check: bool,
+}
+
+impl Master {
+    fn new(cfg: &KafkaConfig) -> Result<Master> {
+        Ok(Master {
+            tail: meterflow_kafka::Tail::new(cfg, &cfg.topics.settler_state)?,
+            closed: HashMap::new(),
+            corrected: HashSet::new(),
+            full_check: true,
+        })
+    }
+
+    /// Read new progress; write the index of every period all partitions have closed.
+    fn step(&mut self, root: &std::path::Path, partitions: i32) -> Result<Vec<index::PeriodIndex>> {
+        for r in self.tail.poll()? {
+            let Ok(p) = meterflow_avro::decode::<meterflow_types::SettlerProgress>(
+                r.payload.as_deref().unwrap_or_default(),
+            ) else {
+                continue;
+            };
+            let c = self.closed.entry(p.partition).or_insert(p.closed_through);
+            *c = (*c).max(p.closed_through);
+            self.corrected.extend(p.corrected);
+        }
+        let Some(all) = (0..partitions)
+            .map(|p| self.closed.get(&p).copied())
+            .collect::<Option<Vec<Millis>>>()
+            .and_then(|v| v.into_iter().min())
+        else {
+            return Ok(Vec::new());
+        };
+        let mut written = Vec::new();
+        for dir in index::period_dirs(root)? {
+            let label = dir
+                .file_name()
+                .map(|n| {
+                    n.to_string_lossy()
+                        .trim_start_matches("period=")
+                        .to_string()
+                })
+                .unwrap_or_default();
+            let indexed = dir.join("index.json").exists();
+            let due = if indexed {
+                self.full_check || self.corrected.contains(&label)
+            } else {
+                index::period_end(&dir)?.is_some_and(|end| end <= all)
+            };
+            if due {
+                written.extend(index::write(&dir)?);
+            }
+        }
+        self.full_check = false;
+        self.corrected.clear();
+        Ok(written)
+    }
+}
+
 pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let period = Period::parse(&cfg.period).map_err(anyhow::Error::msg)?;
     ensure_topics(&cfg.kafka).await?;
@@ -201,6 +266,19 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         "Messages sent to the dead-letter topic.",
         &[("stage", "settler")],
     );
+    let indexes_total = m.counter(
+        "meterflow_settler_period_indexes_total",
+        "Period indexes written (by the master).",
+        &[],
+    );
+    let rated_parts = partition_count(&cfg.kafka, &topics.rated)?;
+    // the rated partitions this member owns; the owner of partition 0 is the master
+    let mut owned: HashSet<i32> = HashSet::new();
+    let mut master: Option<Master> = None;
+    let mut master_checked = std::time::Instant::now();
+    // per rated partition: the closed-through last announced, and labels corrected since
+    let mut progress_sent: HashMap<i32, Millis> = HashMap::new();
+    let mut corrected: HashMap<i32, Vec<String>> = HashMap::new();
     // per rated partition: its open periods
     let mut parts: HashMap<i32, PartState> = HashMap::new();
     let mut open: HashMap<i32, BTreeMap<Key, Open>> = HashMap::new();
@@ -216,10 +294,13 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     for (_, p) in ps {
                         parts.remove(p);
                         open.remove(p);
+                        owned.remove(p);
+                        progress_sent.remove(p);
                     }
                 }
                 // the files are the state: what a partition's last owner left incomplete
-                meterflow_kafka::Assignment::Assigned(_) => {
+                meterflow_kafka::Assignment::Assigned(ps) => {
+                    owned.extend(ps.iter().map(|(_, p)| *p));
                     let all = tokio::task::block_in_place(|| files::all_manifests(&cfg.out_dir))?;
                     incomplete = incomplete_of(&all)?;
                 }
@@ -363,9 +444,58 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                 )
             })?;
             tracing::info!(period = %label, entity = %key.1, version = man.version, "correction written");
+            if let Some(p) = man.input_offsets.keys().next() {
+                corrected.entry(*p).or_default().push(label.clone());
+            }
             announce(&mut io, &topics.settlements, &cfg.out_dir, &man).await?;
             to_mark.push(announced_marker(&cfg.out_dir, &man));
             corrections_total.inc();
+        }
+        // progress for the master's period index: every period ending by `closed_through`
+        // is written for this partition's entities (sent before the offsets commit)
+        for (p, st) in parts.iter() {
+            let Some(through) = st.sources.min() else {
+                continue;
+            };
+            let closed_through = through.saturating_sub(grace);
+            let labels = corrected.remove(p).unwrap_or_default();
+            if progress_sent.get(p) == Some(&closed_through) && labels.is_empty() {
+                continue;
+            }
+            let rec = meterflow_types::SettlerProgress {
+                partition: *p,
+                partitions: rated_parts,
+                member: cfg.member.clone(),
+                closed_through,
+                corrected: labels,
+            };
+            io.send(
+                &topics.settler_state,
+                format!("progress|{p}").as_bytes(),
+                &meterflow_avro::encode(&rec),
+                None,
+            )
+            .await?;
+            progress_sent.insert(*p, closed_through);
+        }
+        // the master writes the index of every period all partitions have closed
+        if master_checked.elapsed() >= Duration::from_secs(1) {
+            master_checked = std::time::Instant::now();
+            if owned.contains(&0) {
+                if master.is_none() {
+                    tracing::info!(member = %cfg.member, "master: this member writes the period indexes");
+                }
+                let mm = match master.as_mut() {
+                    Some(x) => x,
+                    None => master.insert(Master::new(&cfg.kafka)?),
+                };
+                for idx in tokio::task::block_in_place(|| mm.step(&cfg.out_dir, rated_parts))? {
+                    tracing::info!(period = %idx.period, version = idx.version, entities = idx.entity_count, totals = ?idx.totals, status = %idx.status, "period index written");
+                    indexes_total.inc();
+                }
+            } else if master.take().is_some() {
+                tracing::info!(member = %cfg.member, "no longer master");
+            }
         }
         // commit: never past an event of a period not yet written
         let offsets: Vec<(String, i32, i64)> = parts
