@@ -1297,3 +1297,62 @@ fn two_settlers_settle_their_entities_and_the_master_indexes_each_period_once_th
     }
     p.stop();
 }
+
+#[test]
+fn past_the_deadline_a_period_is_settled_incomplete_then_completed_exactly() {
+    let run = two_days(26);
+    let mut p = Pipeline::start_stages(run.clone(), 7_200, "day", &["rater", "enricher"]);
+    // the simulated periods ended months ago by the wall clock: a one-second deadline
+    // passes for each as soon as its first revenue events arrive
+    let cfg = p.path().join("settler.toml");
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, format!("deadline = \"1s\"\n{text}")).expect("config");
+    p.settler.launch();
+    p.start_collector();
+    let want = run.totals(DAY).len();
+    p.drain(Duration::from_secs(300), |out| {
+        let Ok(all) = meterflow_settler::files::all_manifests(out) else {
+            return false;
+        };
+        let mut last: HashMap<(String, String), &meterflow_settler::files::Manifest> =
+            HashMap::new();
+        for m in &all {
+            let k = (m.period.clone(), m.entity_id.clone());
+            if last.get(&k).is_none_or(|x| x.version < m.version) {
+                last.insert(k, m);
+            }
+        }
+        last.len() == want && last.values().all(|m| m.status == "complete")
+    });
+    let s = Settled::read(&p.out);
+    // every line once across the versions, totals to the cent
+    s.assert_matches(&run, DAY);
+    let mut firsts = 0;
+    for m in s.manifests.iter().filter(|m| m.version == 1) {
+        assert_eq!(m.status, "incomplete", "{} {}", m.period, m.entity_id);
+        let why = m.reason.as_deref().unwrap_or_default();
+        assert!(
+            why.contains("deadline 1s passed") && why.contains("the period needs"),
+            "{why}"
+        );
+        assert!(
+            m.line_count < 3 * 24,
+            "v1 holds only what had arrived: {}",
+            m.line_count
+        );
+        firsts += 1;
+    }
+    assert_eq!(firsts, want);
+    // the rest is held for one completing version, linking the first
+    for m in s.manifests.iter().filter(|m| m.version > 1) {
+        assert_eq!(
+            m.version, 2,
+            "{} {}: one completing version",
+            m.period, m.entity_id
+        );
+        assert_eq!(m.status, "complete");
+        assert_eq!(m.previous.as_deref(), Some("manifest.json"));
+    }
+    assert_eq!(s.manifests.len(), 2 * want);
+    p.stop();
+}
