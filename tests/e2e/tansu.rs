@@ -1291,7 +1291,7 @@ fn two_settlers_settle_their_entities_and_the_master_indexes_each_period_once_th
         periods.len(),
         "each index written by one master, once"
     );
-    // both members settled entities of their own partitions
+    // both members took part in the group
     for s in std::iter::once(&p.settler).chain(p.replicas.iter()) {
         assert!(s.log().contains("assigned"), "{}: {}", s.name, s.tail(20));
     }

@@ -90,12 +90,7 @@ fn raters_watermark(cfg: &KafkaConfig) -> Result<Option<Millis>> {
         .into_iter()
         .filter(|(k, _)| !k.starts_with(b"todate|"))
         .filter_map(|(_, r)| meterflow_avro::decode::<RaterCheckpoint>(&r.payload?).ok())
-        .filter_map(|cp| {
-            let times = cp.source_times.to_vec();
-            (!times.is_empty() && times.iter().all(|t| *t != Millis::MIN))
-                .then(|| times.into_iter().min())
-                .flatten()
-        })
+        .filter_map(|cp| meterflow_types::watermark::SourceTimes::from_vec(&cp.source_times).min())
         .max())
 }
 

@@ -218,6 +218,35 @@ impl Active {
     }
 }
 
+impl Active {
+    /// Before switching to this set: start every partition again from its resume offset
+    /// (its state is rebuilt from the checkpoint just written). Returns how many
+    /// partitions had already closed a window past `switch_at` (priced by the old rules).
+    fn rewind(
+        &self,
+        io: &StageIo,
+        topic: &str,
+        parts: &HashMap<i32, PartState>,
+        switch_at: Option<Millis>,
+    ) -> Result<u64> {
+        let mut late = 0;
+        for (p, st) in parts {
+            let wm = st.sources.min();
+            let past = switch_at.is_some_and(|t| {
+                (0..self.sizes.len()).any(|r| closed(t + self.sizes[r], self.lateness[r], wm))
+            });
+            if past {
+                late += 1;
+                tracing::error!(partition = p, switch_at = ?switch_at, watermark = ?wm, "rule set applied after windows past its switch had closed: those windows stay priced by the previous rules (`meterflow rules diff` shows the difference)");
+            }
+            if let Some(resume) = st.resume_offset() {
+                io.rewind_to(topic, *p, resume)?;
+            }
+        }
+        Ok(late)
+    }
+}
+
 /// The rule set on the control topic, if `meterflow rules apply` published one.
 fn applied_ruleset(records: &[meterflow_kafka::TableRecord]) -> Option<meterflow_types::RuleSet> {
     let r = records
@@ -335,50 +364,30 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         // switch)
         if control_checked.elapsed() >= Duration::from_secs(2) {
             control_checked = std::time::Instant::now();
-            if let Some(rs) = applied_ruleset(&control.poll()?) {
-                if rs.id != active.ruleset && !refused.contains(&rs.id) {
-                    match load_applied(&cfg, &rs).await {
-                        Ok(engine) => {
-                            let next = Active::new(
-                                engine,
-                                &[
-                                    vec![active.ruleset.clone()],
-                                    rs.previous.clone().into_iter().collect(),
-                                ]
-                                .concat(),
-                            );
-                            if rs.previous.as_ref().is_some_and(|p| *p != active.ruleset) {
-                                tracing::warn!(ruleset = %rs.id, previous = ?rs.previous, running = %active.ruleset, "the applied rule set was merged from a set this rater was not running");
-                            }
-                            for (p, st) in &parts {
-                                let late = rs.switch_at.is_some_and(|t| {
-                                    (0..next.engine.rules.len()).any(|r| {
-                                        closed(
-                                            t + next.sizes[r],
-                                            next.lateness[r],
-                                            st.sources.min(),
-                                        )
-                                    })
-                                });
-                                if late {
-                                    late_switches_total.inc();
-                                    tracing::error!(partition = p, switch_at = ?rs.switch_at, watermark = ?st.sources.min(), "rule set applied after windows past its switch had closed: those windows stay priced by the previous rules (`meterflow rules diff` shows the difference)");
-                                }
-                                if let Some(resume) = st.resume_offset() {
-                                    io.rewind_to(&topics.usage, *p, resume)?;
-                                }
-                            }
-                            parts.clear();
-                            quarantined.clear();
-                            tracing::info!(from = %active.ruleset, to = %next.ruleset, switch_at = ?rs.switch_at, rules = next.engine.rules.len(), applied_by = %rs.applied_by, "rule set switched");
-                            switches_total.inc();
-                            active = next;
-                            continue;
+            let fresh = applied_ruleset(&control.poll()?)
+                .filter(|rs| rs.id != active.ruleset && !refused.contains(&rs.id));
+            if let Some(rs) = fresh {
+                match load_applied(&cfg, &rs).await {
+                    Ok(engine) => {
+                        let earlier: Vec<String> = std::iter::once(active.ruleset.clone())
+                            .chain(rs.previous.clone())
+                            .collect();
+                        let next = Active::new(engine, &earlier);
+                        if rs.previous.as_ref().is_some_and(|p| *p != active.ruleset) {
+                            tracing::warn!(ruleset = %rs.id, previous = ?rs.previous, running = %active.ruleset, "the applied rule set was merged from a set this rater was not running");
                         }
-                        Err(e) => {
-                            tracing::error!(ruleset = %rs.id, error = format!("{e:#}"), "applied rule set refused: the rater keeps its rules");
-                            refused.insert(rs.id.clone());
-                        }
+                        let late = next.rewind(&io, &topics.usage, &parts, rs.switch_at)?;
+                        late_switches_total.add(late);
+                        parts.clear();
+                        quarantined.clear();
+                        tracing::info!(from = %active.ruleset, to = %next.ruleset, switch_at = ?rs.switch_at, rules = next.engine.rules.len(), applied_by = %rs.applied_by, "rule set switched");
+                        switches_total.inc();
+                        active = next;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(ruleset = %rs.id, error = format!("{e:#}"), "applied rule set refused: the rater keeps its rules");
+                        refused.insert(rs.id.clone());
                     }
                 }
             }

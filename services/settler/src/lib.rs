@@ -370,10 +370,8 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             let waiting = incomplete.entry(*p).or_default();
             let periods = open.entry(*p).or_default();
             let mut due: Vec<(Key, Option<String>)> = Vec::new();
-            for key in periods.keys().chain(waiting.iter()) {
-                if due.iter().any(|(k, _)| k == key) {
-                    continue;
-                }
+            let held_only = waiting.iter().filter(|k| !periods.contains_key(*k));
+            for key in periods.keys().chain(held_only) {
                 let needs = period.bounds(key.0).1.saturating_add(grace);
                 if complete(key.0) {
                     due.push((key.clone(), None));
