@@ -11,6 +11,7 @@ use meterflow_tests::{meterflow, meterflow_ok, utf8};
 use meterflow_types::{DlqRecord, InstanceState, Ownership, RatedEvent, Sample, Settlement, Usage};
 use rdkafka::producer::FutureRecord;
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Two days of a nine-instance fleet of three entities at five-minute polls.
@@ -160,8 +161,10 @@ fn a_known_fleet_settles_to_the_cent_on_tansu() {
         .iter()
         .all(|r| r["ok"] == true && r["settled"] == r["rerated"]));
     // a settlement total that does not add up is found, with its entity
-    let man =
-        meterflow_settler::files::entity_dir(&p.out, &first, "entity-1").join("manifest.json");
+    let man = p
+        .out
+        .join(meterflow_settler::files::entity_dir(&first, "entity-1"))
+        .join("manifest.json");
     let text = std::fs::read_to_string(&man).expect("manifest");
     let m1 = s
         .manifests
@@ -184,8 +187,13 @@ fn a_known_fleet_settles_to_the_cent_on_tansu() {
     std::fs::write(&man, text).expect("restore");
     // and a changed file is caught
     let m = &s.manifests[0];
-    let csv =
-        meterflow_settler::files::entity_dir(&p.out, &m.period, &m.entity_id).join("lines.csv");
+    let csv = p
+        .out
+        .join(meterflow_settler::files::entity_dir(
+            &m.period,
+            &m.entity_id,
+        ))
+        .join("lines.csv");
     let mut text = std::fs::read_to_string(&csv).expect("csv");
     text.push('\n');
     std::fs::write(&csv, text).expect("write");
@@ -1232,7 +1240,7 @@ fn two_settlers_settle_their_entities_and_the_master_indexes_each_period_once_th
     let mut settled = all_periods_settled(&run);
     p.drain(Duration::from_secs(300), |out| {
         settled(out)
-            && meterflow_settler::index::period_dirs(out).is_ok_and(|d| {
+            && period_dirs(out).is_ok_and(|d| {
                 d.len() == periods.len() && d.iter().all(|d| d.join("index.json").exists())
             })
     });
@@ -1240,8 +1248,12 @@ fn two_settlers_settle_their_entities_and_the_master_indexes_each_period_once_th
     s.assert_matches(&run, DAY);
     // one index per period, written once, listing every entity with its manifest's hash
     let mut written = 0;
-    for dir in meterflow_settler::index::period_dirs(&p.out).expect("dirs") {
-        let idx = meterflow_settler::index::indexes(&dir).expect("indexes");
+    let store = meterflow_settler::store::Store::local(&p.out).expect("store");
+    for dir in period_dirs(&p.out).expect("dirs") {
+        let rel = dir.file_name().expect("name").to_string_lossy().to_string();
+        let idx =
+            meterflow_settler::store::blocking(meterflow_settler::index::indexes(&store, &rel))
+                .expect("indexes");
         assert_eq!(idx.len(), 1, "{}: one index version", dir.display());
         let idx = &idx[0];
         let manifests: Vec<_> = s
@@ -1355,4 +1367,87 @@ fn past_the_deadline_a_period_is_settled_incomplete_then_completed_exactly() {
     }
     assert_eq!(s.manifests.len(), 2 * want);
     p.stop();
+}
+
+#[test]
+fn settlement_files_on_s3_compatible_storage_survive_a_settler_kill_index_once_and_rebuild_byte_for_byte(
+) {
+    use meterflow_settler::store::{blocking, Store};
+    let run = two_days(31);
+    let mut p = Pipeline::start_stages(run.clone(), 7_200, "day", &["enricher", "rater"]);
+    let s3 = meterflow_tests::S3::start(&p.path(), "billing");
+    let url = s3.url("settlements/eu");
+    p.launch_settler_with(&format!("out_dir = \"{url}\"\n{}", s3.toml()));
+    p.start_collector();
+    let store = Store::open(&url, &s3.options().into_iter().collect()).expect("s3 store");
+    let manifests = || blocking(meterflow_settler::files::manifests(&store)).unwrap_or_default();
+    // a crash between the objects and the offset commit
+    p.wait_for(
+        Duration::from_secs(120),
+        "the first file sets on S3",
+        |_| !manifests().is_empty(),
+    );
+    p.settler.kill9();
+    p.settler.restart();
+    let want = run.totals(DAY).len();
+    let periods: std::collections::BTreeSet<_> = run.totals(DAY).keys().map(|k| k.0).collect();
+    p.drain(Duration::from_secs(300), |_| {
+        manifests().len() >= want
+            && blocking(meterflow_settler::index::period_dirs(&store)).is_ok_and(|d| {
+                d.len() == periods.len()
+                    && d.iter().all(|d| {
+                        blocking(store.exists(&format!("{d}/index.json"))).unwrap_or(false)
+                    })
+            })
+    });
+    // every object read back from S3: checksums, CSV = Parquet, totals, exact to the cent
+    let s = Settled::read_store(&store);
+    assert!(s.manifests.iter().all(|m| m.version == 1));
+    s.assert_matches(&run, DAY);
+    assert!(!p.out.exists(), "nothing written to the local directory");
+    // one index per period; creation is conditional on the server too
+    for d in blocking(meterflow_settler::index::period_dirs(&store)).expect("dirs") {
+        let idx = blocking(meterflow_settler::index::indexes(&store, &d)).expect("index");
+        assert_eq!(idx.len(), 1, "{d}");
+        assert_eq!(idx[0].entity_count, 3, "{d}");
+        assert!(
+            !blocking(store.create(&format!("{d}/index.json"), b"{}".to_vec())).expect("create"),
+            "{d}/index.json replaced"
+        );
+    }
+    // the rebuild reads the manifests from S3 and compares its bytes with the objects
+    let first = s.manifests[0].period.clone();
+    let rebuilt = p.path().join("rebuilt");
+    let out = meterflow_tests::meterflow_env(
+        &[
+            "settle",
+            "--period",
+            &first,
+            "--brokers",
+            &p.kafka.brokers,
+            "--from",
+            &url,
+            "--out",
+            utf8(&rebuilt),
+        ],
+        &s3.env(),
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("byte-identical"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p.stop();
+}
+
+/// The `period=` directories under a local settlement directory.
+fn period_dirs(out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let store = meterflow_settler::store::Store::local(out)?;
+    Ok(
+        meterflow_settler::store::blocking(meterflow_settler::index::period_dirs(&store))?
+            .into_iter()
+            .map(|d| out.join(d))
+            .collect(),
+    )
 }

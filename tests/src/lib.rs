@@ -7,6 +7,7 @@ pub mod expect;
 pub mod pipeline;
 pub mod settled;
 
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -19,9 +20,18 @@ pub fn utf8(p: &Path) -> &str {
 
 /// Run the `meterflow` command line (warnings only in its log) and return its output.
 pub fn meterflow<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    meterflow_env(args, &[])
+}
+
+/// `meterflow` with extra environment variables.
+pub fn meterflow_env<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    envs: &[(String, String)],
+) -> std::process::Output {
     Command::new(bin("meterflow"))
         .args(args)
         .env("METERFLOW_LOG", "warn")
+        .envs(envs.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("runs meterflow")
 }
@@ -325,6 +335,95 @@ impl Tansu {
     pub fn restart(&mut self) {
         self.proc.restart();
         self.await_listening();
+    }
+}
+
+/// An S3-compatible object store (moto's server, installed by `scripts/setup.sh --tests`
+/// into `~/.cache/meterflow/moto`, or `$METERFLOW_MOTO`) on a port of its own, with one
+/// bucket. Panics (never skips) when it is missing.
+pub struct S3 {
+    pub proc: Proc,
+    pub port: u16,
+    pub bucket: String,
+}
+
+impl S3 {
+    pub fn start(dir: &Path, bucket: &str) -> S3 {
+        let bin = [
+            std::env::var_os("METERFLOW_MOTO").map(PathBuf::from),
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/meterflow/moto/bin/moto_server")),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("moto's S3 server is not installed: run `bash scripts/setup.sh --tests`")
+        });
+        let port = free_port();
+        let proc = Proc::start(
+            "moto",
+            &bin,
+            &["-H", "127.0.0.1", "-p", &port.to_string()],
+            &[],
+            dir,
+        );
+        assert!(
+            wait_for_port(port, Duration::from_secs(30)),
+            "moto did not listen on {port}: {}",
+            proc.tail(20)
+        );
+        // CreateBucket: the server takes an unsigned request
+        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect to moto");
+        write!(
+            c,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("create bucket");
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).expect("reply");
+        assert!(reply.starts_with("HTTP/1.1 200"), "CreateBucket: {reply}");
+        S3 {
+            proc,
+            port,
+            bucket: bucket.to_string(),
+        }
+    }
+
+    /// `s3://<bucket>/<prefix>`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.bucket)
+    }
+
+    /// The object-store options that reach this server.
+    pub fn options(&self) -> Vec<(String, String)> {
+        [
+            ("aws_endpoint", format!("http://127.0.0.1:{}", self.port)),
+            ("aws_allow_http", "true".into()),
+            ("aws_region", "us-east-1".into()),
+            ("aws_access_key_id", "meterflow".into()),
+            ("aws_secret_access_key", "meterflow".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The same as a `[storage_options]` table for a settler's configuration.
+    pub fn toml(&self) -> String {
+        let mut t = String::from("[storage_options]\n");
+        for (k, v) in self.options() {
+            t.push_str(&format!("{k} = \"{v}\"\n"));
+        }
+        t
+    }
+
+    /// The same as environment variables (`AWS_ENDPOINT`, ...) for `meterflow` commands.
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.options()
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_uppercase(), v))
+            .collect()
     }
 }
 

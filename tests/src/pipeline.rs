@@ -193,6 +193,22 @@ impl Pipeline {
         }
     }
 
+    /// Launch the settler (not started with the other stages) with `extra` in its
+    /// configuration instead of the local `out_dir`: top-level keys first, then tables.
+    pub fn launch_settler_with(&mut self, extra: &str) {
+        let cfg = self.path().join("settler.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "member = \"settler-1\"\nperiod = \"{}\"\n{extra}\n{}",
+                self.period,
+                kafka_toml(&self.kafka.brokers)
+            ),
+        )
+        .expect("settler config");
+        self.settler.launch();
+    }
+
     pub fn path(&self) -> PathBuf {
         self.dir
             .as_ref()

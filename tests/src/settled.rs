@@ -4,7 +4,8 @@
 
 use datafusion::arrow::array::{Array, Decimal128Array, StringArray};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use meterflow_settler::files::{all_manifests, entity_dir, Manifest};
+use meterflow_settler::files::{entity_dir, manifests, Manifest};
+use meterflow_settler::store::{blocking, Store};
 use meterflow_types::{Dec, Millis};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
@@ -36,13 +37,22 @@ impl Settled {
     /// Reads every manifest under `out` and checks the files against it; panics on any
     /// disagreement.
     pub fn read(out: &Path) -> Settled {
-        let manifests = all_manifests(out).expect("reading manifests");
+        Settled::read_store(&Store::local(out).expect("settlement directory"))
+    }
+
+    /// The same, from any settlement store (a directory or an object store).
+    pub fn read_store(out: &Store) -> Settled {
+        let manifests = blocking(manifests(out)).expect("reading manifests");
+        let get = |dir: &str, name: &str| -> Vec<u8> {
+            blocking(out.get(&format!("{dir}/{name}")))
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"))
+                .unwrap_or_else(|| panic!("{dir}/{name} listed in the manifest is missing"))
+        };
         let mut lines = Vec::new();
         for m in &manifests {
-            let dir = entity_dir(out, &m.period, &m.entity_id);
+            let dir = entity_dir(&m.period, &m.entity_id);
             for (name, sha) in &m.files {
-                let bytes = std::fs::read(dir.join(name))
-                    .unwrap_or_else(|e| panic!("{name} listed in the manifest: {e}"));
+                let bytes = get(&dir, name);
                 assert_eq!(
                     &hex::encode(Sha256::digest(&bytes)),
                     sha,
@@ -59,7 +69,7 @@ impl Settled {
                 .keys()
                 .find(|k| k.ends_with(".parquet"))
                 .expect("a Parquet file");
-            let text = std::fs::read_to_string(dir.join(csv)).expect("csv");
+            let text = String::from_utf8(get(&dir, csv)).expect("csv");
             let mut total: BTreeMap<String, Dec> = BTreeMap::new();
             let mut mine = Vec::new();
             for l in text.lines().skip(1) {
@@ -99,7 +109,7 @@ impl Settled {
                 m.totals, want,
                 "manifest totals = sums of rounded lines ({csv})"
             );
-            check_parquet(&dir.join(pq), &mine);
+            check_parquet(get(&dir, pq), &mine);
             lines.extend(mine);
         }
         Settled { manifests, lines }
@@ -163,9 +173,8 @@ impl Settled {
     }
 }
 
-fn check_parquet(path: &Path, csv: &[Line]) {
-    let f = std::fs::File::open(path).expect("parquet file");
-    let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+fn check_parquet(bytes: Vec<u8>, csv: &[Line]) {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
         .expect("a Parquet file")
         .build()
         .expect("reader");
@@ -190,5 +199,5 @@ fn check_parquet(path: &Path, csv: &[Line]) {
         }
     }
     let want: Vec<(String, i128)> = csv.iter().map(|l| (l.id.clone(), l.amount.raw())).collect();
-    assert_eq!(rows, want, "{} holds the CSV's lines", path.display());
+    assert_eq!(rows, want, "the Parquet file holds the CSV's lines");
 }

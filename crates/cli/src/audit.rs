@@ -21,9 +21,9 @@ pub struct AuditArgs {
     /// Reconcile this settlement period (its `period=<label>`): usage → rated → settled.
     #[arg(long)]
     pub period: Option<String>,
-    /// The settlement directory (for --period).
+    /// The settlement location (for --period): a directory or s3://bucket/prefix.
     #[arg(long, default_value = "out/settlements")]
-    pub from: std::path::PathBuf,
+    pub from: String,
     /// The rules the rater runs (for --period). Default: the rule set applied on the
     /// control topic, else `rules/`.
     #[arg(long)]
@@ -237,14 +237,17 @@ pub struct PeriodRow {
 }
 
 async fn period_audit(a: &AuditArgs, cfg: &KafkaConfig, period: &str) -> Result<bool> {
-    use meterflow_settler::files::{all_manifests, rounded};
+    use meterflow_settler::files::{manifests, rounded};
+    use meterflow_settler::store::Store;
     use meterflow_types::{Dec, RatedEvent};
-    let manifests: Vec<_> = all_manifests(&a.from)?
+    let store = Store::open(&a.from, &BTreeMap::new())?;
+    let manifests: Vec<_> = manifests(&store)
+        .await?
         .into_iter()
         .filter(|m| m.period == period)
         .collect();
     let Some(first) = manifests.first() else {
-        anyhow::bail!("no settlement of period {period} in {}", a.from.display());
+        anyhow::bail!("no settlement of period {period} in {store}");
     };
     let bounds = (
         meterflow_types::time::parse_rfc3339(&first.period_start).map_err(anyhow::Error::msg)?,

@@ -8,10 +8,10 @@
 use anyhow::{bail, Context, Result};
 use meterflow_avro::RatedMsg;
 use meterflow_kafka::KafkaConfig;
-use meterflow_settler::files::{all_manifests, entity_dir, write_version, Manifest};
+use meterflow_settler::files::{entity_dir, manifests, write_version, Manifest};
+use meterflow_settler::store::{blocking, Store};
 use meterflow_types::RatedEvent;
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -22,18 +22,21 @@ pub struct SettleArgs {
     /// Only this billing entity.
     #[arg(long)]
     pub entity: Option<String>,
-    /// The settlement directory whose manifests say which events each version holds.
+    /// The settlement location (directory or s3://bucket/prefix) whose manifests say
+    /// which events each version holds.
     #[arg(long)]
-    pub from: PathBuf,
-    /// Where the rebuilt files go (a fresh directory).
+    pub from: String,
+    /// Where the rebuilt files go (a fresh directory or location).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: String,
     #[arg(long, default_value = "127.0.0.1:9092")]
     pub brokers: String,
 }
 
 pub fn run(a: SettleArgs) -> Result<()> {
-    let manifests: Vec<Manifest> = all_manifests(&a.from)?
+    let none = BTreeMap::new();
+    let (from, out) = (Store::open(&a.from, &none)?, Store::open(&a.out, &none)?);
+    let manifests: Vec<Manifest> = blocking(manifests(&from))?
         .into_iter()
         .filter(|m| m.period == a.period)
         .filter(|m| a.entity.as_ref().is_none_or(|e| &m.entity_id == e))
@@ -42,7 +45,7 @@ pub fn run(a: SettleArgs) -> Result<()> {
         bail!(
             "no settlement of period {} in {}{}",
             a.period,
-            a.from.display(),
+            from,
             a.entity
                 .as_ref()
                 .map(|e| format!(" for entity {e}"))
@@ -106,25 +109,22 @@ pub fn run(a: SettleArgs) -> Result<()> {
                 meterflow_types::time::parse_rfc3339(&m.period_end).map_err(anyhow::Error::msg)?,
             );
             let opts = meterflow_settler::files::VersionOpts::of(m)?;
-            let rebuilt = write_version(&a.out, &m.period, bounds, entity, events, &opts)
-                .with_context(|| format!("rebuilding {entity} v{}", m.version))?;
-            let (orig_dir, new_dir) = (
-                entity_dir(&a.from, &m.period, entity),
-                entity_dir(&a.out, &m.period, entity),
-            );
+            let rebuilt = blocking(write_version(
+                &out, &m.period, bounds, entity, events, &opts,
+            ))
+            .with_context(|| format!("rebuilding {entity} v{}", m.version))?;
+            let dir = entity_dir(&m.period, entity);
             let manifest = meterflow_settler::files::version_name(m.version, "manifest.json");
             for f in rebuilt.files.keys().chain(std::iter::once(&manifest)) {
                 files += 1;
-                let (x, y) = (
-                    std::fs::read(orig_dir.join(f)),
-                    std::fs::read(new_dir.join(f)),
-                );
+                let path = format!("{dir}/{f}");
+                let (x, y) = (blocking(from.get(&path))?, blocking(out.get(&path))?);
                 match (x, y) {
-                    (Ok(x), Ok(y)) if x == y => {}
-                    (Ok(_), Ok(_)) => differences.push(format!("{entity}: {f} differs")),
+                    (Some(x), Some(y)) if x == y => {}
+                    (Some(_), Some(_)) => differences.push(format!("{entity}: {f} differs")),
                     (x, _) => differences.push(format!(
                         "{entity}: {f} missing ({})",
-                        if x.is_err() { "original" } else { "rebuilt" }
+                        if x.is_none() { "original" } else { "rebuilt" }
                     )),
                 }
             }
@@ -136,7 +136,7 @@ pub fn run(a: SettleArgs) -> Result<()> {
             a.period,
             files,
             manifests.len(),
-            a.out.display()
+            out
         );
         Ok(())
     } else {

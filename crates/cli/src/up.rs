@@ -178,7 +178,7 @@ pub async fn run(a: UpArgs) -> Result<()> {
     let se = meterflow_settler::SettlerConfig {
         kafka: kafka.clone(),
         member: "up".into(),
-        out_dir: a.out.clone(),
+        out_dir: a.out.display().to_string(),
         period: a.period.clone(),
         ..Default::default()
     };
@@ -243,7 +243,7 @@ pub async fn run(a: UpArgs) -> Result<()> {
             eprintln!("a service failed: {e:#}");
         }
     }
-    summary(&a.out)
+    summary(&meterflow_settler::store::Store::local(&a.out)?).await
 }
 
 /// Accept connections on `listen` and pipe each to the first of `brokers`.
@@ -270,8 +270,8 @@ async fn named(name: &'static str, f: impl std::future::Future<Output = Result<(
 }
 
 /// Per entity: periods settled, lines, quantities per unit and revenue, from the files.
-pub fn summary(out: &std::path::Path) -> Result<()> {
-    let manifests = meterflow_settler::files::all_manifests(out)?;
+pub async fn summary(out: &meterflow_settler::store::Store) -> Result<()> {
+    let manifests = meterflow_settler::files::manifests(out).await?;
     #[derive(Default)]
     struct Row {
         periods: std::collections::BTreeSet<String>,
@@ -281,7 +281,7 @@ pub fn summary(out: &std::path::Path) -> Result<()> {
     }
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for man in &manifests {
-        let dir = meterflow_settler::files::entity_dir(out, &man.period, &man.entity_id);
+        let dir = meterflow_settler::files::entity_dir(&man.period, &man.entity_id);
         let r = rows.entry(man.entity_id.clone()).or_default();
         r.periods.insert(man.period.clone());
         r.lines += man.line_count;
@@ -294,7 +294,8 @@ pub fn summary(out: &std::path::Path) -> Result<()> {
             .find(|k| k.ends_with(".csv"))
             .cloned()
             .unwrap_or_default();
-        let text = std::fs::read_to_string(dir.join(csv_name)).unwrap_or_default();
+        let bytes = out.get(&format!("{dir}/{csv_name}")).await?;
+        let text = String::from_utf8_lossy(bytes.as_deref().unwrap_or_default());
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split(',').collect();
             if f.len() >= 9 {
@@ -305,7 +306,7 @@ pub fn summary(out: &std::path::Path) -> Result<()> {
     }
     println!(
         "\nSettlement files in {} ({} manifests)\n",
-        out.display(),
+        out,
         manifests.len()
     );
     println!(

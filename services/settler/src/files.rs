@@ -1,8 +1,10 @@
 //! Settlement files for one entity and billing period: `lines.csv`, `lines.parquet`
-//! and `manifest.json`, written atomically (temp file, fsync, rename) and byte-identical
+//! and `manifest.json`, each written whole through the settlement store (see `store`),
+//! the manifest last, and byte-identical
 //! when regenerated from the same events. Rounding happens here, once per line, to the
 //! currency's minor unit (half to even); totals are sums of rounded lines.
 
+use crate::store::Store;
 use anyhow::{Context, Result};
 use datafusion::arrow::array::{
     ArrayRef, BooleanArray, Decimal128Array, Int32Array, Int64Array, RecordBatch, StringArray,
@@ -16,8 +18,7 @@ use meterflow_types::{Dec, Millis, RatedEvent};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 pub const SCHEMA_VERSION: u32 = 1;
@@ -81,8 +82,8 @@ impl VersionOpts {
     }
 }
 
-/// The directory of one entity's files for one period.
-pub fn entity_dir(root: &Path, period_label: &str, entity: &str) -> PathBuf {
+/// The directory of one entity's files for one period, relative to the settlement root.
+pub fn entity_dir(period_label: &str, entity: &str) -> String {
     let safe: String = entity
         .chars()
         .map(|c| {
@@ -93,26 +94,29 @@ pub fn entity_dir(root: &Path, period_label: &str, entity: &str) -> PathBuf {
             }
         })
         .collect();
-    root.join(format!("period={period_label}"))
-        .join(format!("entity={safe}"))
+    format!("period={period_label}/entity={safe}")
 }
 
 /// Versions already written for an entity and period (1, 2, ...), with their manifests.
-pub fn existing(dir: &Path) -> Result<Vec<Manifest>> {
-    read_versions(dir, "manifest.json")
+pub async fn existing(store: &Store, dir: &str) -> Result<Vec<Manifest>> {
+    read_versions(store, dir, "manifest.json").await
 }
 
 /// The JSON documents `base`, `v2.base`, ... in `dir`, up to the first missing version.
-pub fn read_versions<T: serde::de::DeserializeOwned>(dir: &Path, base: &str) -> Result<Vec<T>> {
+pub async fn read_versions<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    dir: &str,
+    base: &str,
+) -> Result<Vec<T>> {
     let mut out = Vec::new();
     for v in 1.. {
-        let f = dir.join(version_name(v, base));
-        if !f.exists() {
+        let f = format!("{dir}/{}", version_name(v, base));
+        let Some(bytes) = store.get(&f).await? else {
             break;
-        }
+        };
         out.push(
-            serde_json::from_slice(&std::fs::read(&f)?)
-                .with_context(|| format!("reading {}", f.display()))?,
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", store.describe(&f)))?,
         );
     }
     Ok(out)
@@ -125,21 +129,6 @@ pub fn version_name(v: u32, base: &str) -> String {
     } else {
         format!("v{v}.{base}")
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(d) = path.parent() {
-        std::fs::File::open(d)?.sync_all()?;
-    }
-    Ok(())
 }
 
 fn sha(b: &[u8]) -> String {
@@ -300,8 +289,8 @@ fn parquet(events: &[(i32, i64, RatedEvent)]) -> Result<Vec<u8>> {
 
 /// Write a new version of an entity's settlement for a period. Events are sorted into
 /// a canonical order first, so the same events always give the same bytes.
-pub fn write_version(
-    root: &Path,
+pub async fn write_version(
+    store: &Store,
     period_label: &str,
     bounds: (Millis, Millis),
     entity: &str,
@@ -309,9 +298,8 @@ pub fn write_version(
     opts: &VersionOpts,
 ) -> Result<Manifest> {
     let focus = opts.focus;
-    let dir = entity_dir(root, period_label, entity);
-    std::fs::create_dir_all(&dir)?;
-    let prev = existing(&dir)?;
+    let dir = entity_dir(period_label, entity);
+    let prev = existing(store, &dir).await?;
     let version = prev.len() as u32 + 1;
     events.sort_by(|a, b| {
         (a.2.window_start, &a.2.rule_id, &a.2.resource_id, &a.2.id).cmp(&(
@@ -378,41 +366,41 @@ pub fn write_version(
         input_offsets: offsets,
         ids: events.iter().map(|(_, _, e)| e.id.clone()).collect(),
     };
-    write_atomic(&dir.join(&csv_name), &csv_bytes)?;
-    write_atomic(&dir.join(&pq_name), &pq)?;
-    if let Some((name, bytes)) = &focus_file {
-        write_atomic(&dir.join(name), bytes)?;
+    store.put(&format!("{dir}/{csv_name}"), csv_bytes).await?;
+    store.put(&format!("{dir}/{pq_name}"), pq).await?;
+    if let Some((name, bytes)) = focus_file {
+        store.put(&format!("{dir}/{name}"), bytes).await?;
     }
     // the manifest last: its presence means the version is complete
-    write_atomic(
-        &dir.join(version_name(version, "manifest.json")),
-        &serde_json::to_vec_pretty(&manifest)?,
-    )?;
+    store
+        .put(
+            &format!("{dir}/{}", version_name(version, "manifest.json")),
+            serde_json::to_vec_pretty(&manifest)?,
+        )
+        .await?;
     Ok(manifest)
 }
 
 /// Every manifest under a settlement root (all periods, entities, versions).
-pub fn all_manifests(root: &Path) -> Result<Vec<Manifest>> {
+pub async fn manifests(store: &Store) -> Result<Vec<Manifest>> {
     let mut out = Vec::new();
-    if !root.exists() {
-        return Ok(out);
-    }
-    let mut periods: Vec<PathBuf> = std::fs::read_dir(root)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    periods.sort();
-    for p in periods {
-        let mut ents: Vec<PathBuf> = std::fs::read_dir(&p)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        ents.sort();
-        for e in ents {
-            out.extend(existing(&e)?);
+    for p in store.dirs("").await? {
+        if !p.starts_with("period=") {
+            continue;
+        }
+        for e in store.dirs(&p).await? {
+            out.extend(existing(store, &format!("{p}/{e}")).await?);
         }
     }
     Ok(out)
+}
+
+/// Every manifest under a local settlement directory, from synchronous code.
+pub fn all_manifests(root: &Path) -> Result<Vec<Manifest>> {
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    crate::store::blocking(manifests(&Store::local(root)?))
 }
 
 #[cfg(test)]
@@ -443,9 +431,10 @@ mod tests {
         )
     }
 
-    #[test]
-    fn focus_export_is_listed_checksummed_and_sums_to_the_manifest() {
+    #[tokio::test]
+    async fn focus_export_is_listed_checksummed_and_sums_to_the_manifest() {
         let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::local(dir.path()).expect("store");
         let events = vec![
             ev("a", 0, "0.072", false),
             ev("b", 3_600_000, "0.0725", false),
@@ -457,13 +446,14 @@ mod tests {
             incomplete: Some("deadline passed".into()),
         };
         let m = write_version(
-            dir.path(),
+            &store,
             "p",
             (0, 86_400_000),
             "acme, inc",
             events.clone(),
             &opts,
         )
+        .await
         .expect("written");
         assert_eq!(
             (m.status.as_str(), m.reason.as_deref()),
@@ -474,7 +464,7 @@ mod tests {
             (back.focus, back.generated_at, back.incomplete),
             (true, opts.generated_at, opts.incomplete.clone())
         );
-        let d = entity_dir(dir.path(), "p", "acme, inc");
+        let d = dir.path().join(entity_dir("p", "acme, inc"));
         let focus = std::fs::read(d.join("focus.csv")).expect("focus.csv");
         assert_eq!(m.files.get("focus.csv"), Some(&sha(&focus)));
         let text = String::from_utf8(focus).expect("utf8");
@@ -502,19 +492,16 @@ mod tests {
         );
         assert!(rows[0].contains("\"acme, inc\""), "{}", rows[0]);
         // the same events give the same bytes
-        let again = tempfile::tempdir().expect("tmp");
-        write_version(
-            again.path(),
-            "p",
-            (0, 86_400_000),
-            "acme, inc",
-            events,
-            &opts,
-        )
-        .expect("again");
+        let again = Store::open("memory://", &BTreeMap::new()).expect("memory");
+        write_version(&again, "p", (0, 86_400_000), "acme, inc", events, &opts)
+            .await
+            .expect("again");
         assert_eq!(
-            std::fs::read(entity_dir(again.path(), "p", "acme, inc").join("focus.csv")).expect("f"),
-            text.into_bytes()
+            again
+                .get(&format!("{}/focus.csv", entity_dir("p", "acme, inc")))
+                .await
+                .expect("get"),
+            Some(text.into_bytes())
         );
     }
 }

@@ -5,20 +5,20 @@
 //! The master (the settler member that owns rated partition 0, elected by the group
 //! protocol) writes it once every rated partition has closed the period. It is built from
 //! the manifests alone (no clock, no member state), so any master builds the same bytes,
-//! and it is created, never replaced (a hard link from a temporary file fails if the
-//! index exists): a master lost mid-close and its successor write it once between them.
+//! and it is created, never replaced (`Store::create`: a hard link locally, a conditional
+//! put on S3): a master lost mid-close and its successor write it once between them.
 //! A correction version after the index gets a new index version (`v2.index.json`,
 //! linking the previous one).
 
 use crate::files::{existing, version_name, Manifest};
+use crate::store::Store;
 use anyhow::{Context, Result};
 use meterflow_types::decimal::minor_units;
 use meterflow_types::Dec;
+use meterflow_types::Millis;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
 
 pub const INDEX_SCHEMA_VERSION: u32 = 1;
 
@@ -62,38 +62,28 @@ pub struct IndexedVersion {
     pub files: BTreeMap<String, String>,
 }
 
-/// The period directories under a settlement root.
-pub fn period_dirs(root: &Path) -> Result<Vec<PathBuf>> {
-    if !root.exists() {
-        return Ok(Vec::new());
-    }
-    let mut v: Vec<PathBuf> = std::fs::read_dir(root)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("period="))
-        })
-        .collect();
-    v.sort();
-    Ok(v)
+/// The period directories under a settlement root (`period=<label>`).
+pub async fn period_dirs(store: &Store) -> Result<Vec<String>> {
+    Ok(store
+        .dirs("")
+        .await?
+        .into_iter()
+        .filter(|d| d.starts_with("period="))
+        .collect())
 }
 
 /// Index versions already written for a period, in order.
-pub fn indexes(period_dir: &Path) -> Result<Vec<PeriodIndex>> {
-    crate::files::read_versions(period_dir, "index.json")
+pub async fn indexes(store: &Store, period_dir: &str) -> Result<Vec<PeriodIndex>> {
+    crate::files::read_versions(store, period_dir, "index.json").await
 }
 
 /// The end of a period directory's period (from any of its manifests), if it has one.
-pub fn period_end(period_dir: &Path) -> Result<Option<meterflow_types::Millis>> {
-    for e in std::fs::read_dir(period_dir)? {
-        let e = e?.path();
-        if e.is_dir() {
-            if let Some(m) = existing(&e)?.first() {
-                return meterflow_types::time::parse_rfc3339(&m.period_end)
-                    .map(Some)
-                    .map_err(anyhow::Error::msg);
-            }
+pub async fn period_end(store: &Store, period_dir: &str) -> Result<Option<Millis>> {
+    for e in store.dirs(period_dir).await? {
+        if let Some(m) = existing(store, &format!("{period_dir}/{e}")).await?.first() {
+            return meterflow_types::time::parse_rfc3339(&m.period_end)
+                .map(Some)
+                .map_err(anyhow::Error::msg);
         }
     }
     Ok(None)
@@ -118,18 +108,15 @@ fn fixed(t: &BTreeMap<String, Dec>) -> BTreeMap<String, String> {
 
 /// Build the index of a period directory from its manifests (version and previous left
 /// for the writer).
-pub fn build(period_dir: &Path) -> Result<Option<PeriodIndex>> {
-    let mut ents: Vec<PathBuf> = std::fs::read_dir(period_dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    ents.sort();
+pub async fn build(store: &Store, period_dir: &str) -> Result<Option<PeriodIndex>> {
+    let ents = store.dirs(period_dir).await?;
     let mut entities = Vec::new();
     let mut totals: BTreeMap<String, Dec> = BTreeMap::new();
     let mut line_count = 0;
     let mut head: Option<Manifest> = None;
-    for dir in ents {
-        let versions = existing(&dir)?;
+    for ent in ents {
+        let dir = format!("{period_dir}/{ent}");
+        let versions = existing(store, &dir).await?;
         let Some(last) = versions.last() else {
             continue;
         };
@@ -139,7 +126,10 @@ pub fn build(period_dir: &Path) -> Result<Option<PeriodIndex>> {
             add(&mut et, &m.totals)?;
             line_count += m.line_count;
             let name = version_name(m.version, "manifest.json");
-            let bytes = std::fs::read(dir.join(&name))?;
+            let bytes = store
+                .get(&format!("{dir}/{name}"))
+                .await?
+                .with_context(|| format!("{dir}/{name} vanished"))?;
             indexed.push(IndexedVersion {
                 version: m.version,
                 manifest: name,
@@ -156,10 +146,7 @@ pub fn build(period_dir: &Path) -> Result<Option<PeriodIndex>> {
         }
         entities.push(IndexedEntity {
             entity_id: last.entity_id.clone(),
-            directory: dir
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_default(),
+            directory: ent,
             status: last.status.clone(),
             totals: fixed(&et),
             versions: indexed,
@@ -189,37 +176,14 @@ pub fn build(period_dir: &Path) -> Result<Option<PeriodIndex>> {
     }))
 }
 
-/// Create `path` with `bytes` unless it exists: false if it did (another writer was first).
-fn create_new(path: &Path, bytes: &[u8]) -> Result<bool> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    let linked = std::fs::hard_link(&tmp, path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {
-            if let Some(d) = path.parent() {
-                std::fs::File::open(d)?.sync_all()?;
-            }
-            Ok(true)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
-    }
-}
-
 /// Write the next index version of a period if its manifests changed since the last one
 /// (or it has none). Returns the index written, None when there was nothing to write or
 /// another master wrote the same version first.
-pub fn write(period_dir: &Path) -> Result<Option<PeriodIndex>> {
-    let Some(mut index) = build(period_dir)? else {
+pub async fn write(store: &Store, period_dir: &str) -> Result<Option<PeriodIndex>> {
+    let Some(mut index) = build(store, period_dir).await? else {
         return Ok(None);
     };
-    let before = indexes(period_dir)?;
+    let before = indexes(store, period_dir).await?;
     if let Some(last) = before.last() {
         let mut same = index.clone();
         same.version = last.version;
@@ -230,8 +194,11 @@ pub fn write(period_dir: &Path) -> Result<Option<PeriodIndex>> {
     }
     index.version = before.len() as u32 + 1;
     index.previous = (index.version > 1).then(|| version_name(index.version - 1, "index.json"));
-    let path = period_dir.join(version_name(index.version, "index.json"));
-    Ok(create_new(&path, &serde_json::to_vec_pretty(&index)?)?.then_some(index))
+    let path = format!("{period_dir}/{}", version_name(index.version, "index.json"));
+    Ok(store
+        .create(&path, serde_json::to_vec_pretty(&index)?)
+        .await?
+        .then_some(index))
 }
 
 #[cfg(test)]
@@ -264,54 +231,47 @@ mod tests {
         )
     }
 
-    #[test]
-    fn an_index_lists_every_entity_once_and_is_written_once_per_change() {
+    #[tokio::test]
+    async fn an_index_lists_every_entity_once_and_is_written_once_per_change() {
         let root = tempfile::tempdir().expect("tmp");
+        let store = Store::local(root.path()).expect("store");
         let opts = VersionOpts::default();
         let bounds = (0, 86_400_000);
-        write_version(
-            root.path(),
-            "d",
-            bounds,
-            "a",
-            vec![ev("1", "a", "1.005")],
-            &opts,
-        )
-        .expect("a");
-        write_version(
-            root.path(),
-            "d",
-            bounds,
-            "b",
-            vec![ev("2", "b", "2.004")],
-            &opts,
-        )
-        .expect("b");
-        let dir = root.path().join("period=d");
-        assert_eq!(period_end(&dir).expect("end"), Some(86_400_000));
-        let first = write(&dir).expect("index").expect("written");
+        write_version(&store, "d", bounds, "a", vec![ev("1", "a", "1.005")], &opts)
+            .await
+            .expect("a");
+        write_version(&store, "d", bounds, "b", vec![ev("2", "b", "2.004")], &opts)
+            .await
+            .expect("b");
+        let dir = "period=d";
+        assert_eq!(
+            period_end(&store, dir).await.expect("end"),
+            Some(86_400_000)
+        );
+        let first = write(&store, dir).await.expect("index").expect("written");
         assert_eq!(first.version, 1);
         assert_eq!(first.entity_count, 2);
         // lines rounded once (1.00 + 2.00), totals summed from the rounded lines
         assert_eq!(first.totals["EUR"], "3.00");
         assert_eq!(first.status, "complete");
         // unchanged manifests: nothing new; a second master finds it written
-        assert!(write(&dir).expect("again").is_none());
+        assert!(write(&store, dir).await.expect("again").is_none());
         // a correction: the next index version, linking the first
         let incomplete = VersionOpts {
             incomplete: Some("deadline".into()),
             ..VersionOpts::default()
         };
         write_version(
-            root.path(),
+            &store,
             "d",
             bounds,
             "a",
             vec![ev("3", "a", "0.50")],
             &incomplete,
         )
+        .await
         .expect("v2");
-        let second = write(&dir).expect("index").expect("written");
+        let second = write(&store, dir).await.expect("index").expect("written");
         assert_eq!(
             (second.version, second.previous.as_deref()),
             (2, Some("index.json"))
@@ -319,10 +279,13 @@ mod tests {
         assert_eq!(second.totals["EUR"], "3.50");
         assert_eq!(second.status, "incomplete");
         assert_eq!(second.entities[0].versions.len(), 2);
-        assert_eq!(indexes(&dir).expect("read").len(), 2);
+        assert_eq!(indexes(&store, dir).await.expect("read").len(), 2);
         // creation never replaces
-        let path = dir.join("index.json");
-        assert!(!create_new(&path, b"other").expect("create"));
+        assert!(!store
+            .create("period=d/index.json", b"other".to_vec())
+            .await
+            .expect("create"));
+        let path = root.path().join("period=d/index.json");
         assert_eq!(
             serde_json::from_slice::<PeriodIndex>(&std::fs::read(&path).expect("read"))
                 .expect("json"),

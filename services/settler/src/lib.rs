@@ -6,6 +6,7 @@
 
 pub mod files;
 pub mod index;
+pub mod store;
 
 use anyhow::Result;
 use meterflow_avro::RatedMsg;
@@ -17,8 +18,8 @@ use meterflow_types::Settlement;
 use meterflow_types::{Millis, RatedEvent};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 use std::time::Duration;
+use store::Store;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -30,7 +31,13 @@ pub struct SettlerConfig {
     /// group membership (`group.instance.id`, so a restart takes its partitions back
     /// without a rebalance) and its transactional id. Unique among running replicas.
     pub member: String,
-    pub out_dir: PathBuf,
+    /// Where settlement files go: a directory, `file:///path`, or `s3://bucket/prefix`
+    /// (S3-compatible object storage, configured from the `AWS_*` environment and
+    /// `storage_options`).
+    pub out_dir: String,
+    /// Object-store options for `out_dir` (S3: `aws_endpoint`, `aws_region`,
+    /// `aws_allow_http`, `aws_access_key_id`, `aws_secret_access_key`, ...).
+    pub storage_options: BTreeMap<String, String>,
     /// `month`, `week` or `day` (calendar, UTC unless a time zone is named:
     /// `month@Europe/Berlin`), or a fixed duration such as `6h`. The rater's
     /// `billing_period` must match.
@@ -57,7 +64,8 @@ impl Default for SettlerConfig {
             http: HttpConfig::default(),
             group: "meterflow-settler".into(),
             member: meterflow_kafka::default_member(),
-            out_dir: PathBuf::from("settlements"),
+            out_dir: "settlements".into(),
+            storage_options: BTreeMap::new(),
             period: "month".into(),
             grace: Duration::ZERO,
             deadline: None,
@@ -89,20 +97,18 @@ struct PartState {
 
 /// The file beside a version's manifest that says its settlements record was
 /// acknowledged.
-fn announced_marker(root: &std::path::Path, m: &files::Manifest) -> std::path::PathBuf {
-    files::entity_dir(root, &m.period, &m.entity_id)
-        .join(files::version_name(m.version, "announced"))
+fn announced_marker(m: &files::Manifest) -> String {
+    format!(
+        "{}/{}",
+        files::entity_dir(&m.period, &m.entity_id),
+        files::version_name(m.version, "announced")
+    )
 }
 
 /// Send a written version's record to the settlements topic (acknowledged with the next
 /// commit; its marker is written after that).
-async fn announce(
-    io: &mut StageIo,
-    topic: &str,
-    root: &std::path::Path,
-    m: &files::Manifest,
-) -> Result<()> {
-    let dir = files::entity_dir(root, &m.period, &m.entity_id);
+async fn announce(io: &mut StageIo, topic: &str, m: &files::Manifest) -> Result<()> {
+    let dir = files::entity_dir(&m.period, &m.entity_id);
     let rec = Settlement {
         entity_id: m.entity_id.clone(),
         period: m.period.clone(),
@@ -111,7 +117,7 @@ async fn announce(
         period_end: meterflow_types::time::parse_rfc3339(&m.period_end)
             .map_err(anyhow::Error::msg)?,
         version: m.version as i32,
-        directory: dir.strip_prefix(root).unwrap_or(&dir).display().to_string(),
+        directory: dir,
         manifest: files::version_name(m.version, "manifest.json"),
         line_count: m.line_count as i64,
         totals: m.totals.clone().into_iter().collect(),
@@ -170,8 +176,8 @@ impl Master {
     }
 
     /// Read new progress; write the index of every period all partitions have closed.
-    fn step(&mut self, root: &std::path::Path, partitions: i32) -> Result<Vec<index::PeriodIndex>> {
-        for r in self.tail.poll()? {
+    async fn step(&mut self, store: &Store, partitions: i32) -> Result<Vec<index::PeriodIndex>> {
+        for r in tokio::task::block_in_place(|| self.tail.poll())? {
             let Ok(p) = meterflow_avro::decode::<meterflow_types::SettlerProgress>(
                 r.payload.as_deref().unwrap_or_default(),
             ) else {
@@ -189,23 +195,18 @@ impl Master {
             return Ok(Vec::new());
         };
         let mut written = Vec::new();
-        for dir in index::period_dirs(root)? {
-            let label = dir
-                .file_name()
-                .map(|n| {
-                    n.to_string_lossy()
-                        .trim_start_matches("period=")
-                        .to_string()
-                })
-                .unwrap_or_default();
-            let indexed = dir.join("index.json").exists();
+        for dir in index::period_dirs(store).await? {
+            let label = dir.trim_start_matches("period=");
+            let indexed = store.exists(&format!("{dir}/index.json")).await?;
             let due = if indexed {
-                self.full_check || self.corrected.contains(&label)
+                self.full_check || self.corrected.contains(label)
             } else {
-                index::period_end(&dir)?.is_some_and(|end| end <= all)
+                index::period_end(store, &dir)
+                    .await?
+                    .is_some_and(|end| end <= all)
             };
             if due {
-                written.extend(index::write(&dir)?);
+                written.extend(index::write(store, &dir).await?);
             }
         }
         self.full_check = false;
@@ -218,7 +219,8 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let period = Period::parse(&cfg.period).map_err(anyhow::Error::msg)?;
     ensure_topics(&cfg.kafka).await?;
     let topics = cfg.kafka.topics.clone();
-    std::fs::create_dir_all(&cfg.out_dir)?;
+    let store = Store::open(&cfg.out_dir, &cfg.storage_options)?;
+    tracing::info!(location = %store, "settlement files go to");
     let mut io = StageIo::new(
         &cfg.kafka,
         "settler",
@@ -230,12 +232,12 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let grace = cfg.grace.as_millis() as Millis;
     let deadline = cfg.deadline.map(|d| d.as_millis() as Millis);
     // versions written but not yet announced (a crash between the files and the record)
-    let mut to_mark: Vec<std::path::PathBuf> = Vec::new();
-    let manifests = tokio::task::block_in_place(|| files::all_manifests(&cfg.out_dir))?;
+    let mut to_mark: Vec<String> = Vec::new();
+    let manifests = files::manifests(&store).await?;
     for man in &manifests {
-        let marker = announced_marker(&cfg.out_dir, man);
-        if !marker.exists() {
-            announce(&mut io, &topics.settlements, &cfg.out_dir, man).await?;
+        let marker = announced_marker(man);
+        if !store.exists(&marker).await? {
+            announce(&mut io, &topics.settlements, man).await?;
             to_mark.push(marker);
         }
     }
@@ -301,8 +303,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                 // the files are the state: what a partition's last owner left incomplete
                 meterflow_kafka::Assignment::Assigned(ps) => {
                     owned.extend(ps.iter().map(|(_, p)| *p));
-                    let all = tokio::task::block_in_place(|| files::all_manifests(&cfg.out_dir))?;
-                    incomplete = incomplete_of(&all)?;
+                    incomplete = incomplete_of(&files::manifests(&store).await?)?;
                 }
             }
         }
@@ -324,15 +325,16 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                 Ok(RatedMsg::Rated(e)) => {
                     let (ps, pe) = period.bounds(e.window_start);
                     let key = (ps, e.entity_id.clone());
-                    let label = period.label(ps);
-                    let done = written.entry(key.clone()).or_insert_with(|| {
-                        let dir = files::entity_dir(&cfg.out_dir, &label, &e.entity_id);
-                        files::existing(&dir)
-                            .unwrap_or_default()
+                    if !written.contains_key(&key) {
+                        let dir = files::entity_dir(&period.label(ps), &e.entity_id);
+                        let ids = files::existing(&store, &dir)
+                            .await?
                             .into_iter()
                             .flat_map(|m| m.ids)
-                            .collect()
-                    });
+                            .collect();
+                        written.insert(key.clone(), ids);
+                    }
+                    let done = written.entry(key.clone()).or_default();
                     let closed_before = !done.is_empty()
                         || st
                             .sources
@@ -397,16 +399,15 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     generated_at: now,
                     incomplete: why.clone(),
                 };
-                let man = tokio::task::block_in_place(|| {
-                    files::write_version(
-                        &cfg.out_dir,
-                        &label,
-                        period.bounds(key.0),
-                        &key.1,
-                        events,
-                        &opts,
-                    )
-                })?;
+                let man = files::write_version(
+                    &store,
+                    &label,
+                    period.bounds(key.0),
+                    &key.1,
+                    events,
+                    &opts,
+                )
+                .await?;
                 match &why {
                     Some(w) => {
                         tracing::warn!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, reason = %w, "settled incomplete");
@@ -418,8 +419,8 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                         waiting.remove(&key);
                     }
                 }
-                announce(&mut io, &topics.settlements, &cfg.out_dir, &man).await?;
-                to_mark.push(announced_marker(&cfg.out_dir, &man));
+                announce(&mut io, &topics.settlements, &man).await?;
+                to_mark.push(announced_marker(&man));
                 files_total.inc();
                 written.entry(key).or_default().extend(ids);
             }
@@ -431,22 +432,15 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                 generated_at: now,
                 incomplete: None,
             };
-            let man = tokio::task::block_in_place(|| {
-                files::write_version(
-                    &cfg.out_dir,
-                    &label,
-                    period.bounds(key.0),
-                    &key.1,
-                    evs,
-                    &opts,
-                )
-            })?;
+            let man =
+                files::write_version(&store, &label, period.bounds(key.0), &key.1, evs, &opts)
+                    .await?;
             tracing::info!(period = %label, entity = %key.1, version = man.version, "correction written");
             if let Some(p) = man.input_offsets.keys().next() {
                 corrected.entry(*p).or_default().push(label.clone());
             }
-            announce(&mut io, &topics.settlements, &cfg.out_dir, &man).await?;
-            to_mark.push(announced_marker(&cfg.out_dir, &man));
+            announce(&mut io, &topics.settlements, &man).await?;
+            to_mark.push(announced_marker(&man));
             corrections_total.inc();
         }
         // progress for the master's period index: every period ending by `closed_through`
@@ -487,7 +481,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     Some(x) => x,
                     None => master.insert(Master::new(&cfg.kafka)?),
                 };
-                for idx in tokio::task::block_in_place(|| mm.step(&cfg.out_dir, rated_parts))? {
+                for idx in mm.step(&store, rated_parts).await? {
                     tracing::info!(period = %idx.period, version = idx.version, entities = idx.entity_count, totals = ?idx.totals, status = %idx.status, "period index written");
                     indexes_total.inc();
                 }
@@ -514,7 +508,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         }
         // the records are acknowledged: mark their versions announced
         for marker in to_mark.drain(..) {
-            std::fs::write(&marker, b"")?;
+            store.put(&marker, Vec::new()).await?;
         }
     }
     Ok(())

@@ -1,0 +1,284 @@
+//! Where settlement files go, through the `object_store` crate: a local directory, or
+//! S3-compatible object storage (`s3://bucket/prefix`, with the default `s3` feature), or
+//! memory (`memory://`, for tests).
+//!
+//! Paths are relative to the location's root and use `/`: `period=2026-03/entity=acme/
+//! manifest.json`. Every object is written whole (object stores have no partial object;
+//! the local store writes a staging file and renames it). Manifests, markers and lines
+//! are plain puts; period indexes are *created* (`PutMode::Create`: a hard link locally,
+//! `If-None-Match: *` on S3), so two masters can never both write one. On a local
+//! directory each write is also fsynced with its directory, which `object_store` leaves
+//! out, so a version is on disk before the offsets that produced it are committed.
+
+use anyhow::{bail, Context, Result};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: ObjPath,
+    /// A local directory's absolute path (writes there are fsynced).
+    local: Option<PathBuf>,
+    location: String,
+}
+
+impl std::fmt::Display for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.location)
+    }
+}
+
+impl Store {
+    /// A settlement location: a directory path, `file:///abs/path`, `s3://bucket/prefix`
+    /// or `memory://`. S3 is configured from the standard `AWS_*` environment variables,
+    /// then from `options` (`aws_endpoint`, `aws_region`, `aws_allow_http`,
+    /// `aws_access_key_id`, ...; an unknown key is an error).
+    pub fn open(location: &str, options: &BTreeMap<String, String>) -> Result<Store> {
+        match location.split_once("://") {
+            None => Store::local(Path::new(location)),
+            Some(("file", path)) => Store::local(Path::new(path)),
+            Some(("memory", _)) => Ok(Store {
+                inner: Arc::new(object_store::memory::InMemory::new()),
+                prefix: ObjPath::default(),
+                local: None,
+                location: location.to_string(),
+            }),
+            Some(("s3", rest)) => s3(location, rest, options),
+            Some((scheme, _)) => bail!(
+                "settlement location {location:?}: unknown scheme {scheme:?} (use a directory, file://, s3:// or memory://)"
+            ),
+        }
+    }
+
+    /// A local directory (created if missing).
+    pub fn local(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let abs = dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dir.display()))?;
+        Ok(Store {
+            inner: Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&abs)?),
+            prefix: ObjPath::default(),
+            local: Some(abs),
+            location: dir.display().to_string(),
+        })
+    }
+
+    /// The local directory behind this store, if it is one.
+    pub fn local_root(&self) -> Option<&Path> {
+        self.local.as_deref()
+    }
+
+    /// Where `rel` is, for people: a file path or an object URL.
+    pub fn describe(&self, rel: &str) -> String {
+        match &self.local {
+            Some(root) => root.join(rel).display().to_string(),
+            None => format!("{}/{rel}", self.location.trim_end_matches('/')),
+        }
+    }
+
+    fn path(&self, rel: &str) -> ObjPath {
+        rel.split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.prefix.clone(), |p, part| p.join(part))
+    }
+
+    async fn sync(&self, rel: &str) -> Result<()> {
+        let Some(root) = self.local.clone() else {
+            return Ok(());
+        };
+        let file = root.join(rel);
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::File::open(&file)?.sync_all()?;
+            if let Some(d) = file.parent() {
+                std::fs::File::open(d)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await?
+        .with_context(|| format!("syncing {rel}"))
+    }
+
+    /// Write `rel` whole, replacing what was there.
+    pub async fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
+        self.inner
+            .put(&self.path(rel), PutPayload::from(bytes))
+            .await
+            .with_context(|| format!("writing {}", self.describe(rel)))?;
+        self.sync(rel).await
+    }
+
+    /// Create `rel` unless it exists: false if it did (another writer was first).
+    pub async fn create(&self, rel: &str, bytes: Vec<u8>) -> Result<bool> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .inner
+            .put_opts(&self.path(rel), PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => {
+                self.sync(rel).await?;
+                Ok(true)
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("creating {}", self.describe(rel))),
+        }
+    }
+
+    /// The bytes of `rel`, None if it does not exist.
+    pub async fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        match self.inner.get(&self.path(rel)).await {
+            Ok(r) => Ok(Some(
+                r.bytes()
+                    .await
+                    .with_context(|| format!("reading {}", self.describe(rel)))?
+                    .to_vec(),
+            )),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.describe(rel))),
+        }
+    }
+
+    pub async fn exists(&self, rel: &str) -> Result<bool> {
+        match self.inner.head(&self.path(rel)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("looking up {}", self.describe(rel))),
+        }
+    }
+
+    /// The names of the "directories" directly under `rel` (common prefixes), sorted.
+    pub async fn dirs(&self, rel: &str) -> Result<Vec<String>> {
+        let p = self.path(rel);
+        let prefix = (!p.as_ref().is_empty()).then_some(&p);
+        let listed = match self.inner.list_with_delimiter(prefix).await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", self.describe(rel))),
+        };
+        let mut v: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|d| d.filename().map(str::to_string))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+}
+
+#[cfg(feature = "s3")]
+fn s3(location: &str, rest: &str, options: &BTreeMap<String, String>) -> Result<Store> {
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        bail!("settlement location {location:?} names no bucket");
+    }
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    for (k, v) in options {
+        let key: AmazonS3ConfigKey = k
+            .to_ascii_lowercase()
+            .parse()
+            .with_context(|| format!("storage option {k:?}"))?;
+        b = b.with_config(key, v.clone());
+    }
+    Ok(Store {
+        inner: Arc::new(b.build().with_context(|| format!("opening {location}"))?),
+        prefix: ObjPath::parse(prefix).with_context(|| format!("prefix of {location}"))?,
+        local: None,
+        location: location.to_string(),
+    })
+}
+
+#[cfg(not(feature = "s3"))]
+fn s3(location: &str, _: &str, _: &BTreeMap<String, String>) -> Result<Store> {
+    bail!("settlement location {location:?}: this build has no S3 support (build with the `s3` feature)")
+}
+
+/// Run a store call from synchronous code (tools and tests), on a runtime of its own.
+pub fn blocking<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn contract(s: &Store) {
+        assert_eq!(s.get("period=p/entity=e/a.json").await.expect("get"), None);
+        assert!(!s.exists("period=p/entity=e/a.json").await.expect("head"));
+        s.put("period=p/entity=e/a.json", b"one".to_vec())
+            .await
+            .expect("put");
+        s.put("period=p/entity=e/a.json", b"two".to_vec())
+            .await
+            .expect("put again");
+        assert_eq!(
+            s.get("period=p/entity=e/a.json").await.expect("get"),
+            Some(b"two".to_vec())
+        );
+        assert!(s
+            .create("period=p/index.json", b"first".to_vec())
+            .await
+            .expect("create"));
+        assert!(!s
+            .create("period=p/index.json", b"second".to_vec())
+            .await
+            .expect("create again"));
+        assert_eq!(
+            s.get("period=p/index.json").await.expect("get"),
+            Some(b"first".to_vec())
+        );
+        s.put("period=q/entity=f/a.json", Vec::new())
+            .await
+            .expect("put");
+        assert_eq!(s.dirs("").await.expect("dirs"), ["period=p", "period=q"]);
+        assert_eq!(s.dirs("period=p").await.expect("dirs"), ["entity=e"]);
+        assert!(s.dirs("period=none").await.expect("dirs").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_local_directory_and_memory_keep_the_same_contract() {
+        let d = tempfile::tempdir().expect("tmp");
+        let local = Store::local(&d.path().join("out")).expect("local");
+        contract(&local).await;
+        // plain files, no staging leftovers
+        let dir = d.path().join("out/period=p/entity=e");
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names, ["a.json"]);
+        contract(&Store::open("memory://", &BTreeMap::new()).expect("memory")).await;
+    }
+
+    #[test]
+    fn locations_are_parsed_or_refused_with_the_reason() {
+        let d = tempfile::tempdir().expect("tmp");
+        let url = format!("file://{}", d.path().join("x").display());
+        let s = Store::open(&url, &BTreeMap::new()).expect("file url");
+        assert_eq!(
+            s.local_root(),
+            Some(d.path().join("x").canonicalize().expect("c").as_path())
+        );
+        let e = Store::open("ftp://h/x", &BTreeMap::new()).expect_err("ftp");
+        assert!(e.to_string().contains("unknown scheme"), "{e}");
+        #[cfg(feature = "s3")]
+        {
+            let bad = [("no_such_option".to_string(), "1".to_string())].into();
+            let e = Store::open("s3://bucket/p", &bad).expect_err("bad option");
+            assert!(format!("{e:#}").contains("no_such_option"), "{e:#}");
+            let e = Store::open("s3:///p", &BTreeMap::new()).expect_err("no bucket");
+            assert!(e.to_string().contains("no bucket"), "{e}");
+        }
+    }
+}
