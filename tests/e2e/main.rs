@@ -1,4 +1,5 @@
 //! End-to-end tests: real binaries, real libvirt test driver, real Parquet and CSV.
 
+mod query;
 mod tansu;
 mod up;

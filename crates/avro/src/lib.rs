@@ -26,6 +26,8 @@ pub mod schemas {
     pub const ENRICHER_CHECKPOINT: &str = include_str!("../../../schemas/enricher_checkpoint.avsc");
     pub const RULE_SET: &str = include_str!("../../../schemas/rule_set.avsc");
     pub const SETTLER_PROGRESS: &str = include_str!("../../../schemas/settler_progress.avsc");
+    pub const METERING_REQUEST: &str = include_str!("../../../schemas/metering_request.avsc");
+    pub const METERING_REPLY: &str = include_str!("../../../schemas/metering_reply.avsc");
 }
 
 /// Messages larger than this are refused before decoding (reason `oversized`).
@@ -104,6 +106,8 @@ compiled!(rater_to_date_c, schemas::RATER_TO_DATE);
 compiled!(settlement_c, schemas::SETTLEMENT);
 compiled!(rule_set_c, schemas::RULE_SET);
 compiled!(settler_progress_c, schemas::SETTLER_PROGRESS);
+compiled!(metering_request_c, schemas::METERING_REQUEST);
+compiled!(metering_reply_c, schemas::METERING_REPLY);
 
 /// Encode one record as Avro single-object encoding.
 pub fn encode<R: Record>(r: &R) -> Vec<u8> {

@@ -9,6 +9,7 @@ mod apply;
 mod audit;
 mod golden;
 mod ownership;
+mod query;
 mod rerate;
 mod settle;
 mod up;
@@ -73,6 +74,9 @@ enum Cmd {
     /// Rebuild a period's settlement files from the rated topic and compare them, byte
     /// for byte, with the originals.
     Settle(settle::SettleArgs),
+    /// Ask every collector, now, for its instances' live values and usage over a range;
+    /// nodes that do not answer in time are named (exit code 3).
+    Query(query::QueryArgs),
     /// Check rule files: parse, plan, check the output contract.
     Rules {
         #[command(subcommand)]
@@ -113,6 +117,13 @@ fn main() -> Result<()> {
             Cmd::Usage { cmd } => tokio::task::block_in_place(|| rerate::export(cmd)),
             Cmd::Rerate(a) => rerate::run(a).await,
             Cmd::Settle(a) => tokio::task::block_in_place(|| settle::run(a)),
+            Cmd::Query(a) => {
+                let code = query::run(a).await?;
+                if code != 0 {
+                    std::process::exit(code);
+                }
+                Ok(())
+            }
             Cmd::Collect {
                 once,
                 print,

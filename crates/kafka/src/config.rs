@@ -34,6 +34,10 @@ pub struct Topics {
     /// Settler members' progress per rated partition, for the master's period index
     /// (compacted).
     pub settler_state: String,
+    /// On-demand metering queries; every collector reads every request.
+    pub requests: String,
+    /// Collectors' answers to them, key = request id.
+    pub replies: String,
 }
 
 impl Default for Topics {
@@ -51,6 +55,8 @@ impl Default for Topics {
             enricher_state: "meterflow.enricher-state".into(),
             settlements: "meterflow.settlements".into(),
             settler_state: "meterflow.settler-state".into(),
+            requests: "meterflow.requests".into(),
+            replies: "meterflow.replies".into(),
         }
     }
 }

@@ -10,7 +10,7 @@ mod table;
 pub use config::{Delivery, KafkaConfig, Topics};
 pub use outbox::Outbox;
 pub use rdkafka::message::{Message, OwnedMessage};
-pub use stage::{default_member, now_ms};
+pub use stage::{default_member, dlq_record, now_ms};
 pub use stage::{Assignment, Batch, Coordinates, StageIo};
 pub use table::{
     high_watermarks, read_latest, read_table, scan_topic, scan_topic_from, TableRecord, Tail,
@@ -79,6 +79,8 @@ pub fn topic_specs(cfg: &KafkaConfig) -> Vec<(String, i32, bool)> {
         (&t.enricher_state, 1, true),
         (&t.settlements, n, false),
         (&t.settler_state, 1, true),
+        (&t.requests, 1, false),
+        (&t.replies, n, false),
     ]
     .into_iter()
     .map(|(name, p, c)| (name.clone(), p, c))

@@ -303,22 +303,7 @@ impl StageIo {
         reason_code: &str,
         reason: &str,
     ) -> Result<()> {
-        tracing::warn!(stage = %self.stage, topic = at.topic, partition = at.partition, offset = at.offset, reason_code, reason, "dead-lettered");
-        let rec = DlqRecord {
-            id: id::derive(
-                "dlq",
-                &[at.topic, &at.partition.to_string(), &at.offset.to_string()],
-            ),
-            stage: self.stage.clone(),
-            topic: at.topic.to_string(),
-            partition: at.partition,
-            offset: at.offset,
-            reason_code: reason_code.to_string(),
-            reason: reason.to_string(),
-            key: at.key.map(<[u8]>::to_vec),
-            payload: at.payload.to_vec(),
-            time: now_ms(),
-        };
+        let rec = dlq_record(&self.stage, at, reason_code, reason);
         let bytes = meterflow_avro::encode(&rec);
         let topic = self.dlq_topic.clone();
         self.send(&topic, rec.id.as_bytes(), &bytes, None).await
@@ -424,6 +409,35 @@ impl StageIo {
 }
 
 /// A replica's default name: the host name (stable per machine or pod).
+/// The dead-letter record of a message (logged as it is made). Its id derives from the
+/// source coordinates, so the same message dead-lettered twice carries one id.
+pub fn dlq_record(stage: &str, at: Coordinates<'_>, reason_code: &str, reason: &str) -> DlqRecord {
+    tracing::warn!(
+        stage,
+        topic = at.topic,
+        partition = at.partition,
+        offset = at.offset,
+        reason_code,
+        reason,
+        "dead-lettered"
+    );
+    DlqRecord {
+        id: id::derive(
+            "dlq",
+            &[at.topic, &at.partition.to_string(), &at.offset.to_string()],
+        ),
+        stage: stage.to_string(),
+        topic: at.topic.to_string(),
+        partition: at.partition,
+        offset: at.offset,
+        reason_code: reason_code.to_string(),
+        reason: reason.to_string(),
+        key: at.key.map(<[u8]>::to_vec),
+        payload: at.payload.to_vec(),
+        time: now_ms(),
+    }
+}
+
 pub fn default_member() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())

@@ -148,10 +148,22 @@ pub struct Tail {
 
 impl Tail {
     pub fn new(cfg: &KafkaConfig, topic: &str) -> Result<Tail> {
+        Tail::starting(cfg, topic, |_| Offset::Beginning)
+    }
+
+    /// A tail of what is written from now on (each partition from its current end).
+    pub fn at_end(cfg: &KafkaConfig, topic: &str) -> Result<Tail> {
+        let ends: HashMap<i32, i64> = high_watermarks(cfg, topic)?.into_iter().collect();
+        Tail::starting(cfg, topic, |p| {
+            Offset::Offset(ends.get(&p).copied().unwrap_or(0))
+        })
+    }
+
+    fn starting(cfg: &KafkaConfig, topic: &str, start: impl Fn(i32) -> Offset) -> Result<Tail> {
         let consumer = reader(cfg, "meterflow-tail")?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..crate::partition_count(cfg, topic)? {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
+            tpl.add_partition_offset(topic, p, start(p))
                 .context("offset list")?;
         }
         consumer.assign(&tpl).context("assigning tail partitions")?;

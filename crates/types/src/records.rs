@@ -30,7 +30,7 @@ impl Counters {
 }
 
 /// `meterflow.samples`, key = instance_id: one instance's usage over one poll interval.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sample {
     /// derive("sample", instance_id, incarnation, seq)
     pub id: String,
@@ -302,4 +302,57 @@ pub struct SettlerProgress {
     pub closed_through: Millis,
     /// Labels of periods given a correction version since the previous record.
     pub corrected: Vec<String>,
+}
+
+/// `meterflow.requests`: an on-demand metering query that every collector answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeteringRequest {
+    /// Correlation id.
+    pub id: String,
+    pub reply_topic: String,
+    /// Wall-clock milliseconds.
+    pub sent_at: Millis,
+    /// Wall clock after which nobody waits for an answer (a collector skips it).
+    pub deadline: Millis,
+    pub instances: Vec<String>,
+    /// False: only `instances` (an empty list matches none).
+    pub all_instances: bool,
+    /// `cpu`, `vcpu`, `memory`, `network`, `disk`; empty = all.
+    pub metrics: Vec<String>,
+    /// Usage of the samples ending in (from, to], event time.
+    pub from: Option<Millis>,
+    pub to: Option<Millis>,
+}
+
+/// `meterflow.replies`, key = request id: one collector's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeteringReply {
+    pub request_id: String,
+    pub node_id: String,
+    pub site: String,
+    pub answered_at: Millis,
+    /// Event time of the live reading.
+    pub live_time: Millis,
+    /// The oldest sample end still in the collector's local log.
+    pub log_from: Option<Millis>,
+    /// Sources or instances that could not be read live.
+    pub errors: Vec<String>,
+    pub instances: Vec<InstanceAnswer>,
+}
+
+/// One instance in a [`MeteringReply`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceAnswer {
+    pub instance_id: String,
+    pub name: String,
+    pub kind: String,
+    pub state: String,
+    /// `user/entity` from the instance's metadata, if it names them.
+    pub owner_hint: Option<String>,
+    /// Gauges and cumulative counters read now, as decimal text.
+    pub live: Labels,
+    /// Usage over the range, as decimal text.
+    pub usage: Labels,
+    /// Samples the usage sums.
+    pub samples: i64,
 }

@@ -43,8 +43,15 @@ pub struct CollectorConfig {
     pub polls: Option<u64>,
     /// On exit, tell downstream this node is retired (complete forever). For bounded runs.
     pub retire_on_exit: bool,
-    /// Where the last acknowledged observation of every instance is kept.
+    /// Where the last acknowledged observation of every instance is kept. The log of
+    /// published samples that on-demand queries read is kept beside it
+    /// (`<state_file>.samples`).
     pub state_file: Option<PathBuf>,
+    /// Answer on-demand metering queries (`meterflow query`) from the requests topic.
+    pub answer_queries: bool,
+    /// How long (event time) the published samples stay in the local log for queries.
+    #[serde(with = "humantime_serde")]
+    pub query_retention: std::time::Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,6 +92,8 @@ impl Default for CollectorConfig {
             polls: None,
             retire_on_exit: false,
             state_file: None,
+            answer_queries: true,
+            query_retention: std::time::Duration::from_secs(6 * 3600),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod config;
 pub mod fleet;
 pub mod libvirt;
+pub mod query;
 pub mod sampler;
 pub mod source;
 
@@ -16,7 +17,7 @@ pub use config::CollectorConfig;
 use anyhow::{Context, Result};
 use meterflow_kafka::{ensure_topics, partition_count, producer, Outbox};
 use meterflow_runtime::Ctx;
-use meterflow_types::{InstanceState, Millis, NodeHeartbeat, Ownership, Sample};
+use meterflow_types::{InstanceState, MeteringRequest, Millis, NodeHeartbeat, Ownership, Sample};
 use sampler::Sampler;
 use source::{Reading, SourceError};
 use std::collections::HashMap;
@@ -231,6 +232,21 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
         "Event time of the last complete poll.",
         &labels,
     );
+    let queries_total = m.counter(
+        "meterflow_collector_queries_answered_total",
+        "On-demand metering requests answered.",
+        &labels,
+    );
+    let log_file = cfg
+        .state_file
+        .as_ref()
+        .map(|f| std::path::PathBuf::from(format!("{}.samples", f.display())));
+    let mut log = query::SampleLog::open(log_file.as_deref(), cfg.query_retention)?;
+    let requests = if cfg.answer_queries {
+        Some(meterflow_kafka::Tail::at_end(&cfg.kafka, &topics.requests)?)
+    } else {
+        None
+    };
     let mut reg = Registry::default();
     let mut logged_errors: HashMap<String, String> = HashMap::new();
     let wall0 = Instant::now();
@@ -241,9 +257,25 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
             break;
         }
         let due = wall0 + Duration::from_millis((lead_ms + k * poll_ms / speed) as u64);
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
-            _ = tokio::time::sleep_until(due.into()) => {}
+        // between polls: answer metering requests as they arrive
+        let mut stop = false;
+        loop {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => { stop = true; break }
+                _ = tokio::time::sleep_until(due.into()) => break,
+                _ = tokio::time::sleep(Duration::from_millis(100)), if requests.is_some() => {
+                    // event time now: the last poll plus the wall time since, on this clock
+                    let since = Instant::now().saturating_duration_since(wall0).as_millis() as i64;
+                    let live_t = (start + (since - lead_ms) * speed).max(last_t.unwrap_or(start));
+                    if let Some(tail) = &requests {
+                        let n = serve_requests(tail, &mut out, &cfg, &sources, &log, live_t).await?;
+                        queries_total.add(n);
+                    }
+                }
+            }
+        }
+        if stop {
+            break;
         }
         let t = start + k * poll_ms;
         let (readings, errors) = sources.poll(t).await;
@@ -290,6 +322,7 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
         if out.pending() > 0 {
             out.flush().await?;
         }
+        let mut published: Vec<Sample> = Vec::new();
         for r in &readings {
             let first_seen = reg
                 .instances
@@ -340,6 +373,7 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
                 )
                 .await?;
                 samples_total.inc();
+                published.push(s);
             }
         }
         // Deleted: known here, absent from a poll whose sources all answered, and not
@@ -373,6 +407,7 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
                     )
                     .await?;
                     samples_total.inc();
+                    published.push(s);
                 }
                 out.send_tombstone(
                     &topics.instances,
@@ -387,6 +422,9 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
             }
         }
         out.flush().await?;
+        // acknowledged: into the local log that queries read
+        log.append(&published)?;
+        log.prune(t)?;
         send_heartbeat(
             &mut out,
             &topics,
@@ -413,6 +451,80 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
         tracing::info!(node = %cfg.node_id, polls = k, "node retired");
     }
     Ok(())
+}
+
+/// Answer the requests that arrived since the last look: read the sources now, take the
+/// usage from the log, reply on each request's reply topic. A request that does not
+/// decode goes to the dead-letter topic (every collector sends the same record: its id
+/// derives from the request's coordinates); one past its deadline is skipped.
+async fn serve_requests(
+    tail: &meterflow_kafka::Tail,
+    out: &mut Outbox,
+    cfg: &CollectorConfig,
+    sources: &Sources,
+    log: &query::SampleLog,
+    live_t: Millis,
+) -> Result<u64> {
+    let mut answered = 0;
+    for r in tail.poll()? {
+        let payload = r.payload.as_deref().unwrap_or_default();
+        let req = match meterflow_avro::decode::<MeteringRequest>(payload) {
+            Ok(req) => req,
+            Err(e) => {
+                let at = meterflow_kafka::Coordinates {
+                    topic: &r.topic,
+                    partition: r.partition,
+                    offset: r.offset,
+                    key: r.key.as_deref(),
+                    payload,
+                };
+                let rec = meterflow_kafka::dlq_record(
+                    &format!("collector-{}", cfg.node_id),
+                    at,
+                    e.reason_code(),
+                    &e.to_string(),
+                );
+                out.send(
+                    &cfg.kafka.topics.dlq,
+                    rec.id.as_bytes(),
+                    &meterflow_avro::encode(&rec),
+                    None,
+                )
+                .await?;
+                continue;
+            }
+        };
+        if req.deadline < meterflow_kafka::now_ms() {
+            tracing::info!(request = %req.id, "metering request past its deadline skipped");
+            continue;
+        }
+        let (readings, errors) = sources.poll(live_t).await;
+        let errors = errors
+            .into_iter()
+            .map(|e| format!("{}: {}", e.instance, e.reason))
+            .collect();
+        let reply = query::answer(
+            &req,
+            (&cfg.node_id, &cfg.site),
+            live_t,
+            &readings,
+            errors,
+            log,
+        );
+        out.send(
+            &req.reply_topic,
+            req.id.as_bytes(),
+            &meterflow_avro::encode(&reply),
+            None,
+        )
+        .await?;
+        tracing::info!(request = %req.id, instances = reply.instances.len(), "metering request answered");
+        answered += 1;
+    }
+    if answered > 0 || out.pending() > 0 {
+        out.flush().await?;
+    }
+    Ok(answered)
 }
 
 /// Poll marker to every samples partition, and the node's row in the node table
