@@ -146,7 +146,7 @@ fn a_known_fleet_settles_to_the_cent_on_tansu() {
             "--json",
             "--brokers",
             &p.kafka.brokers,
-            "--from",
+            "--settlements",
             utf8(&p.out),
             "--rules",
             utf8(&rules),
@@ -1197,7 +1197,7 @@ fn rules_applied_mid_run_switch_every_rater_at_the_window_boundary_without_a_res
             "day",
             "--brokers",
             &p.kafka.brokers,
-            "--from",
+            "--settlements",
             utf8(&p.out),
         ]);
         assert!(said.contains(" 0 mismatch"), "{said}");
@@ -1377,7 +1377,10 @@ fn settlement_files_on_s3_compatible_storage_survive_a_settler_kill_index_once_a
     let mut p = Pipeline::start_stages(run.clone(), 7_200, "day", &["enricher", "rater"]);
     let s3 = meterflow_tests::S3::start(&p.path(), "billing");
     let url = s3.url("settlements/eu");
-    p.launch_settler_with(&format!("out_dir = \"{url}\"\n{}", s3.toml()));
+    p.launch_with(
+        "settler",
+        &format!("period = \"day\"\nout_dir = \"{url}\"\n{}", s3.toml()),
+    );
     p.start_collector();
     let store = Store::open(&url, &s3.options().into_iter().collect()).expect("s3 store");
     let manifests = || blocking(meterflow_settler::files::manifests(&store)).unwrap_or_default();
@@ -1437,6 +1440,79 @@ fn settlement_files_on_s3_compatible_storage_survive_a_settler_kill_index_once_a
         out.status.success() && said.contains("byte-identical"),
         "{said}{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    p.stop();
+}
+
+#[test]
+fn a_usage_record_lost_between_enricher_and_rater_is_found_by_the_audit_in_its_bucket() {
+    let run = two_days(41);
+    let mut p = Pipeline::start_stages(run.clone(), 36_000, "day", &["rater", "settler"]);
+    // the fifth usage record is counted as sent and never sent
+    p.launch_with("enricher", "[faults]\ndrop_usage = 5\n");
+    p.start_collector();
+    p.drain(Duration::from_secs(300), |_| true);
+    let fmt = meterflow_types::time::fmt_rfc3339;
+    let args = |to: i64| {
+        [
+            "audit",
+            "--from",
+            &fmt(run.start - DAY),
+            "--to",
+            &fmt(to),
+            "--json",
+            "--brokers",
+            &p.kafka.brokers,
+        ]
+        .map(str::to_string)
+    };
+    let out = meterflow(&args(run.start + 3 * DAY));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // exactly one difference: that record, in its bucket, between those two stages;
+    // every other bucket of every topic agrees
+    let diffs = report["differences"].as_array().expect("differences");
+    assert_eq!(diffs.len(), 1, "{report:#}");
+    let d = &diffs[0];
+    assert_eq!(d["topic"], p.kafka.topics.usage.as_str());
+    assert_eq!(
+        (&d["kind"], &d["from_stage"], &d["to_stage"], &d["count"]),
+        (
+            &serde_json::json!("loss"),
+            &serde_json::json!("enricher"),
+            &serde_json::json!("rater"),
+            &serde_json::json!(-1)
+        ),
+        "{report:#}"
+    );
+    assert!(
+        d["quantity"].as_str().expect("q").starts_with('-'),
+        "{report:#}"
+    );
+    for topic in [
+        &p.kafka.topics.samples,
+        &p.kafka.topics.usage,
+        &p.kafka.topics.rated,
+    ] {
+        assert!(
+            report["buckets"][topic.as_str()].as_u64() >= Some(40),
+            "{topic}: two days of hourly buckets compared: {report:#}"
+        );
+    }
+    // a range that ends before the loss's bucket is clean
+    let lost_at =
+        meterflow_types::time::parse_rfc3339(d["bucket_start"].as_str().expect("b")).expect("time");
+    let out = meterflow(&args(lost_at));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
     p.stop();
 }

@@ -193,20 +193,25 @@ impl Pipeline {
         }
     }
 
-    /// Launch the settler (not started with the other stages) with `extra` in its
-    /// configuration instead of the local `out_dir`: top-level keys first, then tables.
-    pub fn launch_settler_with(&mut self, extra: &str) {
-        let cfg = self.path().join("settler.toml");
+    /// Launch a stage that was not started with the others (`enricher`, `rater`,
+    /// `settler`) with `extra` as its configuration besides its member and Kafka
+    /// settings: top-level keys first, then tables.
+    pub fn launch_with(&mut self, stage: &str, extra: &str) {
+        let cfg = self.path().join(format!("{stage}.toml"));
         std::fs::write(
             &cfg,
             format!(
-                "member = \"settler-1\"\nperiod = \"{}\"\n{extra}\n{}",
-                self.period,
+                "member = \"{stage}-1\"\n{extra}\n{}",
                 kafka_toml(&self.kafka.brokers)
             ),
         )
-        .expect("settler config");
-        self.settler.launch();
+        .expect("stage config");
+        match stage {
+            "enricher" => self.enricher.launch(),
+            "rater" => self.rater.launch(),
+            "settler" => self.settler.launch(),
+            other => panic!("no stage {other}"),
+        }
     }
 
     pub fn path(&self) -> PathBuf {

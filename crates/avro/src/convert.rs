@@ -826,6 +826,32 @@ impl Record for MeteringReply {
     }
 }
 
+impl Record for AuditCount {
+    const NAME: &'static str = "AuditCount";
+    fn compiled() -> &'static Compiled {
+        crate::audit_count_c()
+    }
+    fn to_value(&self) -> Value {
+        serde_to(self, Self::compiled())
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        serde_from(Self::NAME, v)
+    }
+}
+
+impl Record for ProbeSpec {
+    const NAME: &'static str = "ProbeSpec";
+    fn compiled() -> &'static Compiled {
+        crate::probe_spec_c()
+    }
+    fn to_value(&self) -> Value {
+        serde_to(self, Self::compiled())
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        serde_from(Self::NAME, v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1116,6 +1142,30 @@ mod tests {
             to: None,
         };
         round_trip(request.clone(), schemas::METERING_REQUEST);
+        round_trip(
+            AuditCount {
+                stage: "enricher".into(),
+                member: "m".into(),
+                topic: "meterflow.usage".into(),
+                direction: "out".into(),
+                bucket_start: 3_600_000,
+                bucket_ms: 3_600_000,
+                count: 7,
+                quantity: "1.5".into(),
+                sent_at: 9,
+            },
+            schemas::AUDIT_COUNT,
+        );
+        round_trip(
+            ProbeSpec {
+                point: "enricher.join".into(),
+                measures: vec!["hop_latency".into(), "lag".into()],
+                sample_rate: "0.25".into(),
+                added_at: 5,
+                added_by: "ops".into(),
+            },
+            schemas::PROBE_SPEC,
+        );
         round_trip(
             MeteringReply {
                 request_id: "q-1".into(),

@@ -28,6 +28,8 @@ pub mod schemas {
     pub const SETTLER_PROGRESS: &str = include_str!("../../../schemas/settler_progress.avsc");
     pub const METERING_REQUEST: &str = include_str!("../../../schemas/metering_request.avsc");
     pub const METERING_REPLY: &str = include_str!("../../../schemas/metering_reply.avsc");
+    pub const AUDIT_COUNT: &str = include_str!("../../../schemas/audit_count.avsc");
+    pub const PROBE_SPEC: &str = include_str!("../../../schemas/probe_spec.avsc");
 }
 
 /// Messages larger than this are refused before decoding (reason `oversized`).
@@ -108,6 +110,8 @@ compiled!(rule_set_c, schemas::RULE_SET);
 compiled!(settler_progress_c, schemas::SETTLER_PROGRESS);
 compiled!(metering_request_c, schemas::METERING_REQUEST);
 compiled!(metering_reply_c, schemas::METERING_REPLY);
+compiled!(audit_count_c, schemas::AUDIT_COUNT);
+compiled!(probe_spec_c, schemas::PROBE_SPEC);
 
 /// Encode one record as Avro single-object encoding.
 pub fn encode<R: Record>(r: &R) -> Vec<u8> {

@@ -2,6 +2,8 @@
 //! stopped waiting for. Read from the compacted `meterflow.parked` and
 //! `meterflow.instances` topics, so it works against any running deployment.
 //!
+//! `meterflow audit --from T --to T`: loss and duplication between stages (`flow`).
+//!
 //! `meterflow audit --period <p>`: a period reconciled per entity — the usage out of the
 //! enricher re-rated in batch, the revenue events on the rated topic, and the settlement
 //! files' totals, each rounded per line as settled; exit code 1 on any mismatch.
@@ -23,7 +25,14 @@ pub struct AuditArgs {
     pub period: Option<String>,
     /// The settlement location (for --period): a directory or s3://bucket/prefix.
     #[arg(long, default_value = "out/settlements")]
-    pub from: String,
+    pub settlements: String,
+    /// Loss and duplication between stages: compare every topic's producers and
+    /// consumers bucket by bucket from this event time (RFC 3339) ...
+    #[arg(long)]
+    pub from: Option<String>,
+    /// ... to this one (default: now).
+    #[arg(long)]
+    pub to: Option<String>,
     /// The rules the rater runs (for --period). Default: the rule set applied on the
     /// control topic, else `rules/`.
     #[arg(long)]
@@ -168,6 +177,17 @@ pub fn run(a: AuditArgs) -> Result<()> {
         brokers: a.brokers.clone(),
         ..Default::default()
     };
+    if let Some(from) = &a.from {
+        let t = |s: &str| meterflow_types::time::parse_rfc3339(s).map_err(anyhow::Error::msg);
+        let to = match &a.to {
+            Some(x) => t(x)?,
+            None => meterflow_kafka::now_ms(),
+        };
+        if !crate::flow::run(&cfg, t(from)?, to, a.json)? {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     if let Some(period) = a.period.clone() {
         let ok = tokio::runtime::Handle::current().block_on(period_audit(&a, &cfg, &period))?;
         if !ok {
@@ -240,7 +260,7 @@ async fn period_audit(a: &AuditArgs, cfg: &KafkaConfig, period: &str) -> Result<
     use meterflow_settler::files::{manifests, rounded};
     use meterflow_settler::store::Store;
     use meterflow_types::{Dec, RatedEvent};
-    let store = Store::open(&a.from, &BTreeMap::new())?;
+    let store = Store::open(&a.settlements, &BTreeMap::new())?;
     let manifests: Vec<_> = manifests(&store)
         .await?
         .into_iter()

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 mod apply;
 mod audit;
+mod flow;
 mod golden;
 mod ownership;
 mod query;

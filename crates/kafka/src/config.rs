@@ -38,6 +38,8 @@ pub struct Topics {
     pub requests: String,
     /// Collectors' answers to them, key = request id.
     pub replies: String,
+    /// Per-stage counts and quantity sums per event-time bucket (`meterflow audit --from`).
+    pub audit: String,
 }
 
 impl Default for Topics {
@@ -57,6 +59,7 @@ impl Default for Topics {
             settler_state: "meterflow.settler-state".into(),
             requests: "meterflow.requests".into(),
             replies: "meterflow.replies".into(),
+            audit: "meterflow.audit".into(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! consume → produce → commit loop with the delivery model as a type, the dead-letter
 //! helper, compacted-table reads and the embedded (mock) broker for `meterflow up`.
 
+pub mod audit;
 mod config;
 mod outbox;
 mod stage;
@@ -81,6 +82,7 @@ pub fn topic_specs(cfg: &KafkaConfig) -> Vec<(String, i32, bool)> {
         (&t.settler_state, 1, true),
         (&t.requests, 1, false),
         (&t.replies, n, false),
+        (&t.audit, 1, false),
     ]
     .into_iter()
     .map(|(name, p, c)| (name.clone(), p, c))

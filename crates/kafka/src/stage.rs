@@ -5,7 +5,7 @@
 use crate::outbox::Outbox;
 use crate::{client_config, producer, Delivery, KafkaConfig};
 use anyhow::{Context, Result};
-use meterflow_types::{id, DlqRecord};
+use meterflow_types::{id, Dec, DlqRecord, Millis};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, Producer};
@@ -140,6 +140,8 @@ pub struct StageIo {
     in_txn: bool,
     stage: String,
     dlq_topic: String,
+    audit_topic: String,
+    ledger: crate::audit::Ledger,
 }
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -191,6 +193,8 @@ impl StageIo {
             in_txn: false,
             stage: stage.to_string(),
             dlq_topic: cfg.topics.dlq.clone(),
+            audit_topic: cfg.topics.audit.clone(),
+            ledger: crate::audit::Ledger::new(stage, member),
         })
     }
 
@@ -276,6 +280,11 @@ impl StageIo {
             .await
     }
 
+    /// Count a record for the audit (see `audit`): `in` read, `out` sent, `dup` dropped.
+    pub fn audit(&mut self, topic: &str, direction: &'static str, at: (Millis, Dec)) {
+        self.ledger.count(topic, direction, at);
+    }
+
     /// Send a message that could not be handled to the dead-letter topic, with its
     /// original bytes and a reason code. The caller then counts it as handled.
     pub async fn dead_letter(
@@ -312,6 +321,12 @@ impl StageIo {
     /// Wait until everything sent so far is acknowledged (and, in exactly-once mode,
     /// commit it together with `offsets`); then commit `offsets` (next offset to read).
     pub async fn commit(&mut self, offsets: &[(String, i32, i64)]) -> Result<()> {
+        // the audit counts since the last commit travel with it
+        for (key, rec) in self.ledger.drain() {
+            let topic = self.audit_topic.clone();
+            self.send(&topic, key.as_bytes(), &meterflow_avro::encode(&rec), None)
+                .await?;
+        }
         let mut tpl = TopicPartitionList::new();
         if let Ok(owned) = self.consumer.context().owned.lock() {
             for (t, p, o) in offsets {

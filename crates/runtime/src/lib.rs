@@ -6,7 +6,7 @@ pub mod http;
 pub mod metrics;
 
 pub use config::{load, HttpConfig};
-pub use metrics::{Counter, Gauge, Metrics};
+pub use metrics::{Counter, Gauge, Histogram, Metrics};
 
 use std::future::Future;
 use std::sync::Arc;

@@ -356,3 +356,34 @@ pub struct InstanceAnswer {
     /// Samples the usage sums.
     pub samples: i64,
 }
+
+/// `meterflow.audit`: one stage member's count and quantity for one topic, direction and
+/// event-time bucket since its previous record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditCount {
+    pub stage: String,
+    pub member: String,
+    pub topic: String,
+    /// `in`, `out` or `dup`.
+    pub direction: String,
+    pub bucket_start: Millis,
+    pub bucket_ms: i64,
+    pub count: i64,
+    /// Decimal text.
+    pub quantity: String,
+    pub sent_at: Millis,
+}
+
+/// `meterflow.control`, key = `probe|<stage>.<point>`: a measurement point enabled at run
+/// time (`meterflow probe add`); a tombstone removes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeSpec {
+    /// `<stage>.<point>`.
+    pub point: String,
+    /// `hop_latency`, `queue_dwell`, `processing_time`, `lag`.
+    pub measures: Vec<String>,
+    /// Decimal text in (0, 1].
+    pub sample_rate: String,
+    pub added_at: Millis,
+    pub added_by: String,
+}

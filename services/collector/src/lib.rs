@@ -247,6 +247,7 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
     } else {
         None
     };
+    let mut ledger = meterflow_kafka::audit::Ledger::new("collector", &cfg.node_id);
     let mut reg = Registry::default();
     let mut logged_errors: HashMap<String, String> = HashMap::new();
     let wall0 = Instant::now();
@@ -425,6 +426,23 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
         // acknowledged: into the local log that queries read
         log.append(&published)?;
         log.prune(t)?;
+        // the audit: what this poll sent to the samples topic
+        for smp in &published {
+            ledger.count(
+                &topics.samples,
+                "out",
+                meterflow_kafka::audit::of_sample(smp),
+            );
+        }
+        for (key, rec) in ledger.drain() {
+            out.send(
+                &topics.audit,
+                key.as_bytes(),
+                &meterflow_avro::encode(&rec),
+                None,
+            )
+            .await?;
+        }
         send_heartbeat(
             &mut out,
             &topics,

@@ -57,6 +57,16 @@ pub struct EnricherConfig {
     /// duplicate detection; a copy of one of its samples arriving later would count again.
     #[serde(with = "humantime_serde")]
     pub dedup_retention: Duration,
+    /// Fault injection, for tests of the audit: never set in production.
+    pub faults: Faults,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Faults {
+    /// Drop the nth usage record this process emits after counting it as sent (a record
+    /// lost between the enricher and the rater).
+    pub drop_usage: Option<u64>,
 }
 
 impl Default for EnricherConfig {
@@ -74,6 +84,7 @@ impl Default for EnricherConfig {
             table_refresh: Duration::from_secs(2),
             checkpoint_interval: Duration::from_secs(1),
             dedup_retention: Duration::from_secs(7 * 24 * 3600),
+            faults: Faults::default(),
         }
     }
 }
@@ -218,6 +229,8 @@ struct Counters {
     parked: meterflow_runtime::Gauge,
     watermark: meterflow_runtime::Gauge,
     missing: meterflow_runtime::Gauge,
+    /// `faults.drop_usage`: the nth usage record this process emits is dropped.
+    drop_usage: Option<u64>,
 }
 
 pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
@@ -278,6 +291,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             "Live nodes silent longer than node_timeout (no longer holding the watermark).",
             &[],
         ),
+        drop_usage: cfg.faults.drop_usage,
     };
     let mut missing_reported: BTreeMap<String, Millis> = BTreeMap::new();
     let timeout = cfg.node_timeout.as_millis() as i64;
@@ -361,6 +375,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                 Ok(SamplesMsg::Heartbeat(h)) => st.progress.observe(&h.node_id, h.time, h.retired),
                 Ok(SamplesMsg::Sample(s)) => {
                     c.samples.inc();
+                    io.audit(&topics.samples, "in", meterflow_kafka::audit::of_sample(&s));
                     if let Err((code, why)) =
                         join::validate(&s, now, cfg.max_future.as_millis() as i64)
                     {
@@ -373,6 +388,11 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                     }
                     if st.seen.is_duplicate(&s) || st.parked.iter().any(|q| q.sample.id == s.id) {
                         c.duplicates.inc();
+                        io.audit(
+                            &topics.samples,
+                            "dup",
+                            meterflow_kafka::audit::of_sample(&s),
+                        );
                         continue;
                     }
                     let earlier_parked = st
@@ -602,6 +622,13 @@ async fn emit(
         },
     };
     for u in join::usage_for(s, &segments, tables.instances.get(&s.instance_id)) {
+        io.audit(topic, "out", meterflow_kafka::audit::of_usage(&u));
+        if c.drop_usage == Some(c.usage.get() + 1) {
+            // fault injection (tests): counted as sent, never sent
+            tracing::warn!(usage = %u.id, "fault injection: usage record dropped");
+            c.usage.inc();
+            continue;
+        }
         io.send(
             topic,
             u.entity_id.as_bytes(),

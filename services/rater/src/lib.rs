@@ -496,6 +496,9 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     }
                 }
                 Ok(UsageMsg::Usage(mut u)) => {
+                    if !replaying {
+                        io.audit(&topics.usage, "in", meterflow_kafka::audit::of_usage(&u));
+                    }
                     if !keep_labels {
                         u.labels.clear(); // no rule reads them: do not hold them in windows
                     }
@@ -643,6 +646,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             }
         }
         for ev in &out {
+            io.audit(&topics.rated, "out", meterflow_kafka::audit::of_rated(ev));
             io.send(
                 &topics.rated,
                 ev.entity_id.as_bytes(),

@@ -323,6 +323,8 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     w.time,
                 ),
                 Ok(RatedMsg::Rated(e)) => {
+                    let audited = meterflow_kafka::audit::of_rated(&e);
+                    io.audit(&topics.rated, "in", audited);
                     let (ps, pe) = period.bounds(e.window_start);
                     let key = (ps, e.entity_id.clone());
                     if !written.contains_key(&key) {
@@ -344,6 +346,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     let held = incomplete.get(&p).is_some_and(|k| k.contains(&key));
                     if done.contains(&e.id) {
                         dup_total.inc();
+                        io.audit(&topics.rated, "dup", audited);
                     } else if closed_before && !done.is_empty() && !held {
                         // the period was settled already: a correction with the delta
                         done.insert(e.id.clone());
@@ -357,6 +360,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                             o.events.push((p, msg.offset(), e));
                         } else {
                             dup_total.inc();
+                            io.audit(&topics.rated, "dup", audited);
                         }
                     }
                 }
