@@ -1,5 +1,7 @@
 //! End-to-end tests: real binaries, real libvirt test driver, real Parquet and CSV.
 
+mod hostile;
+mod probe;
 mod query;
 mod tansu;
 mod up;

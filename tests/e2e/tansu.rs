@@ -48,7 +48,7 @@ fn once_each<R: PartialEq + std::fmt::Debug>(
 }
 
 /// Every expected (period, entity) has a manifest.
-fn all_periods_settled(run: &FleetRun) -> impl FnMut(&std::path::Path) -> bool {
+pub(crate) fn all_periods_settled(run: &FleetRun) -> impl FnMut(&std::path::Path) -> bool {
     let want = run.totals(DAY).len();
     move |out| {
         meterflow_settler::files::all_manifests(out)
@@ -1316,9 +1316,7 @@ fn past_the_deadline_a_period_is_settled_incomplete_then_completed_exactly() {
     let mut p = Pipeline::start_stages(run.clone(), 7_200, "day", &["rater", "enricher"]);
     // the simulated periods ended months ago by the wall clock: a one-second deadline
     // passes for each as soon as its first revenue events arrive
-    let cfg = p.path().join("settler.toml");
-    let text = std::fs::read_to_string(&cfg).expect("config");
-    std::fs::write(&cfg, format!("deadline = \"1s\"\n{text}")).expect("config");
+    edit_config(&p, "settler", |text| format!("deadline = \"1s\"\n{text}"));
     p.settler.launch();
     p.start_collector();
     let want = run.totals(DAY).len();
@@ -1517,6 +1515,13 @@ fn a_usage_record_lost_between_enricher_and_rater_is_found_by_the_audit_in_its_b
     p.stop();
 }
 
+/// Rewrite a prepared stage's configuration file before it is launched.
+fn edit_config(p: &Pipeline, stage: &str, f: impl FnOnce(&str) -> String) {
+    let cfg = p.path().join(format!("{stage}.toml"));
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, f(&text)).expect("config");
+}
+
 /// The `period=` directories under a local settlement directory.
 fn period_dirs(out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let store = meterflow_settler::store::Store::local(out)?;
@@ -1526,4 +1531,83 @@ fn period_dirs(out: &Path) -> anyhow::Result<Vec<PathBuf>> {
             .map(|d| out.join(d))
             .collect(),
     )
+}
+
+#[test]
+fn a_settler_master_that_leaves_is_replaced_by_the_other_member_and_each_period_is_indexed_once() {
+    let run = two_days(27);
+    let mut p = Pipeline::start_stages(run.clone(), 7_200, "day", &["rater", "enricher"]);
+    // dynamic membership, so a member that leaves the group is replaced by the other at
+    // once. (A SIGKILLed member is never expired by Tansu 0.6, static or dynamic: its
+    // partitions stay with it, so the crash case is tested with a restart instead.)
+    edit_config(&p, "settler", |text| {
+        text.replace("[kafka]\n", "[kafka]\nstatic_membership = false\n")
+    });
+    p.settler.launch();
+    p.start_replica("settler");
+    p.start_collector();
+    p.wait_for(Duration::from_secs(120), "a settler master", |p| {
+        std::iter::once(&p.settler)
+            .chain(p.replicas.iter())
+            .any(|s| s.log().contains("master: this member"))
+    });
+    let out = p.out.clone();
+    p.wait_for(
+        Duration::from_secs(120),
+        "the first settlement files",
+        |_| meterflow_settler::files::all_manifests(&out).is_ok_and(|m| !m.is_empty()),
+    );
+    // the master leaves for good, mid-run (SIGTERM: it leaves the group on its way out)
+    let first_is_master = p.settler.log().contains("master: this member");
+    let (master, other) = if first_is_master {
+        (&mut p.settler, &p.replicas[0])
+    } else {
+        (&mut p.replicas[0], &p.settler)
+    };
+    assert!(!other.log().contains("master: this member"), "one master");
+    let st = master.terminate(Duration::from_secs(30));
+    assert!(st.is_some_and(|s| s.success()), "{}", master.tail(30));
+    let master_name = master.name.clone();
+    let periods: std::collections::BTreeSet<meterflow_types::Millis> =
+        run.totals(DAY).keys().map(|(ps, _)| *ps).collect();
+    let mut settled = all_periods_settled(&run);
+    p.drain(Duration::from_secs(300), |out| {
+        settled(out)
+            && period_dirs(out).is_ok_and(|d| {
+                d.len() == periods.len() && d.iter().all(|d| d.join("index.json").exists())
+            })
+    });
+    Settled::read(&p.out).assert_matches(&run, DAY);
+    let survivor = if first_is_master {
+        &p.replicas[0]
+    } else {
+        &p.settler
+    };
+    assert!(
+        survivor.log().contains("master: this member"),
+        "{} took over from {master_name}: {}",
+        survivor.name,
+        survivor.tail(30)
+    );
+    assert!(
+        survivor.log().contains("period index written"),
+        "the new master wrote the indexes left: {}",
+        survivor.tail(30)
+    );
+    // every period indexed exactly once, whoever wrote it
+    let store = meterflow_settler::store::Store::local(&p.out).expect("store");
+    for dir in period_dirs(&p.out).expect("dirs") {
+        let rel = dir.file_name().expect("name").to_string_lossy().to_string();
+        let idx =
+            meterflow_settler::store::blocking(meterflow_settler::index::indexes(&store, &rel))
+                .expect("indexes");
+        assert_eq!(idx.len(), 1, "{}: one index version", dir.display());
+        assert_eq!(idx[0].status, "complete");
+    }
+    let written: usize = std::iter::once(&p.settler)
+        .chain(p.replicas.iter())
+        .map(|s| s.log().matches("period index written").count())
+        .sum();
+    assert_eq!(written, periods.len(), "each index written once");
+    p.stop();
 }

@@ -41,7 +41,7 @@ pub struct GetArgs {
     pub brokers: String,
 }
 
-fn kafka(brokers: &str) -> KafkaConfig {
+pub(crate) fn kafka(brokers: &str) -> KafkaConfig {
     KafkaConfig {
         brokers: brokers.to_string(),
         ..KafkaConfig::default()

@@ -10,6 +10,7 @@ mod audit;
 mod flow;
 mod golden;
 mod ownership;
+mod probe;
 mod query;
 mod rerate;
 mod settle;
@@ -78,6 +79,12 @@ enum Cmd {
     /// Ask every collector, now, for its instances' live values and usage over a range;
     /// nodes that do not answer in time are named (exit code 3).
     Query(query::QueryArgs),
+    /// Measurement points enabled at run time: hop latency, queue dwell, processing time
+    /// and lag, carried in message headers and exported as Prometheus histograms.
+    Probe {
+        #[command(subcommand)]
+        cmd: probe::ProbeCmd,
+    },
     /// Check rule files: parse, plan, check the output contract.
     Rules {
         #[command(subcommand)]
@@ -117,6 +124,7 @@ fn main() -> Result<()> {
             Cmd::Audit(a) => tokio::task::block_in_place(|| audit::run(a)),
             Cmd::Usage { cmd } => tokio::task::block_in_place(|| rerate::export(cmd)),
             Cmd::Rerate(a) => rerate::run(a).await,
+            Cmd::Probe { cmd } => probe::run(cmd).await,
             Cmd::Settle(a) => tokio::task::block_in_place(|| settle::run(a)),
             Cmd::Query(a) => {
                 let code = query::run(a).await?;

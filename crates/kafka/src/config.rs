@@ -80,6 +80,12 @@ pub struct KafkaConfig {
     /// drop what lies below it: exact resumption on brokers that serve fetches by batch
     /// base offset (Tansu 0.6). 0 turns it off (fine on Apache Kafka).
     pub resume_rewind: i64,
+    /// Static group membership (`group.instance.id` = stage + member): a restarted
+    /// replica takes its own partitions back at once, and a broker that does not expire
+    /// static members (Tansu 0.6) never hands a dead member's partitions to another.
+    /// `false`: dynamic membership — a member that dies is replaced by the others after
+    /// the session timeout (10 s).
+    pub static_membership: bool,
     /// Raw librdkafka properties, applied last.
     pub client: BTreeMap<String, String>,
 }
@@ -94,6 +100,7 @@ impl Default for KafkaConfig {
             replication: 1,
             linger_ms: 5,
             resume_rewind: 10_000,
+            static_membership: true,
             client: BTreeMap::new(),
         }
     }

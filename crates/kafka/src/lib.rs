@@ -5,13 +5,14 @@
 pub mod audit;
 mod config;
 mod outbox;
+pub mod probe;
 mod stage;
 mod table;
 
 pub use config::{Delivery, KafkaConfig, Topics};
 pub use outbox::Outbox;
 pub use rdkafka::message::{Message, OwnedMessage};
-pub use stage::{default_member, dlq_record, now_ms};
+pub use stage::{default_member, dlq_record, now_ms, DLQ_PAYLOAD_MAX};
 pub use stage::{Assignment, Batch, Coordinates, StageIo};
 pub use table::{
     high_watermarks, read_latest, read_table, scan_topic, scan_topic_from, TableRecord, Tail,

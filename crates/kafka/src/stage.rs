@@ -41,6 +41,8 @@ pub struct Ctx {
     /// partition must not commit over its new owner's progress.
     owned: Mutex<HashMap<(String, i32), i64>>,
     rewind: i64,
+    /// Partition ends from the client's statistics, for the probes' `lag`.
+    ends: crate::probe::PartitionEnds,
 }
 
 fn parts(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -50,7 +52,19 @@ fn parts(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
         .collect()
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn stats(&self, s: rdkafka::Statistics) {
+        if let Ok(mut ends) = self.ends.lock() {
+            for (topic, t) in s.topics {
+                for (p, part) in t.partitions {
+                    if p >= 0 && part.hi_offset >= 0 {
+                        ends.insert((topic.clone(), p), part.hi_offset);
+                    }
+                }
+            }
+        }
+    }
+}
 impl ConsumerContext for Ctx {
     fn rebalance(&self, c: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         match err {
@@ -164,8 +178,10 @@ impl StageIo {
             .set("isolation.level", "read_committed")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .set("max.poll.interval.ms", "300000");
-        if !member.is_empty() {
+            .set("max.poll.interval.ms", "300000")
+            // partition ends for the probes' lag, once a second
+            .set("statistics.interval.ms", "1000");
+        if cfg.static_membership && !member.is_empty() {
             c.set("group.instance.id", format!("{stage}-{member}"));
         }
         let consumer: StreamConsumer<Ctx> = c
@@ -173,6 +189,7 @@ impl StageIo {
                 events: Mutex::new(Vec::new()),
                 owned: Mutex::new(HashMap::new()),
                 rewind: cfg.resume_rewind,
+                ends: Default::default(),
             })
             .context("creating Kafka consumer")?;
         consumer.subscribe(topics).context("subscribing")?;
@@ -418,15 +435,42 @@ impl StageIo {
             .collect())
     }
 
+    /// The latest known end of every partition this member reads (from the client's
+    /// statistics, refreshed every second), for [`crate::probe::Probes::with_ends`].
+    pub fn partition_ends(&self) -> crate::probe::PartitionEnds {
+        self.consumer.context().ends.clone()
+    }
+
     pub fn producer(&self) -> &FutureProducer {
         &self.out.producer
     }
 }
 
-/// A replica's default name: the host name (stable per machine or pod).
+/// The most of a message's bytes a dead-letter record carries: a larger message (it is
+/// dead-lettered for its size, or it would not fit the dead-letter topic) keeps its first
+/// bytes here, and the reason names its size, SHA-256 and coordinates, where the whole
+/// message stays.
+pub const DLQ_PAYLOAD_MAX: usize = 256 * 1024;
+
 /// The dead-letter record of a message (logged as it is made). Its id derives from the
 /// source coordinates, so the same message dead-lettered twice carries one id.
 pub fn dlq_record(stage: &str, at: Coordinates<'_>, reason_code: &str, reason: &str) -> DlqRecord {
+    let (payload, reason) = if at.payload.len() > DLQ_PAYLOAD_MAX {
+        (
+            &at.payload[..DLQ_PAYLOAD_MAX],
+            format!(
+                "{reason} [payload: first {DLQ_PAYLOAD_MAX} of {} bytes, sha256 {}; the whole message is {}/{}/{}]",
+                at.payload.len(),
+                id::sha256_hex(at.payload),
+                at.topic,
+                at.partition,
+                at.offset
+            ),
+        )
+    } else {
+        (at.payload, reason.to_string())
+    };
+    let reason = reason.as_str();
     tracing::warn!(
         stage,
         topic = at.topic,
@@ -448,11 +492,12 @@ pub fn dlq_record(stage: &str, at: Coordinates<'_>, reason_code: &str, reason: &
         reason_code: reason_code.to_string(),
         reason: reason.to_string(),
         key: at.key.map(<[u8]>::to_vec),
-        payload: at.payload.to_vec(),
+        payload: payload.to_vec(),
         time: now_ms(),
     }
 }
 
+/// A replica's default name: the host name (stable per machine or pod).
 pub fn default_member() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())

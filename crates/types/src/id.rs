@@ -4,6 +4,11 @@
 
 use sha2::{Digest, Sha256};
 
+/// SHA-256 of `bytes`, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 pub fn derive(kind: &str, parts: &[&str]) -> String {
     let mut h = Sha256::new();
     h.update(kind.as_bytes());

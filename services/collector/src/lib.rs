@@ -248,6 +248,12 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
         None
     };
     let mut ledger = meterflow_kafka::audit::Ledger::new("collector", &cfg.node_id);
+    let mut probes = meterflow_kafka::probe::Probes::new(
+        &cfg.kafka,
+        "collector",
+        &cfg.node_id,
+        ctx.metrics.clone(),
+    )?;
     let mut reg = Registry::default();
     let mut logged_errors: HashMap<String, String> = HashMap::new();
     let wall0 = Instant::now();
@@ -279,6 +285,8 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
             break;
         }
         let t = start + k * poll_ms;
+        probes.refresh();
+        let poll_started = Instant::now();
         let (readings, errors) = sources.poll(t).await;
         for e in &errors {
             errors_total.inc();
@@ -366,11 +374,15 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
                 sampler.end(&r.instance_id, r.kind, t)
             };
             if let Some(s) = sample {
-                out.send(
+                let fwd = probes.finish(&probes.start("collector.publish", &s.id, poll_started));
+                out.send_with(
                     &topics.samples,
                     s.instance_id.as_bytes(),
-                    &meterflow_avro::encode(&s),
+                    Some(&meterflow_avro::encode(&s)),
                     None,
+                    &fwd.as_ref()
+                        .map(meterflow_kafka::probe::as_refs)
+                        .unwrap_or_default(),
                 )
                 .await?;
                 samples_total.inc();
@@ -400,11 +412,16 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
                     .get(&id)
                     .map_or("vm".to_string(), |(s, _)| s.kind.clone());
                 if let Some(s) = sampler.end(&id, &kind, t) {
-                    out.send(
+                    let fwd =
+                        probes.finish(&probes.start("collector.publish", &s.id, poll_started));
+                    out.send_with(
                         &topics.samples,
                         id.as_bytes(),
-                        &meterflow_avro::encode(&s),
+                        Some(&meterflow_avro::encode(&s)),
                         None,
+                        &fwd.as_ref()
+                            .map(meterflow_kafka::probe::as_refs)
+                            .unwrap_or_default(),
                     )
                     .await?;
                     samples_total.inc();

@@ -173,7 +173,21 @@ pub fn carries_nothing(s: &Sample) -> bool {
 }
 
 /// Why a sample cannot be billed at all (dead-letter reason code, detail).
-pub fn validate(s: &Sample, now: Millis, max_future: Millis) -> Result<(), (&'static str, String)> {
+/// No host has more CPUs than this: CPU time beyond it in an interval is a corrupt or
+/// overflowed counter, not usage.
+const MAX_CPUS: i64 = 1024;
+/// Bytes (network, disk, memory) beyond this in one sample are corrupt (1 PiB).
+const MAX_BYTES: i64 = 1 << 50;
+
+/// Reasons a sample cannot be billed, as dead-letter codes: `bad_interval`,
+/// `future_timestamp`, `ancient_timestamp`, `negative_counter`, `negative_gauge`,
+/// `implausible_counter`, `unknown_instance`.
+pub fn validate(
+    s: &Sample,
+    now: Millis,
+    max_future: Millis,
+    max_age: Millis,
+) -> Result<(), (&'static str, String)> {
     if s.interval_end < s.interval_start {
         return Err((
             "bad_interval",
@@ -192,10 +206,45 @@ pub fn validate(s: &Sample, now: Millis, max_future: Millis) -> Result<(), (&'st
             ),
         ));
     }
+    if s.interval_start < now.saturating_sub(max_age) {
+        return Err((
+            "ancient_timestamp",
+            format!(
+                "interval_start {} is more than {max_age} ms behind now",
+                s.interval_start
+            ),
+        ));
+    }
     for (name, v) in s.deltas.fields().iter().chain(s.counters.fields().iter()) {
         if *v < 0 {
             return Err(("negative_counter", format!("{name} = {v}")));
         }
+    }
+    let span_ns = (s.interval_end - s.interval_start).saturating_mul(1_000_000);
+    if s.deltas.cpu_time_ns
+        > span_ns
+            .saturating_mul(MAX_CPUS)
+            .saturating_add(1_000_000_000)
+    {
+        return Err((
+            "implausible_counter",
+            format!(
+                "cpu_time_ns delta {} over {} ms is more than {MAX_CPUS} CPUs could use",
+                s.deltas.cpu_time_ns,
+                s.interval_end - s.interval_start
+            ),
+        ));
+    }
+    for (name, v) in s.deltas.fields().iter().skip(1) {
+        if *v > MAX_BYTES {
+            return Err((
+                "implausible_counter",
+                format!("{name} delta {v} exceeds 1 PiB"),
+            ));
+        }
+    }
+    if s.memory_alloc_bytes > MAX_BYTES || s.memory_used_bytes.is_some_and(|m| m > MAX_BYTES) {
+        return Err(("implausible_counter", "memory gauge exceeds 1 PiB".into()));
     }
     if s.vcpu_millis < 0 || s.memory_alloc_bytes < 0 || s.memory_used_bytes.is_some_and(|m| m < 0) {
         return Err(("negative_gauge", "a gauge is negative".into()));
@@ -336,17 +385,40 @@ mod tests {
 
     #[test]
     fn bad_samples_get_reason_codes() {
+        let age = 1_000_000;
         let mut s = sample(10, 5);
-        assert_eq!(validate(&s, 0, 1000).map_err(|e| e.0), Err("bad_interval"));
+        assert_eq!(
+            validate(&s, 0, 1000, age).map_err(|e| e.0),
+            Err("bad_interval")
+        );
         s = sample(0, 10_000);
         assert_eq!(
-            validate(&s, 0, 1000).map_err(|e| e.0),
+            validate(&s, 0, 1000, age).map_err(|e| e.0),
             Err("future_timestamp")
+        );
+        assert_eq!(validate(&s, 10_000, 1000, age), Ok(()));
+        assert_eq!(
+            validate(&s, 10_000 + age + 1, 1000, age).map_err(|e| e.0),
+            Err("ancient_timestamp")
         );
         s.deltas.net_rx_bytes = -1;
         assert_eq!(
-            validate(&s, 100_000, 1000).map_err(|e| e.0),
+            validate(&s, 100_000, 1000, age).map_err(|e| e.0),
             Err("negative_counter")
+        );
+        s.deltas.net_rx_bytes = 1 << 51;
+        assert_eq!(
+            validate(&s, 100_000, 1000, age).map_err(|e| e.0),
+            Err("implausible_counter")
+        );
+        s.deltas.net_rx_bytes = 0;
+        // 10 s of 1024 CPUs (plus a second of slack) is the most a sample can carry
+        s.deltas.cpu_time_ns = 10_000 * 1_000_000 * 1024 + 1_000_000_000;
+        assert_eq!(validate(&s, 100_000, 1000, age), Ok(()));
+        s.deltas.cpu_time_ns = i64::MAX;
+        assert_eq!(
+            validate(&s, 100_000, 1000, age).map_err(|e| e.0),
+            Err("implausible_counter")
         );
     }
 

@@ -13,6 +13,7 @@ pub mod join;
 use anyhow::Result;
 use join::Owners;
 use meterflow_avro::{InstancesMsg, SamplesMsg};
+use meterflow_kafka::probe::{Forward, Probes, Trace};
 use meterflow_kafka::{
     ensure_topics, partition_count, read_table, Coordinates, KafkaConfig, Message, StageIo,
     TableRecord,
@@ -45,6 +46,10 @@ pub struct EnricherConfig {
     /// Samples ending further than this ahead of the wall clock are dead-lettered.
     #[serde(with = "humantime_serde")]
     pub max_future: Duration,
+    /// Samples starting further than this behind the wall clock are dead-lettered
+    /// (`ancient_timestamp`): a zeroed or corrupted clock, not late data.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
     pub batch_size: usize,
     /// How often the ownership and instance tables are re-read when nothing is parked.
     #[serde(with = "humantime_serde")]
@@ -80,6 +85,7 @@ impl Default for EnricherConfig {
             unowned_deadline: Duration::from_secs(3600),
             unallocated_entity: "unallocated".into(),
             max_future: Duration::from_secs(3600),
+            max_age: Duration::from_secs(2 * 366 * 24 * 3600),
             batch_size: 5000,
             table_refresh: Duration::from_secs(2),
             checkpoint_interval: Duration::from_secs(1),
@@ -204,6 +210,8 @@ struct Parked {
     /// tables were re-read after the sample arrived, so an owner published just before
     /// it is always seen, however fast event time runs.
     refreshes: u64,
+    /// Its probe trail (the `enricher.join` point), forwarded when it is billed.
+    trace: Trace,
 }
 
 #[derive(Default)]
@@ -253,6 +261,8 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         &[&topics.samples],
         &cfg.member,
     )?;
+    let mut probes = Probes::new(&cfg.kafka, "enricher", &cfg.member, ctx.metrics.clone())?
+        .with_ends(io.partition_ends());
     let m = &ctx.metrics;
     let c = Counters {
         usage: m.counter(
@@ -305,6 +315,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         let batch = io
             .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
             .await?;
+        probes.refresh();
         let rebalanced = !batch.rebalances.is_empty();
         if rebalanced {
             parked_before = read_parked(&cfg.kafka)?;
@@ -374,11 +385,15 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                 }
                 Ok(SamplesMsg::Heartbeat(h)) => st.progress.observe(&h.node_id, h.time, h.retired),
                 Ok(SamplesMsg::Sample(s)) => {
+                    let trace = probes.begin("enricher.join", msg);
                     c.samples.inc();
                     io.audit(&topics.samples, "in", meterflow_kafka::audit::of_sample(&s));
-                    if let Err((code, why)) =
-                        join::validate(&s, now, cfg.max_future.as_millis() as i64)
-                    {
+                    if let Err((code, why)) = join::validate(
+                        &s,
+                        now,
+                        cfg.max_future.as_millis() as i64,
+                        cfg.max_age.as_millis() as i64,
+                    ) {
                         io.dead_letter(msg, code, &why).await?;
                         c.dlq.inc();
                         continue;
@@ -399,8 +414,14 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                         .parked
                         .iter()
                         .any(|q| q.sample.instance_id == s.instance_id);
+                    let fwd = if earlier_parked {
+                        None
+                    } else {
+                        probes.finish(&trace)
+                    };
                     let emitted = !earlier_parked
-                        && emit(&mut io, &topics.usage, &tables, &s, None, &c).await?;
+                        && emit(&mut io, &topics.usage, &tables, &s, None, &c, fwd.as_ref())
+                            .await?;
                     if emitted {
                         st.seen.record(&s);
                         st.latest_end = st.latest_end.max(s.interval_end);
@@ -429,6 +450,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                             sample: s,
                             snapshot,
                             refreshes: tables.refreshes,
+                            trace,
                         });
                     }
                 }
@@ -443,7 +465,18 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             while let Some(pk) = st.parked.pop_front() {
                 let inst = pk.sample.instance_id.clone();
                 if !blocked.contains(&inst) {
-                    if emit(&mut io, &topics.usage, &tables, &pk.sample, None, &c).await? {
+                    let fwd = probes.finish(&pk.trace);
+                    if emit(
+                        &mut io,
+                        &topics.usage,
+                        &tables,
+                        &pk.sample,
+                        None,
+                        &c,
+                        fwd.as_ref(),
+                    )
+                    .await?
+                    {
                         release(&mut io, &topics.parked, &pk.sample.id, "owner").await?;
                         st.seen.record(&pk.sample);
                         st.latest_end = st.latest_end.max(pk.sample.interval_end);
@@ -460,6 +493,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                             &pk.sample,
                             Some(&cfg.unallocated_entity),
                             &c,
+                            fwd.as_ref(),
                         )
                         .await?;
                         release(
@@ -599,7 +633,9 @@ async fn emit(
     s: &Sample,
     unallocated: Option<&str>,
     c: &Counters,
+    fwd: Option<&Forward>,
 ) -> Result<bool> {
+    let headers = fwd.map(meterflow_kafka::probe::as_refs).unwrap_or_default();
     let fallback;
     let segments = match unallocated {
         Some(entity) => {
@@ -629,11 +665,12 @@ async fn emit(
             c.usage.inc();
             continue;
         }
-        io.send(
+        io.send_with(
             topic,
             u.entity_id.as_bytes(),
-            &meterflow_avro::encode(&u),
+            Some(&meterflow_avro::encode(&u)),
             None,
+            &headers,
         )
         .await?;
         c.usage.inc();

@@ -21,6 +21,7 @@ pub mod todate;
 
 use anyhow::{Context, Result};
 use meterflow_avro::UsageMsg;
+use meterflow_kafka::probe::{as_refs, Forward, Probes, Trace};
 use meterflow_kafka::{ensure_topics, partition_count, KafkaConfig, Message, StageIo};
 use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
 use meterflow_types::watermark::SourceTimes;
@@ -135,6 +136,9 @@ struct Win {
     /// (offset, piece); a piece is shared by every rule with the same window size.
     rows: Vec<(i64, std::sync::Arc<Usage>)>,
     ids: HashSet<String>,
+    /// The probe trail of the last usage record that carried one (`rater.rate`): its
+    /// revenue events forward it.
+    trace: Option<std::sync::Arc<Trace>>,
 }
 
 struct PartState {
@@ -317,6 +321,8 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         &[&topics.usage],
         &cfg.member,
     )?;
+    let mut probes = Probes::new(&cfg.kafka, "rater", &cfg.member, ctx.metrics.clone())?
+        .with_ends(io.partition_ends());
     let m = &ctx.metrics;
     let events_total = m.counter(
         "meterflow_rater_revenue_events_total",
@@ -405,6 +411,8 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         let batch = io
             .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
             .await?;
+        let batch_start = std::time::Instant::now();
+        probes.refresh();
         for r in &batch.rebalances {
             if let meterflow_kafka::Assignment::Revoked(ps) = r {
                 for (_, p) in ps {
@@ -470,7 +478,8 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                 tracing::error!(error = %e, "reference table not reloaded");
             }
         }
-        let mut out: Vec<RatedEvent> = Vec::new();
+        // revenue events, each with the probe trail it forwards
+        let mut out: Vec<(RatedEvent, Option<Forward>)> = Vec::new();
         for msg in &batch.messages {
             let p = msg.partition();
             let Some(st) = parts.get_mut(&p) else {
@@ -496,6 +505,10 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     }
                 }
                 Ok(UsageMsg::Usage(mut u)) => {
+                    let trace = match probes.begin("rater.rate", msg) {
+                        Trace::None => None,
+                        t => Some(std::sync::Arc::new(t)),
+                    };
                     if !replaying {
                         io.audit(&topics.usage, "in", meterflow_kafka::audit::of_usage(&u));
                     }
@@ -559,7 +572,8 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                     {
                                         Ok(ev) => {
                                             adjustments_total.add(ev.len() as u64);
-                                            out.extend(ev);
+                                            let fwd = trace.as_ref().and_then(|t| probes.finish(t));
+                                            out.extend(ev.into_iter().map(|e| (e, fwd.clone())));
                                         }
                                         Err(e) => {
                                             failed_total.inc();
@@ -581,6 +595,9 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                 let win = st.windows[r].entry(ws).or_default();
                                 if win.ids.insert(key.clone()) {
                                     win.rows.push((off, piece.clone()));
+                                    if trace.is_some() {
+                                        win.trace.clone_from(&trace);
+                                    }
                                 } else {
                                     dup_total.inc();
                                 }
@@ -626,7 +643,13 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         Vec::new()
                     };
                     match engine.evaluate_with(r, ws, &rows, *p, None, &to_date).await {
-                        Ok(ev) => out.extend(ev),
+                        Ok(ev) => {
+                            let fwd = win
+                                .trace
+                                .as_ref()
+                                .and_then(|t| probes.finish_from(t, Some(batch_start)));
+                            out.extend(ev.into_iter().map(|e| (e, fwd.clone())));
+                        }
                         Err(e) => {
                             failed_total.inc();
                             quarantined.insert(r);
@@ -645,13 +668,14 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                 st.last_marker = Some(through);
             }
         }
-        for ev in &out {
+        for (ev, fwd) in &out {
             io.audit(&topics.rated, "out", meterflow_kafka::audit::of_rated(ev));
-            io.send(
+            io.send_with(
                 &topics.rated,
                 ev.entity_id.as_bytes(),
-                &meterflow_avro::encode(ev),
+                Some(&meterflow_avro::encode(ev)),
                 None,
+                &fwd.as_ref().map(as_refs).unwrap_or_default(),
             )
             .await?;
         }

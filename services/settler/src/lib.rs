@@ -228,6 +228,14 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         &[&topics.rated],
         &cfg.member,
     )?;
+    // the end of the trail: measured, recorded in histograms, not forwarded
+    let mut probes = meterflow_kafka::probe::Probes::new(
+        &cfg.kafka,
+        "settler",
+        &cfg.member,
+        ctx.metrics.clone(),
+    )?
+    .with_ends(io.partition_ends());
     let m = &ctx.metrics;
     let grace = cfg.grace.as_millis() as Millis;
     let deadline = cfg.deadline.map(|d| d.as_millis() as Millis);
@@ -290,6 +298,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         let batch = io
             .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
             .await?;
+        probes.refresh();
         for r in &batch.rebalances {
             match r {
                 meterflow_kafka::Assignment::Revoked(ps) => {
@@ -323,6 +332,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     w.time,
                 ),
                 Ok(RatedMsg::Rated(e)) => {
+                    let trace = probes.begin("settler.settle", msg);
                     let audited = meterflow_kafka::audit::of_rated(&e);
                     io.audit(&topics.rated, "in", audited);
                     let (ps, pe) = period.bounds(e.window_start);
@@ -363,6 +373,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                             io.audit(&topics.rated, "dup", audited);
                         }
                     }
+                    probes.finish(&trace);
                 }
             }
         }

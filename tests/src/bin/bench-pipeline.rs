@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let enricher_only = args.first().is_some_and(|a| a == "enricher");
-    if enricher_only {
+    let probes_mode = args.first().is_some_and(|a| a == "probes");
+    if enricher_only || probes_mode {
         args.remove(0);
     }
     let instances: u32 = args.first().map(|s| s.parse()).transpose()?.unwrap_or(200);
@@ -50,6 +51,9 @@ fn main() -> anyhow::Result<()> {
 
     if enricher_only {
         return enricher(run, samples);
+    }
+    if probes_mode {
+        return probes(run);
     }
 
     // ---- the pipeline
@@ -121,10 +125,8 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The enricher alone: the samples are on the topic before it starts; the clock runs
-/// from its partition assignment until it has committed every sample (each one joined,
-/// produced as usage and acknowledged first).
-fn enricher(run: FleetRun, samples: i64) -> anyhow::Result<()> {
+/// A broker with the fleet's samples all on the topic, and no stage running.
+fn prefilled(run: FleetRun) -> anyhow::Result<Pipeline> {
     let mut p = Pipeline::start_stages(run, 1_000_000_000, "day", &[]);
     p.start_collector();
     let st = p
@@ -133,6 +135,14 @@ fn enricher(run: FleetRun, samples: i64) -> anyhow::Result<()> {
         .and_then(|c| c.wait(Duration::from_secs(1800)))
         .ok_or_else(|| anyhow::anyhow!("collector did not finish"))?;
     anyhow::ensure!(st.success(), "collector failed");
+    Ok(p)
+}
+
+/// The enricher alone: the samples are on the topic before it starts; the clock runs
+/// from its partition assignment until it has committed every sample (each one joined,
+/// produced as usage and acknowledged first).
+fn enricher(run: FleetRun, samples: i64) -> anyhow::Result<()> {
+    let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
     p.enricher.launch();
     let joined = Instant::now();
@@ -164,6 +174,113 @@ fn enricher(run: FleetRun, samples: i64) -> anyhow::Result<()> {
         er / rr
     );
     println!("\nenricher peak RSS: {:.0} MiB", peak as f64 / 1024.0);
+    Ok(())
+}
+
+/// The enricher with the `enricher.join` probe off and on (every measure, every message),
+/// alternating three times each, each run a fresh group with its own output topics; the
+/// bare relay first. Prints every run and the medians.
+fn probes(run: FleetRun) -> anyhow::Result<()> {
+    let mut p = prefilled(run)?;
+    let t = p.kafka.topics.clone();
+    let (n, relay_secs) = relay_samples(&p, true)?;
+    let rr = n as f64 / relay_secs;
+    println!("| run | messages in | seconds | messages/s | vs relay |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| bare relay, input on the topic beforehand | {n} | {relay_secs:.2} | {rr:.0} | 1.00 |"
+    );
+    let key = format!("{}enricher.join", meterflow_kafka::probe::KEY_PREFIX);
+    let spec = meterflow_types::ProbeSpec {
+        point: "enricher.join".into(),
+        measures: meterflow_kafka::probe::MEASURES
+            .iter()
+            .map(|m| m.to_string())
+            .collect(),
+        sample_rate: "1".into(),
+        added_at: meterflow_kafka::now_ms(),
+        added_by: "bench".into(),
+    };
+    let mut ratios: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for i in 1..=6 {
+        let on = i % 2 == 0;
+        let payload = on.then(|| meterflow_avro::encode(&spec));
+        block_on(async {
+            let mut out =
+                meterflow_kafka::Outbox::new(meterflow_kafka::producer(&p.kafka, "bench", None)?);
+            out.send_with(&t.control, key.as_bytes(), payload.as_deref(), None, &[])
+                .await?;
+            out.flush().await
+        })?;
+        let group = format!("bench-enricher-{i}");
+        let usage = format!("bench.usage-{i}");
+        let extra = format!(
+            "group = \"{group}\"\n[kafka.topics]\nusage = \"{usage}\"\n\
+             enricher_state = \"bench.enricher-state-{i}\"\nparked = \"bench.parked-{i}\"\n\
+             audit = \"bench.audit-{i}\"\n"
+        );
+        let assigned = p.enricher.log().matches("partitions assigned").count();
+        p.enricher.kill9(); // the previous run's (exited) process
+        p.launch_with("enricher", &extra);
+        let joined = Instant::now();
+        while p.enricher.log().matches("partitions assigned").count() <= assigned {
+            anyhow::ensure!(joined.elapsed() < Duration::from_secs(120), "no assignment");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t0 = Instant::now();
+        let mut peak = 0;
+        while !p.caught_up(&group, &t.samples) {
+            p.assert_services_alive();
+            peak = peak.max(p.enricher.peak_rss_kib().unwrap_or(0));
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(1800),
+                "enricher did not drain"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        p.enricher.terminate(Duration::from_secs(30));
+        // the figure counts only if the probe did (or did not) measure every usage record
+        let recs = read_table(
+            &p.kafka,
+            &[&usage],
+            &HashMap::new(),
+            Duration::from_secs(120),
+        )?;
+        let data: Vec<_> = recs
+            .iter()
+            .filter(|r| r.key.as_deref().is_some_and(|k| !k.is_empty()))
+            .collect();
+        let trailed = data
+            .iter()
+            .filter(|r| r.header(meterflow_kafka::probe::TRAIL).is_some())
+            .count();
+        anyhow::ensure!(
+            trailed == if on { data.len() } else { 0 },
+            "run {i}: {trailed} of {} usage records carry a trail",
+            data.len()
+        );
+        let er = n as f64 / secs;
+        println!(
+            "| enricher, probe enricher.join {} ({} usage records{}) | {n} | {secs:.2} | {er:.0} | {:.2} |",
+            if on { "on: all measures, rate 1" } else { "off" },
+            data.len(),
+            if on { ", each with its trail entry" } else { "" },
+            er / rr
+        );
+        eprintln!("run {i}: enricher peak RSS {:.0} MiB", peak as f64 / 1024.0);
+        ratios[usize::from(on)].push(er / rr);
+    }
+    p.stop();
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (off, on) = (median(&mut ratios[0]), median(&mut ratios[1]));
+    println!(
+        "\nmedian vs relay: probe off {off:.2}, probe on {on:.2} (on/off {:.2})",
+        on / off
+    );
     Ok(())
 }
 
