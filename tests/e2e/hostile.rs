@@ -9,25 +9,11 @@ use meterflow_kafka::TableRecord;
 use meterflow_tests::expect::{FleetRun, DAY};
 use meterflow_tests::pipeline::{block_on, Pipeline};
 use meterflow_tests::settled::Settled;
+use meterflow_tests::Rng;
 use meterflow_types::{DlqRecord, Sample};
 use rdkafka::producer::FutureRecord;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
-
-/// splitmix64: a small, seeded, reproducible generator.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 /// How the stage reading `topic` decodes a message.
 fn decoder(p: &Pipeline, topic: &str) -> fn(&[u8]) -> Result<(), DecodeError> {
@@ -82,10 +68,10 @@ fn corpus(p: &Pipeline, real: &BTreeMap<String, Vec<Vec<u8>>>, rng: &mut Rng) ->
             }
             for _ in 0..1 + rng.below(4) {
                 let at = 10 + rng.below(r.len() - 10);
-                r[at] = rng.next() as u8;
+                r[at] = rng.next_u64() as u8;
             }
             if rng.below(3) == 0 {
-                r.extend((0..rng.below(64)).map(|_| rng.next() as u8));
+                r.extend((0..rng.below(64)).map(|_| rng.next_u64() as u8));
             }
             n += usize::from(kept(r, "fuzzed", &mut out));
         }
@@ -97,7 +83,7 @@ fn corpus(p: &Pipeline, real: &BTreeMap<String, Vec<Vec<u8>>>, rng: &mut Rng) ->
         let mut n = 0;
         while n < 300 {
             let len = rng.below(200);
-            let junk: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
             n += usize::from(kept(junk, "garbage", &mut out));
         }
         for _ in 0..3 {

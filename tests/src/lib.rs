@@ -3,6 +3,7 @@
 //! broker as a separate process, service processes with their logs, and the settlement
 //! files read back.
 
+pub mod chaos;
 pub mod expect;
 pub mod pipeline;
 pub mod settled;
@@ -110,6 +111,25 @@ fn wait_for_port(port: u16, within: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// splitmix64: a small, seeded, reproducible generator (the same seed gives the same
+/// corpus, the same faults at the same moments).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-ish in 0..n (0 when n is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
 }
 
 /// A process with its output in a log file; SIGKILLed when dropped.
@@ -256,6 +276,21 @@ impl Proc {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A consumer-group member whose log says that, since its latest start, it was
+    /// assigned partitions and not revoked after: its group has settled around it.
+    pub fn settled_in_group(&self) -> bool {
+        let log = self.log();
+        let since = log.rfind(" starting").map_or(&log[..], |i| &log[i..]);
+        match (
+            since.rfind("partitions assigned"),
+            since.rfind("partitions revoked"),
+        ) {
+            (Some(a), Some(r)) => a > r,
+            (Some(_), None) => true,
+            _ => false,
+        }
     }
 
     /// The last `n` lines of the log, for failure messages.

@@ -57,6 +57,13 @@ impl Pipeline {
         Pipeline::start_with_rules(run, speed, period, stages, &rules_dir())
     }
 
+    /// Like `start`, on a broker with the given Tansu storage engine (`sqlite://…` is
+    /// persistent across a broker restart).
+    pub fn start_on(storage: &str, run: FleetRun, speed: u32, period: &str) -> Pipeline {
+        let stages = ["settler", "rater", "enricher"];
+        Pipeline::launch_all(storage, run, speed, period, &stages, &rules_dir())
+    }
+
     /// Like `start_stages`, with the rater reading the rules in `rules`.
     pub fn start_with_rules(
         run: FleetRun,
@@ -65,8 +72,19 @@ impl Pipeline {
         stages: &[&str],
         rules: &Path,
     ) -> Pipeline {
+        Pipeline::launch_all("memory://tansu/", run, speed, period, stages, rules)
+    }
+
+    fn launch_all(
+        storage: &str,
+        run: FleetRun,
+        speed: u32,
+        period: &str,
+        stages: &[&str],
+        rules: &Path,
+    ) -> Pipeline {
         let dir = tempfile::tempdir().expect("tmp");
-        let broker = Tansu::start(dir.path());
+        let broker = Tansu::start_with(dir.path(), storage);
         let kafka = KafkaConfig {
             brokers: broker.brokers(),
             partitions: 4,
@@ -123,6 +141,11 @@ impl Pipeline {
     /// Start another replica of a stage (`enricher`, `rater`, `settler`) in the same group,
     /// with the same configuration and its own member name.
     pub fn start_replica(&mut self, stage: &str) {
+        self.start_replica_with(stage, str::to_string);
+    }
+
+    /// `start_replica` with its configuration passed through `edit` first.
+    pub fn start_replica_with(&mut self, stage: &str, edit: impl FnOnce(&str) -> String) {
         let n = 2 + self
             .replicas
             .iter()
@@ -137,7 +160,7 @@ impl Pipeline {
             .collect();
         let name = format!("{stage}-{n}");
         let cfg = dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, format!("member = \"{name}\"\n{body}")).expect("config");
+        std::fs::write(&cfg, edit(&format!("member = \"{name}\"\n{body}"))).expect("config");
         self.replicas.push(Proc::start(
             &name,
             &bin(&format!("meterflow-{stage}")),
@@ -411,6 +434,28 @@ impl Pipeline {
                 );
             }
             std::thread::sleep(Duration::from_millis(1000));
+        }
+    }
+
+    /// Wait (bounded) until every running stage member has been assigned its partitions
+    /// since its latest start and not revoked after; the names of those that have not.
+    pub fn wait_groups_settled(&mut self, within: Duration) -> Result<(), Vec<String>> {
+        let end = std::time::Instant::now() + within;
+        loop {
+            let mut members = vec![&self.enricher, &self.rater, &self.settler];
+            members.extend(self.replicas.iter().filter(|r| !r.stopped));
+            let unsettled: Vec<String> = members
+                .into_iter()
+                .filter(|p| !p.settled_in_group())
+                .map(|p| p.name.clone())
+                .collect();
+            if unsettled.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > end {
+                return Err(unsettled);
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 

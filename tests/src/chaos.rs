@@ -1,0 +1,261 @@
+//! Chaos: the real service binaries on Tansu, a simulated fleet of known usage, SIGKILLs
+//! of random stages at random moments, and extra enricher and rater members added and
+//! removed mid-run. Pass = the settlement files equal the bill computed independently
+//! from the fleet and the rules, to the cent, with no revenue event settled twice and
+//! nothing dead-lettered or left parked.
+//!
+//! `target/release/chaos [samples] [kills] [seed]` runs it at scale (RELIABILITY.md); the
+//! test suite runs a short version.
+
+use crate::expect::{FleetRun, DAY};
+use crate::pipeline::Pipeline;
+use crate::settled::Settled;
+use crate::Rng;
+use meterflow_collector::fleet::FleetConfig;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct Chaos {
+    pub instances: u32,
+    pub polls: i64,
+    /// SIGKILLs, each followed by a restart of the same member.
+    pub kills: usize,
+    /// Simulated milliseconds per wall millisecond of the collector's clock.
+    pub speed: u32,
+    pub seed: u64,
+    /// Add a second enricher and rater after a third of the kills, remove them (SIGTERM)
+    /// after two thirds.
+    pub extra_members: bool,
+    /// How long the pipeline may take to settle everything after the last fault.
+    pub drain_secs: u64,
+    /// Tansu's storage engine: `memory://tansu/`, or `sqlite://broker.db` (persistent,
+    /// much slower) for a run that restarts the broker.
+    pub storage: String,
+    /// SIGKILLs of the broker itself, each followed by a restart on the same storage,
+    /// spread among the stage kills.
+    pub broker_restarts: usize,
+}
+
+#[derive(Debug)]
+pub struct Report {
+    pub samples: i64,
+    /// Each fault, with its wall time since the start.
+    pub faults: Vec<String>,
+    pub expected_cents: i128,
+    pub settled_cents: i128,
+    /// (period start, entity) totals that differ, as text.
+    pub differences: Vec<String>,
+    pub settled_twice: usize,
+    pub dead_lettered: usize,
+    pub parked: usize,
+    /// Members whose group had not settled when the next fault was due (the run stops).
+    pub unsettled: Vec<String>,
+    pub seconds: f64,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.differences.is_empty()
+            && self.expected_cents == self.settled_cents
+            && self.settled_twice == 0
+            && self.dead_lettered == 0
+            && self.parked == 0
+            && self.unsettled.is_empty()
+    }
+
+    pub fn print(&self) {
+        println!("chaos run: {} samples, {:.1} s", self.samples, self.seconds);
+        for f in &self.faults {
+            println!("  {f}");
+        }
+        let usd = |c: i128| format!("{}.{:02}", c / 100, c % 100);
+        println!(
+            "expected {} USD, settled {} USD; {} (period, entity) totals differ; {} revenue events settled twice; {} dead-lettered; {} parked",
+            usd(self.expected_cents),
+            usd(self.settled_cents),
+            self.differences.len(),
+            self.settled_twice,
+            self.dead_lettered,
+            self.parked
+        );
+        for d in self.differences.iter().take(20) {
+            println!("  {d}");
+        }
+        println!("{}", if self.passed() { "PASS" } else { "FAIL" });
+    }
+}
+
+pub fn run(c: &Chaos) -> Report {
+    let fleet = FleetRun {
+        fleet: FleetConfig {
+            instances: c.instances,
+            entities: 20.min(c.instances),
+            seed: c.seed,
+            ..Default::default()
+        },
+        start: meterflow_types::time::parse_rfc3339("2026-02-02T00:00:00Z").expect("time"),
+        poll_ms: 300_000,
+        polls: c.polls,
+        reassign: Vec::new(),
+    };
+    let mut rng = Rng(c.seed);
+    let t0 = Instant::now();
+    let mut p = Pipeline::start_on(&c.storage, fleet.clone(), c.speed, "day");
+    p.start_collector();
+    // the collector's run takes about this long; faults are spread over it
+    let span_ms = (c.polls * fleet.poll_ms / i64::from(c.speed.max(1))).max(1000) as u64;
+    let total = c.kills + c.broker_restarts;
+    let gap = span_ms / (total as u64 + 1);
+    // the broker restarts fall at evenly spaced faults
+    let broker_at: Vec<usize> = (1..=c.broker_restarts)
+        .map(|j| j * total / (c.broker_restarts + 1))
+        .collect();
+    let mut faults = Vec::new();
+    let log = |faults: &mut Vec<String>, what: String| {
+        let line = format!("t={:>7.1}s {what}", t0.elapsed().as_secs_f64());
+        eprintln!("{line}");
+        faults.push(line);
+    };
+    let mut extras = false;
+    let mut unsettled = Vec::new();
+    // Each fault waits until every consumer group has settled from the one before:
+    // Tansu 0.6 never expires a member, so a member killed while its group rebalances is
+    // waited for forever (Kafka would drop it after session.timeout.ms). A fault that
+    // lands while data flows, not a fault the broker cannot recover from, is the test.
+    let mut settle = |p: &mut Pipeline, faults: &mut Vec<String>, changed: bool| -> bool {
+        if changed {
+            // members learn of a rebalance at their next heartbeat (3 s)
+            std::thread::sleep(Duration::from_secs(4));
+        }
+        match p.wait_groups_settled(Duration::from_secs(120)) {
+            Ok(()) => true,
+            Err(names) => {
+                log(
+                    faults,
+                    format!("groups did not settle within 120 s: {}", names.join(", ")),
+                );
+                unsettled = names;
+                false
+            }
+        }
+    };
+    let mut broker_restarted = false;
+    for k in 0..total {
+        if !settle(&mut p, &mut faults, std::mem::take(&mut broker_restarted)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(gap as usize) as u64));
+        if c.extra_members && k == total / 3 {
+            for stage in ["enricher", "rater"] {
+                // dynamic members: they can leave again (Tansu never expires a static
+                // member that is gone)
+                p.start_replica_with(stage, |cfg| {
+                    cfg.replace("[kafka]\n", "[kafka]\nstatic_membership = false\n")
+                });
+                log(&mut faults, format!("extra {stage} member added"));
+            }
+            extras = true;
+            if !settle(&mut p, &mut faults, true) {
+                break;
+            }
+        }
+        if extras && k == 2 * total / 3 {
+            remove_extras(&mut p, &mut faults, &log);
+            extras = false;
+            if !settle(&mut p, &mut faults, true) {
+                break;
+            }
+        }
+        if broker_at.contains(&k) {
+            p.broker.restart();
+            log(
+                &mut faults,
+                format!("SIGKILL broker ({}), restarted", p.broker.storage()),
+            );
+            broker_restarted = true;
+            continue;
+        }
+        let collecting = p.collector.as_mut().is_some_and(|c| c.exited().is_none());
+        let victim = match rng.below(if collecting { 4 } else { 3 }) {
+            0 => &mut p.enricher,
+            1 => &mut p.rater,
+            2 => &mut p.settler,
+            _ => p.collector.as_mut().expect("collector"),
+        };
+        victim.kill9();
+        victim.restart();
+        let name = victim.name.clone();
+        log(&mut faults, format!("SIGKILL {name}, restarted"));
+    }
+    if extras && unsettled.is_empty() {
+        remove_extras(&mut p, &mut faults, &log);
+    }
+    if !unsettled.is_empty() {
+        let seconds = t0.elapsed().as_secs_f64();
+        eprintln!("{}", p.logs());
+        p.stop();
+        return Report {
+            samples: i64::from(c.instances) * c.polls,
+            faults,
+            expected_cents: fleet.totals(DAY).values().sum(),
+            settled_cents: 0,
+            differences: Vec::new(),
+            settled_twice: 0,
+            dead_lettered: 0,
+            parked: 0,
+            unsettled,
+            seconds,
+        };
+    }
+    let want = fleet.totals(DAY).len();
+    p.drain(Duration::from_secs(c.drain_secs), |out| {
+        meterflow_settler::files::all_manifests(out).is_ok_and(|m| m.len() >= want)
+    });
+    let seconds = t0.elapsed().as_secs_f64();
+    let s = Settled::read(&p.out);
+    let got = s.totals_cents("USD");
+    let expected = fleet.totals(DAY);
+    let mut differences = Vec::new();
+    for k in expected.keys().chain(got.keys()) {
+        let (e, g) = (expected.get(k), got.get(k));
+        if e != g
+            && !differences
+                .iter()
+                .any(|d: &String| d.starts_with(&format!("{k:?}")))
+        {
+            differences.push(format!("{k:?}: expected {e:?} cents, settled {g:?}"));
+        }
+    }
+    let mut ids = std::collections::HashSet::new();
+    let settled_twice = s.lines.iter().filter(|l| !ids.insert(&l.id)).count();
+    let dead_lettered = p.read(&p.kafka.topics.dlq).len();
+    let mut live = std::collections::HashMap::new();
+    for r in p.read(&p.kafka.topics.parked) {
+        live.insert(r.key.clone(), r.payload.is_some());
+    }
+    let parked = live.values().filter(|l| **l).count();
+    p.stop();
+    Report {
+        samples: i64::from(c.instances) * c.polls,
+        faults,
+        expected_cents: expected.values().sum(),
+        settled_cents: got.values().sum(),
+        differences,
+        settled_twice,
+        dead_lettered,
+        parked,
+        unsettled,
+        seconds,
+    }
+}
+
+fn remove_extras(
+    p: &mut Pipeline,
+    faults: &mut Vec<String>,
+    log: &impl Fn(&mut Vec<String>, String),
+) {
+    for r in p.replicas.iter_mut().filter(|r| !r.stopped) {
+        r.terminate(Duration::from_secs(30));
+        log(faults, format!("extra member {} removed (SIGTERM)", r.name));
+    }
+}
