@@ -167,6 +167,11 @@ pub fn run(c: &Chaos) -> Report {
             }
         }
         if broker_at.contains(&k) {
+            // Tansu keeps group state in its storage: a broker killed within moments of a
+            // rebalance came back with a group that never completed (seen: the rater
+            // never assigned again; Kafka would expire the stale generation). The broker
+            // fault lands on groups that have been stable for a while.
+            std::thread::sleep(Duration::from_secs(10));
             p.broker.restart();
             log(
                 &mut faults,
@@ -193,6 +198,7 @@ pub fn run(c: &Chaos) -> Report {
     if !unsettled.is_empty() {
         let seconds = t0.elapsed().as_secs_f64();
         eprintln!("{}", p.logs());
+        keep(&mut p);
         p.stop();
         return Report {
             samples: i64::from(c.instances) * c.polls,
@@ -234,8 +240,7 @@ pub fn run(c: &Chaos) -> Report {
         live.insert(r.key.clone(), r.payload.is_some());
     }
     let parked = live.values().filter(|l| **l).count();
-    p.stop();
-    Report {
+    let report = Report {
         samples: i64::from(c.instances) * c.polls,
         faults,
         expected_cents: expected.values().sum(),
@@ -246,6 +251,18 @@ pub fn run(c: &Chaos) -> Report {
         parked,
         unsettled,
         seconds,
+    };
+    if !report.passed() {
+        keep(&mut p);
+    }
+    p.stop();
+    report
+}
+
+/// Keep the run's directory (logs, configs, broker storage) for a failed run.
+fn keep(p: &mut Pipeline) {
+    if let Some(d) = p.dir.take() {
+        eprintln!("chaos files kept in {}", d.keep().display());
     }
 }
 

@@ -151,6 +151,12 @@ fn check_header<'a>(bytes: &'a [u8], c: &Compiled) -> Result<&'a [u8], DecodeErr
 }
 
 fn decode_body<R: Record>(datum: &[u8]) -> Result<R, DecodeError> {
+    // apache-avro reserves room for a length it reads before reading the items, bounded
+    // only by its allocation limit (default 512 Mi *items*: a ten-byte datum claiming an
+    // array asked for 21 GB and aborted the process; found by the fuzz targets). No
+    // string, byte run or item count in a message can exceed the message's own size.
+    // (Process-wide, set once; this crate is the process's only Avro decoder.)
+    apache_avro::max_allocation_bytes(MAX_MESSAGE_BYTES);
     let c = R::compiled();
     // apache-avro 0.21 reads a union whose bytes are missing at the end of the input as
     // null, so a truncated datum could "decode". Decoding from the datum plus one

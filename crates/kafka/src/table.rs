@@ -53,6 +53,12 @@ impl ClientContext for Quiet {
 }
 impl ConsumerContext for Quiet {}
 
+/// A consumer error the client does not recover from by itself. Everything else (brokers
+/// down, transport failures, a coordinator moving) librdkafka retries, so a reader waits.
+fn is_fatal(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+}
+
 fn reader(cfg: &KafkaConfig, client_id: &str) -> Result<BaseConsumer<Quiet>> {
     let mut c = client_config(cfg, client_id);
     c.set("group.id", "meterflow-table-reader")
@@ -89,11 +95,15 @@ fn read_to_end(
         .assign(&tpl)
         .context("assigning table partitions")?;
     let mut pending: Vec<i32> = (0..n).collect();
+    let mut last_error = None;
     while !pending.is_empty() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out reading {topic} to the end (partitions {pending:?} never reached it)"
-        );
+        if Instant::now() >= deadline {
+            let why =
+                last_error.map_or(String::new(), |e: KafkaError| format!("; last error: {e}"));
+            anyhow::bail!(
+                "timed out reading {topic} to the end (partitions {pending:?} never reached it){why}"
+            );
+        }
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Err(KafkaError::PartitionEOF(p))) => {
@@ -108,7 +118,10 @@ fn read_to_end(
                 }
                 pending.retain(|x| *x != p);
             }
-            Some(Err(e)) => return Err(e).context("reading table"),
+            Some(Err(e)) if is_fatal(&e) => return Err(e).context("reading table"),
+            // the client reconnects by itself (a broker restart, say): keep reading until
+            // the deadline
+            Some(Err(e)) => last_error = Some(e),
             Some(Ok(m)) => {
                 next.insert(m.partition(), m.offset() + 1);
                 on_record(to_record(topic, &m));
@@ -180,7 +193,13 @@ impl Tail {
             match r {
                 Ok(m) => out.push(to_record(&self.topic, &m)),
                 Err(KafkaError::PartitionEOF(_)) => {}
-                Err(e) => return Err(e).context("reading tail"),
+                Err(e) if is_fatal(&e) => return Err(e).context("reading tail"),
+                // the client reconnects by itself (a broker restart, say): what arrived so
+                // far now, the rest at a later call
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, error = %e, "tail not read to the end; retried at the next poll");
+                    break;
+                }
             }
         }
         Ok(out)

@@ -1,0 +1,3 @@
+//! The audit topic decoder (AuditCount).
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| meterflow_fuzz::one::<meterflow_types::AuditCount>(data));

@@ -1,0 +1,5 @@
+//! The reply topics decoder (MeteringReply).
+#![no_main]
+libfuzzer_sys::fuzz_target!(
+    |data: &[u8]| meterflow_fuzz::one::<meterflow_types::MeteringReply>(data)
+);
