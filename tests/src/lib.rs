@@ -3,6 +3,7 @@
 //! broker as a separate process, service processes with their logs, and the settlement
 //! files read back.
 
+pub mod bench;
 pub mod chaos;
 pub mod expect;
 pub mod pipeline;
@@ -282,6 +283,11 @@ impl Proc {
     /// assigned partitions and not revoked after: its group has settled around it.
     pub fn settled_in_group(&self) -> bool {
         let log = self.log();
+        // the latest incarnation has not logged its start yet: what the log shows is the
+        // previous one's (a fault right after a restart once landed mid-join that way)
+        if log.matches(" starting").count() < self.starts as usize {
+            return false;
+        }
         let since = log.rfind(" starting").map_or(&log[..], |i| &log[i..]);
         match (
             since.rfind("partitions assigned"),

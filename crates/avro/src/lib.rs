@@ -5,7 +5,7 @@
 
 use apache_avro::{rabin::Rabin, Schema};
 use meterflow_types::*;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 mod convert;
 pub use convert::Record;
@@ -72,6 +72,19 @@ impl DecodeError {
 pub struct Compiled {
     pub schema: Schema,
     pub header: [u8; 10],
+    /// The schema resolved once (apache-avro's `to_avro_datum`/`from_avro_datum` resolve
+    /// it again on every call: a tenth of the enricher's time went there).
+    reader: apache_avro::GenericSingleObjectReader,
+    writer: Mutex<apache_avro::GenericSingleObjectWriter>,
+}
+
+/// Our header, for apache-avro's single-object reader and writer.
+struct Header([u8; 10]);
+
+impl apache_avro::headers::HeaderBuilder for Header {
+    fn build_header(&self) -> Vec<u8> {
+        self.0.to_vec()
+    }
 }
 
 fn compile(json: &str) -> Compiled {
@@ -83,7 +96,25 @@ fn compile(json: &str) -> Compiled {
     header[0] = 0xC3;
     header[1] = 0x01;
     header[2..10].copy_from_slice(&fp.bytes[..8]);
-    Compiled { schema, header }
+    #[allow(clippy::expect_used)]
+    let reader = apache_avro::GenericSingleObjectReader::new_with_header_builder(
+        schema.clone(),
+        Header(header),
+    )
+    .expect("embedded schema resolves");
+    #[allow(clippy::expect_used)]
+    let writer = apache_avro::GenericSingleObjectWriter::new_with_capacity_and_header_builder(
+        &schema,
+        256,
+        Header(header),
+    )
+    .expect("embedded schema resolves");
+    Compiled {
+        schema,
+        header,
+        reader,
+        writer: Mutex::new(writer),
+    }
 }
 
 macro_rules! compiled {
@@ -116,13 +147,17 @@ compiled!(probe_spec_c, schemas::PROBE_SPEC);
 /// Encode one record as Avro single-object encoding.
 pub fn encode<R: Record>(r: &R) -> Vec<u8> {
     let c = R::compiled();
-    // A value built by `to_value` always matches its own schema (tested).
+    let value = r.to_value();
+    let mut out = Vec::with_capacity(256);
+    // A value built by `to_value` always matches its own schema (tested); the writer
+    // holds no state between calls, so a panic elsewhere cannot leave it poisoned in a
+    // way that matters.
     #[allow(clippy::expect_used)]
-    let datum =
-        apache_avro::to_avro_datum(&c.schema, r.to_value()).expect("record matches its schema");
-    let mut out = Vec::with_capacity(10 + datum.len());
-    out.extend_from_slice(&c.header);
-    out.extend_from_slice(&datum);
+    c.writer
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .write_value_ref(&value, &mut out)
+        .expect("record matches its schema");
     out
 }
 
@@ -156,22 +191,24 @@ fn decode_body<R: Record>(datum: &[u8]) -> Result<R, DecodeError> {
     // array asked for 21 GB and aborted the process; found by the fuzz targets). No
     // string, byte run or item count in a message can exceed the message's own size.
     // (Process-wide, set once; this crate is the process's only Avro decoder.)
-    apache_avro::max_allocation_bytes(MAX_MESSAGE_BYTES);
+    apache_avro::util::max_allocation_bytes(MAX_MESSAGE_BYTES);
     let c = R::compiled();
     // apache-avro 0.21 reads a union whose bytes are missing at the end of the input as
     // null, so a truncated datum could "decode". Decoding from the datum plus one
     // sentinel byte tells: a whole datum leaves exactly the sentinel unread; a truncated
     // one eats into it.
-    let mut buf = Vec::with_capacity(datum.len() + 1);
+    let mut buf = Vec::with_capacity(10 + datum.len() + 1);
+    buf.extend_from_slice(&c.header);
     buf.extend_from_slice(datum);
     buf.push(0);
     let mut body = &buf[..];
-    let v = apache_avro::from_avro_datum(&c.schema, &mut body, None).map_err(|e| {
-        DecodeError::Undecodable {
+    let v = c
+        .reader
+        .read_value(&mut body)
+        .map_err(|e| DecodeError::Undecodable {
             schema: R::NAME,
             detail: e.to_string(),
-        }
-    })?;
+        })?;
     match body.len() {
         1 => {}
         0 => {

@@ -160,6 +160,14 @@ pub struct StageIo {
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a batch waits for one more message once it has some (see `next_batch`).
+pub const BATCH_GAP: Duration = Duration::from_millis(10);
+
+/// The longest a fetch waits at the broker for data (librdkafka's default is 500 ms, which
+/// every hop would add to a window's latency when traffic is light); `[kafka.client]`
+/// `fetch.wait.max.ms` overrides it.
+pub const FETCH_WAIT_MS: &str = "50";
+
 impl StageIo {
     /// `member` names this replica: stable across restarts, unique among running
     /// replicas (static membership and transactional id).
@@ -171,6 +179,9 @@ impl StageIo {
         member: &str,
     ) -> Result<StageIo> {
         let mut c = client_config(cfg, &format!("{stage}-{member}"));
+        if !cfg.client.contains_key("fetch.wait.max.ms") {
+            c.set("fetch.wait.max.ms", FETCH_WAIT_MS);
+        }
         c.set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -215,8 +226,10 @@ impl StageIo {
         })
     }
 
-    /// Up to `max` messages, waiting at most `max_wait` after the first one (or for the
-    /// first one). Returns early, empty, on shutdown.
+    /// Up to `max` messages: waits at most `max_wait` for the first one, then takes what
+    /// keeps arriving — a backlog fills the batch, a trickle ends it after a gap of
+    /// `BATCH_GAP` (so a lone message, a window-closing marker say, is not held back for
+    /// the whole `max_wait`). Returns early, empty, on shutdown.
     pub async fn next_batch(
         &mut self,
         max: usize,
@@ -226,7 +239,10 @@ impl StageIo {
         let mut messages = Vec::new();
         let deadline = Instant::now() + max_wait;
         while messages.len() < max {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let mut left = deadline.saturating_duration_since(Instant::now());
+            if !messages.is_empty() {
+                left = left.min(BATCH_GAP);
+            }
             if left.is_zero() {
                 break;
             }

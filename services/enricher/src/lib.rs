@@ -58,6 +58,13 @@ pub struct EnricherConfig {
     /// offset commit it covers, then the watermarks.
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
+    /// Sooner than `checkpoint_interval`, but at most this often, progress is made
+    /// durable when a poll marker moved a partition's completeness (so the watermark that
+    /// closes a window follows its last poll within this, not within a second). Markers
+    /// come once per node poll, so a paced fleet checkpoints no more often than its nodes
+    /// poll.
+    #[serde(with = "humantime_serde")]
+    pub watermark_interval: Duration,
     /// An instance with nothing billed for this long (event time) is forgotten by
     /// duplicate detection; a copy of one of its samples arriving later would count again.
     #[serde(with = "humantime_serde")]
@@ -89,6 +96,7 @@ impl Default for EnricherConfig {
             batch_size: 5000,
             table_refresh: Duration::from_secs(2),
             checkpoint_interval: Duration::from_secs(1),
+            watermark_interval: Duration::from_millis(200),
             dedup_retention: Duration::from_secs(7 * 24 * 3600),
             faults: Faults::default(),
         }
@@ -520,9 +528,16 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         // Durable progress, at most every checkpoint_interval: the duplicate-detection
         // checkpoint of each changed partition, then the offsets it covers (never past a
         // parked sample), then the watermarks.
+        let progressed = || {
+            parts.values().any(|st| {
+                complete(st, timeout, &tables.nodes)
+                    .is_some_and(|t| st.last_marker.is_none_or(|l| t > l))
+            })
+        };
         let due = rebalanced
             || ctx.shutdown.is_cancelled()
-            || last_commit.elapsed() >= cfg.checkpoint_interval;
+            || last_commit.elapsed() >= cfg.checkpoint_interval
+            || (last_commit.elapsed() >= cfg.watermark_interval && progressed());
         if !due {
             continue;
         }
@@ -555,11 +570,9 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         let mut sent = false;
         let mut lowest: Option<Millis> = None;
         for (p, st) in parts.iter_mut() {
-            let t = match st.parked.front() {
-                Some(pk) => pk.snapshot,
-                None => st.progress.complete_through(timeout, &tables.nodes),
+            let Some(t) = complete(st, timeout, &tables.nodes) else {
+                continue;
             };
-            let Some(t) = t else { continue };
             lowest = Some(lowest.map_or(t, |l: Millis| l.min(t)));
             if st.last_marker.is_some_and(|l| l >= t) {
                 continue;
@@ -585,6 +598,19 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How far a samples partition is complete: every node's marker, held back by the
+/// oldest parked sample's snapshot.
+fn complete(
+    st: &PartState,
+    timeout: Millis,
+    nodes: &BTreeMap<String, (Millis, bool)>,
+) -> Option<Millis> {
+    match st.parked.front() {
+        Some(pk) => pk.snapshot,
+        None => st.progress.complete_through(timeout, nodes),
+    }
 }
 
 /// The latest duplicate-detection checkpoint of every samples partition.

@@ -133,9 +133,16 @@ pub(crate) fn id_key(id: &str) -> u128 {
 
 #[derive(Default)]
 struct Win {
-    /// (offset, piece); a piece is shared by every rule with the same window size.
+    /// (offset, piece); a piece is shared by every rule with the same window size. For a
+    /// rule whose rows merge (`Rule::merge`), a merged row with the offset of its first
+    /// piece (the window's resume point stays the lowest offset it holds).
     rows: Vec<(i64, std::sync::Arc<Usage>)>,
-    ids: HashSet<String>,
+    /// Merged rows by their merge key (index into `rows`).
+    slots: HashMap<Vec<u8>, usize>,
+    /// Usage pieces taken into the window (each event's `usage_records`).
+    records: i64,
+    /// Usage ids in the window as 128-bit keys (`id_key`), as closed windows keep them.
+    ids: HashSet<u128>,
     /// The probe trail of the last usage record that carried one (`rater.rate`): its
     /// revenue events forward it.
     trace: Option<std::sync::Arc<Trace>>,
@@ -179,6 +186,22 @@ impl PartState {
             .min();
         open.or(self.position)
     }
+}
+
+/// Take a piece into a window whose rule merges rows: added to the row with its merge
+/// key, or a row of its own.
+fn merge_into(win: &mut Win, m: &rules::Merge, off: i64, piece: &std::sync::Arc<Usage>) {
+    let key = m.key(piece);
+    if let Some(&i) = win.slots.get(&key) {
+        let (first, row) = &mut win.rows[i];
+        // copied from the shared piece on the first merge, then owned by this window
+        if rules::add_quantities(std::sync::Arc::make_mut(row), piece) {
+            *first = (*first).min(off);
+            return;
+        }
+    }
+    win.slots.insert(key, win.rows.len());
+    win.rows.push((off, piece.clone()));
 }
 
 fn closed(w_end: Millis, lateness: Millis, watermark: Option<Millis>) -> bool {
@@ -593,8 +616,13 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                     continue;
                                 }
                                 let win = st.windows[r].entry(ws).or_default();
-                                if win.ids.insert(key.clone()) {
-                                    win.rows.push((off, piece.clone()));
+                                if win.ids.insert(id_key(&key)) {
+                                    win.records += 1;
+                                    if let Some(m) = &engine.rules[r].merge {
+                                        merge_into(win, m, off, &piece);
+                                    } else {
+                                        win.rows.push((off, piece.clone()));
+                                    }
                                     if trace.is_some() {
                                         win.trace.clone_from(&trace);
                                     }
@@ -621,10 +649,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     let Some(mut win) = st.windows[r].remove(&ws) else {
                         continue;
                     };
-                    let ids = std::mem::take(&mut win.ids)
-                        .iter()
-                        .map(|i| id_key(i))
-                        .collect();
+                    let ids = std::mem::take(&mut win.ids);
                     st.closed_ids[r].insert(ws, ids);
                     // keep the ids of the last `dedup_horizon` of closed windows
                     let newest = st.closed_ids[r].keys().next_back().copied().unwrap_or(ws);
@@ -642,7 +667,10 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     } else {
                         Vec::new()
                     };
-                    match engine.evaluate_with(r, ws, &rows, *p, None, &to_date).await {
+                    match engine
+                        .evaluate_merged(r, ws, &rows, win.records, *p, None, &to_date)
+                        .await
+                    {
                         Ok(ev) => {
                             let fwd = win
                                 .trace

@@ -447,6 +447,8 @@ pub struct Rule {
     columns: Vec<usize>,
     /// The rule reads `usage_to_date` (period-to-date usage per entity).
     pub reads_to_date: bool,
+    /// How its window's rows may be merged as they arrive (`None`: kept one by one).
+    pub merge: Option<Merge>,
 }
 
 impl Rule {
@@ -514,6 +516,329 @@ fn scanned_columns(plan: &LogicalPlan) -> Vec<usize> {
         Ok(TreeNodeRecursion::Continue)
     });
     cols.into_iter().collect()
+}
+
+/// How a rule's window may hold fewer rows than it was given: rows that agree on every
+/// `key` column, and on the sign of every `sign` column, can be merged as they arrive by
+/// adding their quantities, and the rule's result is the same (`merge_spec`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Merge {
+    /// Non-quantity `usage` columns the rule reads (indices into `usage_schema()`),
+    /// without `window_start`/`window_end` (the same for the whole window).
+    pub key: Vec<usize>,
+    /// Quantity columns the rule compares with zero.
+    pub sign: Vec<usize>,
+}
+
+impl Merge {
+    /// The bytes that rows to be merged share: their key columns, and the sign of each
+    /// sign column.
+    pub fn key(&self, u: &Usage) -> Vec<u8> {
+        let mut k = Vec::with_capacity(64);
+        let mut s = |v: Option<&str>| match v {
+            None => k.push(0),
+            Some(v) => {
+                k.push(1);
+                k.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                k.extend_from_slice(v.as_bytes());
+            }
+        };
+        for c in &self.key {
+            match c {
+                2 => s(Some(&u.entity_id)),
+                3 => s(Some(&u.user_id)),
+                4 => s(u.project.as_deref()),
+                5 => s(Some(&u.instance_id)),
+                6 => s(Some(&u.node_id)),
+                7 => s(Some(&u.site)),
+                8 => s(Some(&u.kind)),
+                9 => s(u.flavor.as_deref()),
+                10 => s(Some(&u.interval_start.to_string())),
+                11 => s(Some(&u.interval_end.to_string())),
+                // not a key column (`merge_spec` never makes one)
+                _ => s(None),
+            }
+        }
+        for c in &self.sign {
+            let q = quantity(u, *c);
+            k.push(match q {
+                None => 0,
+                Some(d) if d.is_negative() => 1,
+                Some(d) if d == Dec::ZERO => 2,
+                Some(_) => 3,
+            });
+        }
+        k
+    }
+}
+
+/// Quantity column `c` of a usage row.
+fn quantity(u: &Usage, c: usize) -> Option<Dec> {
+    match c {
+        12 => Some(u.vcpu_seconds),
+        13 => Some(u.cpu_seconds),
+        14 => Some(u.memory_byte_seconds),
+        15 => u.memory_used_byte_seconds,
+        16 => Some(u.net_rx_bytes),
+        17 => Some(u.net_tx_bytes),
+        18 => Some(u.disk_read_bytes),
+        19 => Some(u.disk_write_bytes),
+        _ => None,
+    }
+}
+
+/// Add `from`'s quantities to `into` (a merged row). `false`, and `into` unchanged, on
+/// overflow: then the rows stay apart (and the rule's SUM reports the overflow as it
+/// would have).
+pub fn add_quantities(into: &mut Usage, from: &Usage) -> bool {
+    let add = |a: Dec, b: Dec| a.checked_add(b).ok();
+    let sums = (|| {
+        let used = match (into.memory_used_byte_seconds, from.memory_used_byte_seconds) {
+            (Some(a), Some(b)) => Some(add(a, b)?),
+            (a, b) => a.or(b),
+        };
+        Some([
+            add(into.vcpu_seconds, from.vcpu_seconds)?,
+            add(into.cpu_seconds, from.cpu_seconds)?,
+            add(into.memory_byte_seconds, from.memory_byte_seconds)?,
+            add(into.net_rx_bytes, from.net_rx_bytes)?,
+            add(into.net_tx_bytes, from.net_tx_bytes)?,
+            add(into.disk_read_bytes, from.disk_read_bytes)?,
+            add(into.disk_write_bytes, from.disk_write_bytes)?,
+        ])
+        .map(|q| (q, used))
+    })();
+    let Some(([vc, cs, mb, nr, nt, dr, dw], used)) = sums else {
+        return false;
+    };
+    into.vcpu_seconds = vc;
+    into.cpu_seconds = cs;
+    into.memory_byte_seconds = mb;
+    into.memory_used_byte_seconds = used;
+    into.net_rx_bytes = nr;
+    into.net_tx_bytes = nt;
+    into.disk_read_bytes = dr;
+    into.disk_write_bytes = dw;
+    true
+}
+
+/// The `usage` columns that are quantities: additive, summed when rows merge.
+const QUANTITY_COLUMNS: std::ops::Range<usize> = 12..20;
+const LABELS_COLUMN: usize = 20;
+
+/// Whether rows of the window can be merged without changing the rule's result, and by
+/// which columns. Yes when every use of `usage` is an aggregation over a chain of
+/// filters and projections of its rows in which: quantities are only summed (`SUM`,
+/// neither DISTINCT nor FILTER), the other aggregates are `MIN`/`MAX`/`COUNT(DISTINCT)`
+/// of non-quantities, nothing groups by a quantity, filters compare quantities only with
+/// zero, and projections pass quantities through unchanged (aliased or cast). Then a sum
+/// over merged rows equals the sum over their parts — decimals add exactly — and every
+/// other value a rule can see is the same in each row of a merged group. `COUNT(*)`,
+/// `AVG`, row-level rules, joins or windows below the aggregation, labels: no.
+pub fn merge_spec(plan: &LogicalPlan, columns: &[usize]) -> Option<Merge> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    if columns.contains(&LABELS_COLUMN) {
+        return None;
+    }
+    let mut usage_scans = 0;
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(t) = node {
+            if t.table_name.table() == "usage" {
+                usage_scans += 1;
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    let mut m = MergeCheck {
+        scans: 0,
+        sign: std::collections::BTreeSet::new(),
+    };
+    m.walk(plan)?;
+    if m.scans != usage_scans {
+        return None; // a use of `usage` the walk did not see (a subquery expression)
+    }
+    let schema = usage_schema();
+    let index = |name: &str| schema.index_of(name).ok();
+    Some(Merge {
+        key: columns
+            .iter()
+            .copied()
+            .filter(|c| *c > 1 && !QUANTITY_COLUMNS.contains(c))
+            .collect(),
+        sign: m.sign.iter().filter_map(|n| index(n)).collect(),
+    })
+}
+
+struct MergeCheck {
+    /// `usage` scans reached through an aggregation.
+    scans: usize,
+    /// Quantities compared with zero (by their `usage` name).
+    sign: std::collections::BTreeSet<String>,
+}
+
+type Quantities = std::collections::HashMap<String, String>;
+
+impl MergeCheck {
+    /// Above the aggregations: anything; every `usage` scan must lie under one.
+    fn walk(&mut self, plan: &LogicalPlan) -> Option<()> {
+        match plan {
+            LogicalPlan::Aggregate(a) => {
+                let q = self.rows(&a.input)?;
+                if a.group_expr.iter().any(|e| refers(e, &q)) {
+                    return None;
+                }
+                for e in &a.aggr_expr {
+                    agg_ok(e, &q)?;
+                }
+                Some(())
+            }
+            LogicalPlan::TableScan(t) if t.table_name.table() == "usage" => None,
+            other => {
+                for i in other.inputs() {
+                    self.walk(i)?;
+                }
+                Some(())
+            }
+        }
+    }
+
+    /// Below an aggregation: the columns of this node's output that carry a quantity
+    /// (output name → `usage` quantity), if rows merge through it.
+    fn rows(&mut self, plan: &LogicalPlan) -> Option<Quantities> {
+        match plan {
+            LogicalPlan::TableScan(t) => {
+                let q: Quantities = if t.table_name.table() == "usage" {
+                    self.scans += 1;
+                    let schema = usage_schema();
+                    QUANTITY_COLUMNS
+                        .map(|i| {
+                            let n = schema.field(i).name().clone();
+                            (n.clone(), n)
+                        })
+                        .collect()
+                } else {
+                    Quantities::new()
+                };
+                for f in &t.filters {
+                    self.filter_ok(f, &q)?;
+                }
+                Some(q)
+            }
+            LogicalPlan::Filter(f) => {
+                let q = self.rows(&f.input)?;
+                self.filter_ok(&f.predicate, &q)?;
+                Some(q)
+            }
+            LogicalPlan::SubqueryAlias(a) => self.rows(&a.input),
+            LogicalPlan::Projection(p) => {
+                let q = self.rows(&p.input)?;
+                let mut out = Quantities::new();
+                for (i, e) in p.expr.iter().enumerate() {
+                    if !refers(e, &q) {
+                        continue;
+                    }
+                    let origin = passed_through(e, &q)?;
+                    out.insert(p.schema.field(i).name().clone(), origin);
+                }
+                Some(out)
+            }
+            _ => None,
+        }
+    }
+
+    /// A conjunction whose terms either leave quantities alone or compare one with zero.
+    fn filter_ok(&mut self, e: &Expr, q: &Quantities) -> Option<()> {
+        use datafusion::logical_expr::{BinaryExpr, Operator};
+        if !refers(e, q) {
+            return Some(());
+        }
+        let Expr::BinaryExpr(BinaryExpr { left, op, right }) = e else {
+            return None;
+        };
+        if *op == Operator::And {
+            self.filter_ok(left, q)?;
+            return self.filter_ok(right, q);
+        }
+        if !matches!(
+            op,
+            Operator::Gt
+                | Operator::GtEq
+                | Operator::Lt
+                | Operator::LtEq
+                | Operator::Eq
+                | Operator::NotEq
+        ) {
+            return None;
+        }
+        let (col, other) = if refers(left, q) {
+            (left, right)
+        } else {
+            (right, left)
+        };
+        let origin = passed_through(col, q)?;
+        match strip_casts(other) {
+            Expr::Literal(v, _) if is_zero(v) => {
+                self.sign.insert(origin);
+                Some(())
+            }
+            _ => None,
+        }
+    }
+}
+
+fn strip_casts(e: &Expr) -> &Expr {
+    match e {
+        Expr::Cast(c) => strip_casts(&c.expr),
+        Expr::TryCast(c) => strip_casts(&c.expr),
+        Expr::Alias(a) => strip_casts(&a.expr),
+        other => other,
+    }
+}
+
+/// The quantity a column reference (aliased or cast) carries.
+fn passed_through(e: &Expr, q: &Quantities) -> Option<String> {
+    match strip_casts(e) {
+        Expr::Column(c) => q.get(&c.name).cloned(),
+        _ => None,
+    }
+}
+
+fn refers(e: &Expr, q: &Quantities) -> bool {
+    e.column_refs().iter().any(|c| q.contains_key(&c.name))
+}
+
+fn is_zero(v: &datafusion::scalar::ScalarValue) -> bool {
+    use datafusion::scalar::ScalarValue as S;
+    matches!(
+        v,
+        S::Decimal128(Some(0), _, _)
+            | S::Int8(Some(0))
+            | S::Int16(Some(0))
+            | S::Int32(Some(0))
+            | S::Int64(Some(0))
+            | S::UInt8(Some(0))
+            | S::UInt16(Some(0))
+            | S::UInt32(Some(0))
+            | S::UInt64(Some(0))
+    )
+}
+
+/// An aggregate that gives the same over merged rows as over their parts.
+fn agg_ok(e: &Expr, q: &Quantities) -> Option<()> {
+    let Expr::AggregateFunction(f) = strip_casts(e) else {
+        return None;
+    };
+    let p = &f.params;
+    if p.filter.is_some() || !p.order_by.is_empty() || p.args.len() != 1 {
+        return None;
+    }
+    let arg = &p.args[0];
+    match (f.func.name(), refers(arg, q)) {
+        ("sum", true) if !p.distinct => passed_through(arg, q).map(|_| ()),
+        ("min" | "max", false) => Some(()),
+        ("count", false) if p.distinct => Some(()),
+        _ => None,
+    }
 }
 
 /// One DataFusion session per rater worker, with the rules compiled against it.
@@ -717,9 +1042,11 @@ impl Engine {
                     msg: "usage_to_date needs tumbling windows (no slide)".into(),
                 });
             }
+            let columns = scanned_columns(&optimized);
             rules.push(Rule {
                 source: s,
-                columns: scanned_columns(&optimized),
+                merge: merge_spec(&optimized, &columns),
+                columns,
                 plan,
                 has_resource,
                 reads_to_date,
@@ -780,6 +1107,32 @@ impl Engine {
         idx: usize,
         window_start: Millis,
         rows: &[&Usage],
+        partition: i32,
+        adjustment_of: Option<&str>,
+        to_date: &[(String, crate::todate::Sums)],
+    ) -> Result<Vec<RatedEvent>, RuleError> {
+        let n = rows.len() as i64;
+        self.evaluate_merged(
+            idx,
+            window_start,
+            rows,
+            n,
+            partition,
+            adjustment_of,
+            to_date,
+        )
+        .await
+    }
+
+    /// `evaluate_with` on rows that were merged as they arrived (`Rule::merge`): `records`
+    /// is how many usage pieces they hold (each event's `usage_records`).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn evaluate_merged(
+        &self,
+        idx: usize,
+        window_start: Millis,
+        rows: &[&Usage],
+        records: i64,
         partition: i32,
         adjustment_of: Option<&str>,
         to_date: &[(String, crate::todate::Sums)],
@@ -893,7 +1246,7 @@ impl Engine {
                     amount: av,
                     currency: h.currency.clone(),
                     adjustment: adjustment_of.is_some(),
-                    usage_records: rows.len() as i64,
+                    usage_records: records,
                     source_partition: partition,
                 });
             }
@@ -1185,6 +1538,107 @@ mod tests {
                 msg.contains("time limit") || msg.to_lowercase().contains("resources exhausted"),
                 "{sql}: {msg}"
             );
+        }
+    }
+
+    async fn one_rule(select: &str) -> Engine {
+        let text =
+            format!("-- name: r\n-- version: 1\n-- window: 1h\n-- currency: USD\n{select}\n");
+        let src = parse_rule(Path::new("rules/r.sql"), &text).expect("parses");
+        Engine::new(vec![src], 64 << 20, Duration::from_secs(5))
+            .await
+            .expect("compiles")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn rows_merge_only_for_rules_that_just_sum_quantities() {
+        let e = engine().await;
+        let spec = |name: &str| {
+            e.rules
+                .iter()
+                .find(|r| r.source.header.name == name)
+                .and_then(|r| r.merge.clone())
+        };
+        // the shipped rules: by entity; egress also by whether anything was sent
+        let entity = Merge {
+            key: vec![2],
+            sign: vec![],
+        };
+        assert_eq!(spec("vcpu_hours"), Some(entity.clone()));
+        assert_eq!(spec("memory_gb_hours"), Some(entity));
+        assert_eq!(
+            spec("network_egress_gb"),
+            Some(Merge {
+                key: vec![2],
+                sign: vec![17]
+            })
+        );
+        let head = "SELECT entity_id, 'x' AS unit";
+        let tail = "0.1 AS unit_price, 0.1 AS amount FROM usage";
+        for (sql, merges) in [
+            (format!("{head}, SUM(vcpu_seconds) AS quantity, {tail} GROUP BY entity_id"), true),
+            (format!("{head}, SUM(vcpu_seconds) AS quantity, {tail} WHERE kind = 'vm' GROUP BY entity_id"), true),
+            (format!("{head}, MAX(node_id) AS resource_id, SUM(vcpu_seconds) AS quantity, {tail} GROUP BY entity_id"), true),
+            // the optimizer turns this into two aggregations, which the check does not follow
+            (format!("{head}, CAST(COUNT(DISTINCT instance_id) AS DECIMAL(38, 9)) AS quantity, {tail} GROUP BY entity_id"), false),
+            (format!("{head}, CAST(COUNT(*) AS DECIMAL(38, 9)) AS quantity, {tail} GROUP BY entity_id"), false),
+            (format!("{head}, AVG(vcpu_seconds) AS quantity, {tail} GROUP BY entity_id"), false),
+            (format!("{head}, MAX(vcpu_seconds) AS quantity, {tail} GROUP BY entity_id"), false),
+            (format!("{head}, SUM(vcpu_seconds) AS quantity, {tail} WHERE net_tx_bytes > 5 GROUP BY entity_id"), false),
+            (format!("{head}, SUM(vcpu_seconds * vcpu_seconds) AS quantity, {tail} GROUP BY entity_id"), false),
+            (format!("{head}, SUM(vcpu_seconds) AS quantity, {tail} GROUP BY entity_id, cpu_seconds"), false),
+            (format!("{head}, vcpu_seconds AS quantity, {tail}"), false),
+        ] {
+            let e = one_rule(&sql).await;
+            assert_eq!(e.rules[0].merge.is_some(), merges, "{sql}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn merged_rows_give_the_events_of_the_rows_one_by_one() {
+        let e = engine().await;
+        let mut rows = Vec::new();
+        for (i, (entity, tx)) in [
+            ("acme", 0),
+            ("acme", 5_000_000_000),
+            ("acme", 0),
+            ("globex", 7),
+            ("globex", 0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut u = usage(entity, &format!("{}.123456789", 100 + i), 1 << 30, *tx);
+            u.memory_used_byte_seconds = (i % 2 == 0).then(|| Dec::from_int(i as i64));
+            rows.push(u);
+        }
+        for (idx, rule) in e.rules.iter().enumerate() {
+            let m = rule.merge.clone().expect("shipped rules merge");
+            let mut merged: Vec<Usage> = Vec::new();
+            let mut slots: std::collections::HashMap<Vec<u8>, usize> = Default::default();
+            for u in &rows {
+                match slots.get(&m.key(u)) {
+                    Some(&i) => assert!(add_quantities(&mut merged[i], u)),
+                    None => {
+                        slots.insert(m.key(u), merged.len());
+                        merged.push(u.clone());
+                    }
+                }
+            }
+            assert!(
+                merged.len() < rows.len(),
+                "{}: nothing merged",
+                rule.source.header.name
+            );
+            let one: Vec<&Usage> = rows.iter().collect();
+            let many: Vec<&Usage> = merged.iter().collect();
+            let want = e.evaluate(idx, 0, &one, 0, None).await.expect("eval");
+            let got = e
+                .evaluate_merged(idx, 0, &many, rows.len() as i64, 0, None, &[])
+                .await
+                .expect("eval");
+            assert_eq!(got, want, "{}", rule.source.header.name);
+            assert!(!want.is_empty());
         }
     }
 

@@ -1,64 +1,74 @@
 //! Throughput of the whole pipeline on Tansu against a bare relay of the same messages
-//! through the same broker, in the same run.
+//! through the same broker, in the same run — and, by mode, the other pipeline figures of
+//! BENCHMARKS.md (the modes live in `meterflow_tests::bench`).
 //!
-//! `cargo run --release -p meterflow-tests --bin bench-pipeline -- [instances] [polls]`
+//! `bench-pipeline [instances] [polls]`: the whole pipeline. The collector publishes
+//! `instances × polls` samples of a simulated fleet as fast as it can (clock unpaced),
+//! while the enricher, rater and settler (release binaries, separate processes) turn them
+//! into settlement files; the clock stops when every stage has committed everything and
+//! every expected file set exists. Relay: the same sample payloads produced again to a
+//! fresh topic while a consumer built on the stages' own Kafka I/O (`StageIo`: batch,
+//! produce, commit after ack) copies them to another topic.
 //!
-//! Pipeline: the collector publishes `instances × polls` samples of a simulated fleet as
-//! fast as it can (clock unpaced), while the enricher, rater and settler (release
-//! binaries, separate processes) turn them into settlement files; the clock stops when
-//! every stage has committed everything and every expected file set exists.
-//! Relay: the same sample payloads produced again to a fresh topic while a consumer
-//! built on the stages' own Kafka I/O (`StageIo`: batch, produce, commit after ack)
-//! copies them to another topic; the clock stops when it has committed them all.
+//! `bench-pipeline stages [instances] [polls]`: each stage alone vs a relay of its input.
+//! `bench-pipeline enricher [instances] [polls]`: the enricher alone.
+//! `bench-pipeline probes [instances] [polls]`: the enricher with its probe off and on.
+//! `bench-pipeline latency [instances] [polls] [poll_s] [speed]`: end-to-end latency of a
+//! paced fleet against the moment each window could close.
+//! `bench-pipeline rater-memory [instances] [hours] [speed]`: the rater's peak RSS with
+//! the same open windows and 1× / 10× the events in them.
 
-use meterflow_collector::fleet::FleetConfig;
-use meterflow_kafka::{read_table, StageIo};
+use meterflow_kafka::read_table;
+use meterflow_tests::bench::{fleet, joined, prefilled, relay, relay_topic, topic_messages};
 use meterflow_tests::expect::{FleetRun, DAY};
 use meterflow_tests::pipeline::{block_on, Pipeline};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::message::Message;
-use rdkafka::producer::FutureRecord;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let enricher_only = args.first().is_some_and(|a| a == "enricher");
-    let probes_mode = args.first().is_some_and(|a| a == "probes");
-    if enricher_only || probes_mode {
-        args.remove(0);
-    }
-    let instances: u32 = args.first().map(|s| s.parse()).transpose()?.unwrap_or(200);
-    let polls: i64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1001);
-    let run = FleetRun {
-        fleet: FleetConfig {
-            instances,
-            entities: 20.min(instances),
-            seed: 7,
-            ..Default::default()
-        },
-        start: meterflow_types::time::parse_rfc3339("2026-01-05T00:00:00Z")
-            .map_err(anyhow::Error::msg)?,
-        poll_ms: 300_000,
-        polls,
-        reassign: Vec::new(),
+    let mode = match args.first() {
+        Some(a) if a.parse::<u64>().is_err() => args.remove(0),
+        _ => String::new(),
     };
+    let num = |i: usize, default: i64| -> anyhow::Result<i64> {
+        Ok(args
+            .get(i)
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(default))
+    };
+    match mode.as_str() {
+        "latency" => {
+            let run = fleet(num(0, 200)? as u32, num(1, 1200)?, num(2, 60)? * 1000)?;
+            return meterflow_tests::bench::latency(run, num(3, 300)? as u32);
+        }
+        "rater-memory" => {
+            return meterflow_tests::bench::rater_memory(
+                num(0, 200)? as u32,
+                num(1, 8)?,
+                num(2, 720)? as u32,
+            );
+        }
+        "" | "stages" | "enricher" | "probes" => {}
+        other => anyhow::bail!("unknown mode {other}"),
+    }
+    let instances = num(0, 200)? as u32;
+    let polls = num(1, 1001)?;
+    let run = fleet(instances, polls, 300_000)?;
     let expected_sets = run.totals(DAY).len();
     let samples = instances as i64 * polls;
     eprintln!("pipeline: {samples} samples ({instances} instances × {polls} polls)");
-
-    if enricher_only {
-        return enricher(run, samples);
-    }
-    if probes_mode {
-        return probes(run);
+    match mode.as_str() {
+        "stages" => return meterflow_tests::bench::stages(run),
+        "enricher" => return enricher(run, samples),
+        "probes" => return probes(run),
+        _ => {}
     }
 
     // ---- the pipeline
     let mut p = Pipeline::start(run.clone(), 1_000_000_000, "day");
-    std::thread::sleep(Duration::from_secs(3)); // let the stages join their groups
+    joined(&mut p)?; // the clock starts with every stage in its group
     let t0 = Instant::now();
     p.start_collector();
     let mut rss: HashMap<&str, u64> = HashMap::new();
@@ -125,45 +135,16 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A broker with the fleet's samples all on the topic, and no stage running.
-fn prefilled(run: FleetRun) -> anyhow::Result<Pipeline> {
-    let mut p = Pipeline::start_stages(run, 1_000_000_000, "day", &[]);
-    p.start_collector();
-    let st = p
-        .collector
-        .as_mut()
-        .and_then(|c| c.wait(Duration::from_secs(1800)))
-        .ok_or_else(|| anyhow::anyhow!("collector did not finish"))?;
-    anyhow::ensure!(st.success(), "collector failed");
-    Ok(p)
-}
-
 /// The enricher alone: the samples are on the topic before it starts; the clock runs
 /// from its partition assignment until it has committed every sample (each one joined,
 /// produced as usage and acknowledged first).
 fn enricher(run: FleetRun, samples: i64) -> anyhow::Result<()> {
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
-    p.enricher.launch();
-    let joined = Instant::now();
-    while !p.enricher.log().contains("partitions assigned") {
-        anyhow::ensure!(joined.elapsed() < Duration::from_secs(120), "no assignment");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let t0 = Instant::now();
-    let mut peak = 0;
-    while !p.caught_up("meterflow-enricher", &t.samples) {
-        p.assert_services_alive();
-        peak = peak.max(p.enricher.peak_rss_kib().unwrap_or(0));
-        anyhow::ensure!(
-            t0.elapsed() < Duration::from_secs(1800),
-            "enricher did not drain"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    let usage = p.messages(&t.usage);
     let (n, relay_secs) = relay_samples(&p, true)?;
+    let (secs, peak) =
+        meterflow_tests::bench::stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
+    let usage = p.messages(&t.usage);
     p.stop();
     let (er, rr) = (n as f64 / secs, n as f64 / relay_secs);
     println!("| run | messages in | seconds | messages/s | vs relay |");
@@ -286,95 +267,12 @@ fn probes(run: FleetRun) -> anyhow::Result<()> {
 
 /// The samples topic's messages relayed through the same broker: (count, seconds).
 fn relay_samples(p: &Pipeline, prefill: bool) -> anyhow::Result<(usize, f64)> {
-    let msgs: Vec<(Option<Vec<u8>>, Vec<u8>)> = read_table(
-        &p.kafka,
-        &[&p.kafka.topics.samples],
-        &HashMap::new(),
-        Duration::from_secs(120),
-    )?
-    .into_iter()
-    .map(|r| (r.key, r.payload.unwrap_or_default()))
-    .collect();
-    let n = msgs.len();
-    Ok((n, block_on(relay(&p.kafka, msgs, prefill))?))
-}
-
-/// `prefill`: the input is all on the topic before the clock starts (as for a stage
-/// measured alone); otherwise it is produced while the relay runs (as in the pipeline).
-async fn relay(
-    kafka: &meterflow_kafka::KafkaConfig,
-    msgs: Vec<(Option<Vec<u8>>, Vec<u8>)>,
-    prefill: bool,
-) -> anyhow::Result<f64> {
-    let (src, dst) = ("bench.relay-in", "bench.relay-out");
-    let admin: AdminClient<DefaultClientContext> =
-        meterflow_kafka::client_config(kafka, "bench-admin").create()?;
-    let topics = [
-        NewTopic::new(src, kafka.partitions, TopicReplication::Fixed(1)),
-        NewTopic::new(dst, kafka.partitions, TopicReplication::Fixed(1)),
-    ];
-    admin.create_topics(&topics, &AdminOptions::new()).await?;
-    let n = msgs.len();
-    let mut io = StageIo::new(kafka, "relay", "bench-relay", &[src], "relay-1")?;
-    let stop = CancellationToken::new();
-    // join the group before the clock starts, as the pipeline's stages did
-    let join = Instant::now();
-    while join.elapsed() < Duration::from_secs(3) {
-        io.next_batch(1, Duration::from_millis(100), &stop).await?;
-    }
-    let producer = meterflow_kafka::producer(kafka, "bench-feed", None)?;
-    let mut t0 = Instant::now();
-    let feed = tokio::spawn(async move {
-        let mut pending = Vec::with_capacity(n);
-        for (k, v) in &msgs {
-            let mut rec = FutureRecord::to(src).payload(v);
-            if let Some(k) = k {
-                rec = rec.key(k);
-            }
-            pending.push(producer.send_result(rec).map_err(|(e, _)| e)?);
-        }
-        for d in pending {
-            d.await?.map_err(|(e, _)| e)?;
-        }
-        anyhow::Ok(())
-    });
-    let mut feed = Some(feed);
     if prefill {
-        if let Some(f) = feed.take() {
-            f.await??;
-        }
-        t0 = Instant::now();
+        return relay_topic(p, &p.kafka.topics.samples, "samples");
     }
-    let mut done = 0usize;
-    while done < n {
-        let b = io
-            .next_batch(5000, Duration::from_millis(50), &stop)
-            .await?;
-        let mut offsets: HashMap<i32, i64> = HashMap::new();
-        for m in &b.messages {
-            io.send(
-                dst,
-                m.key().unwrap_or_default(),
-                m.payload().unwrap_or_default(),
-                None,
-            )
-            .await?;
-            offsets.insert(m.partition(), m.offset() + 1);
-        }
-        done += b.messages.len();
-        let o: Vec<(String, i32, i64)> = offsets
-            .into_iter()
-            .map(|(p, o)| (src.to_string(), p, o))
-            .collect();
-        io.commit(&o).await?;
-        anyhow::ensure!(
-            t0.elapsed() < Duration::from_secs(1800),
-            "relay stalled at {done}/{n}"
-        );
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    if let Some(f) = feed {
-        f.await??;
-    }
-    Ok(secs)
+    let msgs = topic_messages(&p.kafka, &p.kafka.topics.samples)?;
+    let n = msgs.len();
+    let secs = block_on(relay(&p.kafka, msgs, false, "samples"))?;
+    meterflow_tests::bench::relayed_all(p, "samples", n)?;
+    Ok((n, secs))
 }

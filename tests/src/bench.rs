@@ -1,0 +1,533 @@
+//! The pipeline benchmarks behind `bench-pipeline` (see BENCHMARKS.md): each stage alone
+//! against a bare relay of its own input through the same broker, end-to-end latency of
+//! a paced fleet against the moment its windows could close, and the rater's memory at
+//! one and ten times the events in the same open windows. Every baseline is measured in
+//! the same run, and every run checks its bill to the cent, or its figure is void.
+
+use crate::expect::{FleetRun, DAY};
+use crate::pipeline::{block_on, Pipeline};
+use crate::Proc;
+use meterflow_kafka::{read_table, KafkaConfig, StageIo};
+use meterflow_types::{Millis, NodeHeartbeat, RatedEvent};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: Duration = Duration::from_secs(1800);
+
+/// A simulated fleet of `instances` (20 entities at most) polled every `poll_ms`.
+pub fn fleet(instances: u32, polls: i64, poll_ms: Millis) -> anyhow::Result<FleetRun> {
+    Ok(FleetRun {
+        fleet: meterflow_collector::fleet::FleetConfig {
+            instances,
+            entities: 20.min(instances),
+            seed: 7,
+            ..Default::default()
+        },
+        start: meterflow_types::time::parse_rfc3339("2026-01-05T00:00:00Z")
+            .map_err(anyhow::Error::msg)?,
+        poll_ms,
+        polls,
+        reassign: Vec::new(),
+    })
+}
+
+/// A broker with the fleet's samples all on the topic (the collector ran unpaced to its
+/// end and retired), and no stage running.
+pub fn prefilled(run: FleetRun) -> anyhow::Result<Pipeline> {
+    let mut p = Pipeline::start_stages(run, 1_000_000_000, "day", &[]);
+    p.start_collector();
+    let st = p
+        .collector
+        .as_mut()
+        .and_then(|c| c.wait(LIMIT))
+        .ok_or_else(|| anyhow::anyhow!("collector did not finish"))?;
+    anyhow::ensure!(st.success(), "collector failed");
+    Ok(p)
+}
+
+/// Wait until every running stage has its partitions (Tansu can take 20 s to assign a
+/// new group at start-up: time no stage should be charged with).
+pub fn joined(p: &mut Pipeline) -> anyhow::Result<()> {
+    p.wait_groups_settled(Duration::from_secs(120))
+        .map_err(|waiting| anyhow::anyhow!("no assignment for {waiting:?}"))
+}
+
+fn stage_proc<'a>(p: &'a mut Pipeline, stage: &str) -> &'a mut Proc {
+    match stage {
+        "enricher" => &mut p.enricher,
+        "rater" => &mut p.rater,
+        "settler" => &mut p.settler,
+        other => panic!("no stage {other}"),
+    }
+}
+
+/// One stage alone on input that is all on its topic: launched, the clock runs from its
+/// partition assignment until it has committed its whole input and `done` holds.
+/// Returns (seconds, peak RSS in KiB).
+pub fn stage_alone(
+    p: &mut Pipeline,
+    stage: &str,
+    input: &str,
+    done: impl Fn(&Pipeline) -> bool,
+) -> anyhow::Result<(f64, u64)> {
+    let assigned = stage_proc(p, stage)
+        .log()
+        .matches("partitions assigned")
+        .count();
+    if let Ok(extra) = std::env::var(format!("BENCH_{}_TOML", stage.to_uppercase())) {
+        let cfg = p.path().join(format!("{stage}.toml"));
+        let body = std::fs::read_to_string(&cfg)?;
+        std::fs::write(&cfg, format!("{extra}\n{body}"))?;
+    }
+    stage_proc(p, stage).launch();
+    let joined = Instant::now();
+    while stage_proc(p, stage)
+        .log()
+        .matches("partitions assigned")
+        .count()
+        <= assigned
+    {
+        anyhow::ensure!(
+            joined.elapsed() < Duration::from_secs(120),
+            "{stage}: no assignment"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t0 = Instant::now();
+    let mut peak = 0;
+    let group = format!("meterflow-{stage}");
+    while !(p.caught_up(&group, input) && done(p)) {
+        p.assert_services_alive();
+        peak = peak.max(stage_proc(p, stage).peak_rss_kib().unwrap_or(0));
+        anyhow::ensure!(t0.elapsed() < LIMIT, "{stage} did not drain");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    peak = peak.max(stage_proc(p, stage).peak_rss_kib().unwrap_or(0));
+    Ok((secs, peak))
+}
+
+/// Each stage alone against a bare relay of its own input, all in one run: the samples
+/// (collector output) through the enricher, the usage it wrote through the rater, the
+/// revenue events the rater wrote through the settler. Each relay copies the same
+/// messages (keys, payloads, markers) with the stages' own Kafka I/O, its input also on
+/// the topic before its clock starts.
+pub fn stages(run: FleetRun) -> anyhow::Result<()> {
+    let expected_sets = run.totals(DAY).len();
+    let mut p = prefilled(run)?;
+    let t = p.kafka.topics.clone();
+    println!("| stage | messages in | stage s | stage msg/s | relay s | relay msg/s | vs relay | peak RSS MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let row = |stage: &str, what: String, n: usize, secs: f64, relay: f64, rss: u64| {
+        let (s, r) = (n as f64 / secs, n as f64 / relay);
+        println!(
+            "| {stage} ({what}) | {n} | {secs:.2} | {s:.0} | {relay:.2} | {r:.0} | {:.2} | {:.0} |",
+            s / r,
+            rss as f64 / 1024.0
+        );
+    };
+    let (n, relay) = relay_topic(&p, &t.samples, "samples")?;
+    let (secs, rss) = stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
+    let usage = p.messages(&t.usage);
+    row(
+        "enricher",
+        format!("samples + poll markers → {usage} usage + markers"),
+        n,
+        secs,
+        relay,
+        rss,
+    );
+    let (n, relay) = relay_topic(&p, &t.usage, "usage")?;
+    let (secs, rss) = stage_alone(&mut p, "rater", &t.usage, |_| true)?;
+    let rated = p.messages(&t.rated);
+    row(
+        "rater",
+        format!("usage + markers → windows, 3 rules, {rated} revenue events + markers"),
+        n,
+        secs,
+        relay,
+        rss,
+    );
+    let (n, relay) = relay_topic(&p, &t.rated, "rated")?;
+    let out = p.out.clone();
+    let (secs, rss) = stage_alone(&mut p, "settler", &t.rated, move |_| {
+        meterflow_settler::files::all_manifests(&out).is_ok_and(|m| m.len() >= expected_sets)
+    })?;
+    row(
+        "settler",
+        format!("revenue events + markers → {expected_sets} file sets"),
+        n,
+        secs,
+        relay,
+        rss,
+    );
+    // the bill must be exact, or the figures mean nothing
+    crate::settled::Settled::read(&p.out).assert_matches(&p.run, DAY);
+    p.stop();
+    Ok(())
+}
+
+/// The messages of `topic` relayed through the same broker by the stages' own Kafka I/O,
+/// with all of them on the relay's input topic before its clock starts: (count, seconds).
+pub fn relay_topic(p: &Pipeline, topic: &str, name: &str) -> anyhow::Result<(usize, f64)> {
+    let msgs = topic_messages(&p.kafka, topic)?;
+    let n = msgs.len();
+    let secs = block_on(relay(&p.kafka, msgs, true, name))?;
+    relayed_all(p, name, n)?;
+    Ok((n, secs))
+}
+
+/// The relay's output topic holds every message it was given, or its figure is void.
+pub fn relayed_all(p: &Pipeline, name: &str, n: usize) -> anyhow::Result<()> {
+    let out = p.messages(&format!("bench.relay-{name}-out"));
+    anyhow::ensure!(out == n as i64, "relay {name}: {out} of {n} messages out");
+    Ok(())
+}
+
+/// A message as (key, payload).
+pub type KeyPayload = (Option<Vec<u8>>, Vec<u8>);
+
+/// Every message of `topic` as (key, payload).
+pub fn topic_messages(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<KeyPayload>> {
+    Ok(
+        read_table(kafka, &[topic], &HashMap::new(), Duration::from_secs(120))?
+            .into_iter()
+            .map(|r| (r.key, r.payload.unwrap_or_default()))
+            .collect(),
+    )
+}
+
+/// `prefill`: the input is all on the topic before the clock starts (as for a stage
+/// measured alone); otherwise it is produced while the relay runs (as in the pipeline).
+/// `name` keeps each relay's topics and group its own.
+pub async fn relay(
+    kafka: &KafkaConfig,
+    msgs: Vec<KeyPayload>,
+    prefill: bool,
+    name: &str,
+) -> anyhow::Result<f64> {
+    let src = format!("bench.relay-{name}-in");
+    let dst = format!("bench.relay-{name}-out");
+    let admin: AdminClient<DefaultClientContext> =
+        meterflow_kafka::client_config(kafka, "bench-admin").create()?;
+    let topics = [
+        NewTopic::new(&src, kafka.partitions, TopicReplication::Fixed(1)),
+        NewTopic::new(&dst, kafka.partitions, TopicReplication::Fixed(1)),
+    ];
+    admin.create_topics(&topics, &AdminOptions::new()).await?;
+    let n = msgs.len();
+    let producer = meterflow_kafka::producer(kafka, "bench-feed", None)?;
+    let feed_topic = src.clone();
+    let feed = async move {
+        let mut pending = Vec::with_capacity(n);
+        for (k, v) in &msgs {
+            let mut rec = FutureRecord::to(&feed_topic).payload(v);
+            if let Some(k) = k {
+                rec = rec.key(k);
+            }
+            pending.push(producer.send_result(rec).map_err(|(e, _)| e)?);
+        }
+        for d in pending {
+            d.await?.map_err(|(e, _)| e)?;
+        }
+        anyhow::Ok(())
+    };
+    // prefilled: the input is on the topic before the relay subscribes, as it was for the
+    // stage; otherwise it is produced from when the relay has joined
+    let mut feed = if prefill {
+        feed.await?;
+        None
+    } else {
+        Some(feed)
+    };
+    let group = format!("bench-relay-{name}");
+    let mut io = StageIo::new(kafka, "relay", &group, &[&src], "relay-1")?;
+    let stop = CancellationToken::new();
+    // the clock starts when every partition is assigned, as it did for the stage
+    let join = Instant::now();
+    let mut assigned = 0;
+    let mut first = Vec::new();
+    while assigned < kafka.partitions {
+        anyhow::ensure!(
+            join.elapsed() < Duration::from_secs(120),
+            "relay: no assignment"
+        );
+        let b = io.next_batch(1, Duration::from_millis(20), &stop).await?;
+        first.extend(b.messages);
+        for a in b.rebalances {
+            match a {
+                meterflow_kafka::Assignment::Assigned(v) => assigned += v.len() as i32,
+                meterflow_kafka::Assignment::Revoked(v) => assigned -= v.len() as i32,
+            }
+        }
+    }
+    let t0 = Instant::now();
+    let feed = feed.take().map(tokio::spawn);
+    let mut done = 0usize;
+    while done < n {
+        let mut b = io
+            .next_batch(5000, Duration::from_millis(50), &stop)
+            .await?;
+        b.messages.splice(0..0, std::mem::take(&mut first));
+        let mut offsets: HashMap<i32, i64> = HashMap::new();
+        for m in &b.messages {
+            io.send(
+                &dst,
+                m.key().unwrap_or_default(),
+                m.payload().unwrap_or_default(),
+                None,
+            )
+            .await?;
+            offsets.insert(m.partition(), m.offset() + 1);
+        }
+        done += b.messages.len();
+        let o: Vec<(String, i32, i64)> = offsets
+            .into_iter()
+            .map(|(p, o)| (src.clone(), p, o))
+            .collect();
+        io.commit(&o).await?;
+        anyhow::ensure!(t0.elapsed() < LIMIT, "relay stalled at {done}/{n}");
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    if let Some(f) = feed {
+        f.await??;
+    }
+    Ok(secs)
+}
+
+fn now_ms() -> i64 {
+    meterflow_kafka::now_ms()
+}
+
+/// A consumer of every partition of `topic` from the beginning, fetching eagerly.
+fn eager_consumer(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<BaseConsumer> {
+    let c: BaseConsumer = meterflow_kafka::client_config(kafka, "bench-watch")
+        .set("group.id", "bench-watch")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for part in 0..kafka.partitions {
+        tpl.add_partition_offset(topic, part, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    Ok(c)
+}
+
+/// The lateness of the shipped rules (`-- lateness:` in their headers), which must agree.
+fn shipped_lateness() -> anyhow::Result<Millis> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir(&dir)? {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "sql") {
+            let text = std::fs::read_to_string(&path)?;
+            let line = text
+                .lines()
+                .find_map(|l| l.strip_prefix("-- lateness:"))
+                .ok_or_else(|| anyhow::anyhow!("{} has no lateness", path.display()))?;
+            seen.push(
+                meterflow_types::window::humantime_ms(line.trim()).map_err(anyhow::Error::msg)?,
+            );
+        }
+    }
+    seen.dedup();
+    anyhow::ensure!(
+        seen.len() == 1,
+        "shipped rules differ in lateness: {seen:?}"
+    );
+    Ok(seen[0])
+}
+
+fn percentile(sorted: &[i64], q: f64) -> i64 {
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// End-to-end latency of a paced fleet: for every revenue event, the moment a consumer
+/// of the rated topic received it, minus the moment its window could first have closed:
+/// when the collector produced the poll (samples, then its poll marker) that took the
+/// stream past the window's end plus the rule's lateness. Both on this machine's clock.
+pub fn latency(run: FleetRun, speed: u32) -> anyhow::Result<()> {
+    let lateness = shipped_lateness()?;
+    let mut p = Pipeline::start(run, speed, "day");
+    joined(&mut p)?; // the clock starts with every stage in its group
+    let t = p.kafka.topics.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watch = {
+        let (kafka, stop) = (p.kafka.clone(), stop.clone());
+        std::thread::spawn(move || -> anyhow::Result<Vec<(RatedEvent, i64, i64)>> {
+            let c = eager_consumer(&kafka, &kafka.topics.rated)?;
+            let mut got = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match c.poll(Duration::from_millis(20)) {
+                    Some(Ok(m)) => {
+                        let seen = now_ms();
+                        let created = m.timestamp().to_millis().unwrap_or(0);
+                        if let Ok(ev) =
+                            meterflow_avro::decode::<RatedEvent>(m.payload().unwrap_or_default())
+                        {
+                            got.push((ev, created, seen));
+                        }
+                    }
+                    Some(Err(e)) => eprintln!("watch: {e}"),
+                    None => {}
+                }
+            }
+            Ok(got)
+        })
+    };
+    let t0 = Instant::now();
+    p.start_collector();
+    settle(&mut p)?;
+    let wall = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let got = watch
+        .join()
+        .map_err(|_| anyhow::anyhow!("watch thread panicked"))??;
+    crate::settled::Settled::read(&p.out).assert_matches(&p.run, DAY);
+    // when each poll marker was produced (the first time the node reached each time)
+    let c = eager_consumer(&p.kafka, &t.samples)?;
+    let total = p.messages(&t.samples);
+    let mut read = 0;
+    let mut polls: BTreeMap<Millis, (i64, bool)> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while read < total {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "samples topic not read to its end"
+        );
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            let m = m?;
+            read += 1;
+            if let Ok(hb) = meterflow_avro::decode::<NodeHeartbeat>(m.payload().unwrap_or_default())
+            {
+                let ts = m.timestamp().to_millis().unwrap_or(0);
+                let e = polls.entry(hb.time).or_insert((ts, hb.retired));
+                e.0 = e.0.max(ts);
+            }
+        }
+    }
+    p.stop();
+    let (mut seen, mut created) = (Vec::new(), Vec::new());
+    let mut by_retirement = 0;
+    for (ev, c_ms, s_ms) in &got {
+        let due = ev.window_end + lateness;
+        // the poll that took the stream past `due`; windows closed only because the
+        // node retired at the end of the run are left out
+        match polls.range(due..).next() {
+            Some((_, (ts, false))) => {
+                seen.push(s_ms - ts);
+                created.push(c_ms - ts);
+            }
+            _ => by_retirement += 1,
+        }
+    }
+    anyhow::ensure!(!seen.is_empty(), "no revenue event to measure");
+    seen.sort_unstable();
+    created.sort_unstable();
+    let poll_wall = p.run.poll_ms as f64 / f64::from(speed);
+    println!(
+        "paced fleet: {} instances, a poll every {} s of event time, clock speed {speed}× \
+         (one poll every {poll_wall:.0} ms of wall time), {} polls, {wall:.0} s; lateness {} s",
+        p.run.fleet.instances,
+        p.run.poll_ms / 1000,
+        p.run.polls,
+        lateness / 1000
+    );
+    println!("| revenue event | events | p50 ms | p99 ms | max ms |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| received by a consumer of the rated topic | {} | {} | {} | {} |",
+        seen.len(),
+        percentile(&seen, 0.5),
+        percentile(&seen, 0.99),
+        seen[seen.len() - 1]
+    );
+    println!(
+        "| produced by the rater (record timestamp) | {} | {} | {} | {} |",
+        created.len(),
+        percentile(&created, 0.5),
+        percentile(&created, 0.99),
+        created[created.len() - 1]
+    );
+    println!("({by_retirement} events of windows closed by the node's retirement left out)");
+    Ok(())
+}
+
+/// Wait until the collector has finished, the rater has committed everything and every
+/// expected file set exists; the rater's peak RSS meanwhile (KiB).
+fn settle(p: &mut Pipeline) -> anyhow::Result<u64> {
+    let usage = p.kafka.topics.usage.clone();
+    let expected_sets = p.run.totals(DAY).len();
+    let out = p.out.clone();
+    let mut peak = 0;
+    let start = Instant::now();
+    loop {
+        peak = peak.max(p.rater.peak_rss_kib().unwrap_or(0));
+        p.assert_services_alive();
+        if p.collector.as_mut().and_then(|c| c.exited()).is_some()
+            && meterflow_settler::files::all_manifests(&out).is_ok_and(|m| m.len() >= expected_sets)
+            && p.caught_up("meterflow-rater", &usage)
+        {
+            return Ok(peak.max(p.rater.peak_rss_kib().unwrap_or(0)));
+        }
+        anyhow::ensure!(start.elapsed() < LIMIT, "paced run did not settle");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The rater's peak RSS over a paced run of `hours` of the fleet polled every `poll_ms`,
+/// and how many usage records it rated.
+fn rater_peak(
+    instances: u32,
+    hours: i64,
+    poll_ms: Millis,
+    speed: u32,
+) -> anyhow::Result<(u64, i64, i64)> {
+    let polls = hours * 3_600_000 / poll_ms + 1;
+    let run = fleet(instances, polls, poll_ms)?;
+    let mut p = Pipeline::start(run, speed, "day");
+    joined(&mut p)?;
+    p.start_collector();
+    let t = p.kafka.topics.clone();
+    let peak = settle(&mut p)?;
+    crate::settled::Settled::read(&p.out).assert_matches(&p.run, DAY);
+    let usage = p.messages(&t.usage);
+    let rated = p.messages(&t.rated);
+    p.stop();
+    Ok((peak, usage, rated))
+}
+
+/// The rater's memory with the same open windows and ten times the events in them: the
+/// same fleet over the same hours, paced, polled every 300 s and then every 30 s.
+pub fn rater_memory(instances: u32, hours: i64, speed: u32) -> anyhow::Result<()> {
+    let (m1, u1, r1) = rater_peak(instances, hours, 300_000, speed)?;
+    let (m10, u10, r10) = rater_peak(instances, hours, 30_000, speed)?;
+    println!(
+        "paced fleet: {instances} instances over {hours} h of event time at clock speed {speed}×; 1-hour windows"
+    );
+    println!("| run | usage records | rated-topic messages | rater peak RSS MiB | vs 1× |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| 1× (a poll every 300 s) | {u1} | {r1} | {:.1} | 1.00 |",
+        m1 as f64 / 1024.0
+    );
+    println!(
+        "| 10× (a poll every 30 s) | {u10} | {r10} | {:.1} | {:.2} |",
+        m10 as f64 / 1024.0,
+        m10 as f64 / m1 as f64
+    );
+    Ok(())
+}
