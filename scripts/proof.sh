@@ -40,8 +40,11 @@ fi
 
 if ! skip bench; then
   echo "== benchmarks"
+  "$rel/bench-pipeline" stages 200 1001
+  "$rel/bench-pipeline" chain 200 1001
   "$rel/bench-pipeline" 200 1001
-  "$rel/bench-pipeline" enricher 200 1001
+  "$rel/bench-pipeline" latency 200 1200 60 300
+  "$rel/bench-pipeline" rater-memory 200 8 720
   "$rel/bench-pipeline" probes 200 1001
   "$rel/bench-poll" 1000 200
   "$rel/bench-rules" 200000 100 20

@@ -176,6 +176,64 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The three stages together on samples that are all on the topic (the collector ran
+/// first): the clock runs from when every stage has its partitions until every stage
+/// has committed everything and every file set exists. Baseline: the relay of the same
+/// samples, also from a full topic.
+pub fn chain(run: FleetRun) -> anyhow::Result<()> {
+    let expected_sets = run.totals(DAY).len();
+    let mut p = prefilled(run)?;
+    let t = p.kafka.topics.clone();
+    let (n, relay) = relay_topic(&p, &t.samples, "samples")?;
+    p.enricher.launch();
+    p.rater.launch();
+    p.settler.launch();
+    joined(&mut p)?;
+    let t0 = Instant::now();
+    let mut rss: BTreeMap<&str, u64> = BTreeMap::new();
+    loop {
+        for (name, proc) in [
+            ("enricher", &p.enricher),
+            ("rater", &p.rater),
+            ("settler", &p.settler),
+        ] {
+            let k = proc.peak_rss_kib().unwrap_or(0);
+            let e = rss.entry(name).or_default();
+            *e = (*e).max(k);
+        }
+        p.assert_services_alive();
+        if meterflow_settler::files::all_manifests(&p.out).is_ok_and(|m| m.len() >= expected_sets)
+            && p.caught_up("meterflow-enricher", &t.samples)
+            && p.caught_up("meterflow-rater", &t.usage)
+            && p.caught_up("meterflow-settler", &t.rated)
+        {
+            break;
+        }
+        anyhow::ensure!(t0.elapsed() < LIMIT, "the stages did not drain");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    crate::settled::Settled::read(&p.out).assert_matches(&p.run, DAY);
+    let (usage, rated) = (p.messages(&t.usage), p.messages(&t.rated));
+    p.stop();
+    let (s, r) = (n as f64 / secs, n as f64 / relay);
+    println!("| run | messages in | seconds | messages/s | vs relay |");
+    println!("|---|---:|---:|---:|---:|");
+    println!("| bare relay, input on the topic beforehand | {n} | {relay:.2} | {r:.0} | 1.00 |");
+    println!(
+        "| enricher + rater + settler together (→ {usage} usage, {rated} rated msgs, {expected_sets} file sets) | {n} | {secs:.2} | {s:.0} | {:.2} |",
+        s / r
+    );
+    println!(
+        "\npeak RSS (MiB): {}",
+        rss.iter()
+            .map(|(k, v)| format!("{k} {:.0}", *v as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
 /// The messages of `topic` relayed through the same broker by the stages' own Kafka I/O,
 /// with all of them on the relay's input topic before its clock starts: (count, seconds).
 pub fn relay_topic(p: &Pipeline, topic: &str, name: &str) -> anyhow::Result<(usize, f64)> {

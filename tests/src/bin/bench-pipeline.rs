@@ -11,6 +11,8 @@
 //! produce, commit after ack) copies them to another topic.
 //!
 //! `bench-pipeline stages [instances] [polls]`: each stage alone vs a relay of its input.
+//! `bench-pipeline chain [instances] [polls]`: the three stages together on samples that
+//! are all on the topic, vs a relay of them.
 //! `bench-pipeline enricher [instances] [polls]`: the enricher alone.
 //! `bench-pipeline probes [instances] [polls]`: the enricher with its probe off and on.
 //! `bench-pipeline latency [instances] [polls] [poll_s] [speed]`: end-to-end latency of a
@@ -50,7 +52,7 @@ fn main() -> anyhow::Result<()> {
                 num(2, 720)? as u32,
             );
         }
-        "" | "stages" | "enricher" | "probes" => {}
+        "" | "stages" | "chain" | "enricher" | "probes" => {}
         other => anyhow::bail!("unknown mode {other}"),
     }
     let instances = num(0, 200)? as u32;
@@ -61,6 +63,7 @@ fn main() -> anyhow::Result<()> {
     eprintln!("pipeline: {samples} samples ({instances} instances × {polls} polls)");
     match mode.as_str() {
         "stages" => return meterflow_tests::bench::stages(run),
+        "chain" => return meterflow_tests::bench::chain(run),
         "enricher" => return enricher(run, samples),
         "probes" => return probes(run),
         _ => {}
