@@ -79,23 +79,9 @@ pub fn stage_alone(
     input: &str,
     done: impl Fn(&Pipeline) -> bool,
 ) -> anyhow::Result<(f64, u64)> {
-    let assigned = stage_proc(p, stage)
-        .log()
-        .matches("partitions assigned")
-        .count();
-    if let Ok(extra) = std::env::var(format!("BENCH_{}_TOML", stage.to_uppercase())) {
-        let cfg = p.path().join(format!("{stage}.toml"));
-        let body = std::fs::read_to_string(&cfg)?;
-        std::fs::write(&cfg, format!("{extra}\n{body}"))?;
-    }
     stage_proc(p, stage).launch();
     let joined = Instant::now();
-    while stage_proc(p, stage)
-        .log()
-        .matches("partitions assigned")
-        .count()
-        <= assigned
-    {
+    while !stage_proc(p, stage).settled_in_group() {
         anyhow::ensure!(
             joined.elapsed() < Duration::from_secs(120),
             "{stage}: no assignment"
@@ -103,17 +89,42 @@ pub fn stage_alone(
         std::thread::sleep(Duration::from_millis(5));
     }
     let t0 = Instant::now();
-    let mut peak = 0;
     let group = format!("meterflow-{stage}");
     while !(p.caught_up(&group, input) && done(p)) {
         p.assert_services_alive();
-        peak = peak.max(stage_proc(p, stage).peak_rss_kib().unwrap_or(0));
         anyhow::ensure!(t0.elapsed() < LIMIT, "{stage} did not drain");
         std::thread::sleep(Duration::from_millis(50));
     }
     let secs = t0.elapsed().as_secs_f64();
-    peak = peak.max(stage_proc(p, stage).peak_rss_kib().unwrap_or(0));
-    Ok((secs, peak))
+    // VmHWM: the process's peak over its whole life
+    Ok((secs, stage_proc(p, stage).peak_rss_kib().unwrap_or(0)))
+}
+
+/// Every stage has committed everything it was given and every expected file set exists.
+pub fn drained(p: &Pipeline, expected_sets: usize) -> bool {
+    let t = &p.kafka.topics;
+    meterflow_settler::files::all_manifests(&p.out).is_ok_and(|m| m.len() >= expected_sets)
+        && p.caught_up("meterflow-enricher", &t.samples)
+        && p.caught_up("meterflow-rater", &t.usage)
+        && p.caught_up("meterflow-settler", &t.rated)
+}
+
+/// The stages' peak RSS (VmHWM, read while they run), as "name MiB, …".
+pub fn stage_peaks(p: &Pipeline) -> String {
+    [
+        ("enricher", &p.enricher),
+        ("rater", &p.rater),
+        ("settler", &p.settler),
+    ]
+    .iter()
+    .map(|(name, proc)| {
+        format!(
+            "{name} {:.0}",
+            proc.peak_rss_kib().unwrap_or(0) as f64 / 1024.0
+        )
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 /// Each stage alone against a bare relay of its own input, all in one run: the samples
@@ -190,31 +201,15 @@ pub fn chain(run: FleetRun) -> anyhow::Result<()> {
     p.settler.launch();
     joined(&mut p)?;
     let t0 = Instant::now();
-    let mut rss: BTreeMap<&str, u64> = BTreeMap::new();
-    loop {
-        for (name, proc) in [
-            ("enricher", &p.enricher),
-            ("rater", &p.rater),
-            ("settler", &p.settler),
-        ] {
-            let k = proc.peak_rss_kib().unwrap_or(0);
-            let e = rss.entry(name).or_default();
-            *e = (*e).max(k);
-        }
+    while !drained(&p, expected_sets) {
         p.assert_services_alive();
-        if meterflow_settler::files::all_manifests(&p.out).is_ok_and(|m| m.len() >= expected_sets)
-            && p.caught_up("meterflow-enricher", &t.samples)
-            && p.caught_up("meterflow-rater", &t.usage)
-            && p.caught_up("meterflow-settler", &t.rated)
-        {
-            break;
-        }
         anyhow::ensure!(t0.elapsed() < LIMIT, "the stages did not drain");
         std::thread::sleep(Duration::from_millis(50));
     }
     let secs = t0.elapsed().as_secs_f64();
     crate::settled::Settled::read(&p.out).assert_matches(&p.run, DAY);
     let (usage, rated) = (p.messages(&t.usage), p.messages(&t.rated));
+    let peaks = stage_peaks(&p);
     p.stop();
     let (s, r) = (n as f64 / secs, n as f64 / relay);
     println!("| run | messages in | seconds | messages/s | vs relay |");
@@ -224,13 +219,7 @@ pub fn chain(run: FleetRun) -> anyhow::Result<()> {
         "| enricher + rater + settler together (→ {usage} usage, {rated} rated msgs, {expected_sets} file sets) | {n} | {secs:.2} | {s:.0} | {:.2} |",
         s / r
     );
-    println!(
-        "\npeak RSS (MiB): {}",
-        rss.iter()
-            .map(|(k, v)| format!("{k} {:.0}", *v as f64 / 1024.0))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    println!("\npeak RSS (MiB): {peaks}");
     Ok(())
 }
 
@@ -447,7 +436,7 @@ pub fn latency(run: FleetRun, speed: u32) -> anyhow::Result<()> {
     };
     let t0 = Instant::now();
     p.start_collector();
-    settle(&mut p)?;
+    settle(&mut p);
     let wall = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
@@ -524,26 +513,14 @@ pub fn latency(run: FleetRun, speed: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Wait until the collector has finished, the rater has committed everything and every
-/// expected file set exists; the rater's peak RSS meanwhile (KiB).
-fn settle(p: &mut Pipeline) -> anyhow::Result<u64> {
-    let usage = p.kafka.topics.usage.clone();
+/// `Pipeline::drain` (collector finished, every stage caught up, every expected file
+/// set written); then the rater's peak RSS over its life (KiB).
+fn settle(p: &mut Pipeline) -> u64 {
     let expected_sets = p.run.totals(DAY).len();
-    let out = p.out.clone();
-    let mut peak = 0;
-    let start = Instant::now();
-    loop {
-        peak = peak.max(p.rater.peak_rss_kib().unwrap_or(0));
-        p.assert_services_alive();
-        if p.collector.as_mut().and_then(|c| c.exited()).is_some()
-            && meterflow_settler::files::all_manifests(&out).is_ok_and(|m| m.len() >= expected_sets)
-            && p.caught_up("meterflow-rater", &usage)
-        {
-            return Ok(peak.max(p.rater.peak_rss_kib().unwrap_or(0)));
-        }
-        anyhow::ensure!(start.elapsed() < LIMIT, "paced run did not settle");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    p.drain(LIMIT, |out| {
+        meterflow_settler::files::all_manifests(out).is_ok_and(|m| m.len() >= expected_sets)
+    });
+    p.rater.peak_rss_kib().unwrap_or(0)
 }
 
 /// The rater's peak RSS over a paced run of `hours` of the fleet polled every `poll_ms`,
@@ -560,7 +537,7 @@ fn rater_peak(
     joined(&mut p)?;
     p.start_collector();
     let t = p.kafka.topics.clone();
-    let peak = settle(&mut p)?;
+    let peak = settle(&mut p);
     crate::settled::Settled::read(&p.out).assert_matches(&p.run, DAY);
     let usage = p.messages(&t.usage);
     let rated = p.messages(&t.rated);

@@ -88,6 +88,13 @@ impl apache_avro::headers::HeaderBuilder for Header {
 }
 
 fn compile(json: &str) -> Compiled {
+    // apache-avro reserves room for a length it reads before reading the items, bounded
+    // only by its allocation limit (default 512 Mi *items*: a ten-byte datum claiming an
+    // array asked for 21 GB and aborted the process; found by the fuzz targets). No
+    // string, byte run or item count in a message can exceed the message's own size.
+    // Process-wide and set once; every decode compiles its type first, so it is in force
+    // before any datum is read (this crate is the process's only Avro decoder).
+    apache_avro::util::max_allocation_bytes(MAX_MESSAGE_BYTES);
     // The schemas are compiled into the binary and checked by the tests below.
     #[allow(clippy::expect_used)]
     let schema = Schema::parse_str(json).expect("embedded schema parses");
@@ -186,12 +193,6 @@ fn check_header<'a>(bytes: &'a [u8], c: &Compiled) -> Result<&'a [u8], DecodeErr
 }
 
 fn decode_body<R: Record>(datum: &[u8]) -> Result<R, DecodeError> {
-    // apache-avro reserves room for a length it reads before reading the items, bounded
-    // only by its allocation limit (default 512 Mi *items*: a ten-byte datum claiming an
-    // array asked for 21 GB and aborted the process; found by the fuzz targets). No
-    // string, byte run or item count in a message can exceed the message's own size.
-    // (Process-wide, set once; this crate is the process's only Avro decoder.)
-    apache_avro::util::max_allocation_bytes(MAX_MESSAGE_BYTES);
     let c = R::compiled();
     // apache-avro 0.21 reads a union whose bytes are missing at the end of the input as
     // null, so a truncated datum could "decode". Decoding from the datum plus one

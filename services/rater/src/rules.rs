@@ -535,26 +535,26 @@ impl Merge {
     /// sign column.
     pub fn key(&self, u: &Usage) -> Vec<u8> {
         let mut k = Vec::with_capacity(64);
-        let mut s = |v: Option<&str>| match v {
+        let mut s = |v: Option<&[u8]>| match v {
             None => k.push(0),
             Some(v) => {
                 k.push(1);
                 k.extend_from_slice(&(v.len() as u32).to_le_bytes());
-                k.extend_from_slice(v.as_bytes());
+                k.extend_from_slice(v);
             }
         };
         for c in &self.key {
             match c {
-                2 => s(Some(&u.entity_id)),
-                3 => s(Some(&u.user_id)),
-                4 => s(u.project.as_deref()),
-                5 => s(Some(&u.instance_id)),
-                6 => s(Some(&u.node_id)),
-                7 => s(Some(&u.site)),
-                8 => s(Some(&u.kind)),
-                9 => s(u.flavor.as_deref()),
-                10 => s(Some(&u.interval_start.to_string())),
-                11 => s(Some(&u.interval_end.to_string())),
+                2 => s(Some(u.entity_id.as_bytes())),
+                3 => s(Some(u.user_id.as_bytes())),
+                4 => s(u.project.as_deref().map(str::as_bytes)),
+                5 => s(Some(u.instance_id.as_bytes())),
+                6 => s(Some(u.node_id.as_bytes())),
+                7 => s(Some(u.site.as_bytes())),
+                8 => s(Some(u.kind.as_bytes())),
+                9 => s(u.flavor.as_deref().map(str::as_bytes)),
+                10 => s(Some(&u.interval_start.to_le_bytes())),
+                11 => s(Some(&u.interval_end.to_le_bytes())),
                 // not a key column (`merge_spec` never makes one)
                 _ => s(None),
             }
