@@ -102,11 +102,8 @@ pub fn stage_alone(
 
 /// Every stage has committed everything it was given and every expected file set exists.
 pub fn drained(p: &Pipeline, expected_sets: usize) -> bool {
-    let t = &p.kafka.topics;
     meterflow_settler::files::all_manifests(&p.out).is_ok_and(|m| m.len() >= expected_sets)
-        && p.caught_up("meterflow-enricher", &t.samples)
-        && p.caught_up("meterflow-rater", &t.usage)
-        && p.caught_up("meterflow-settler", &t.rated)
+        && p.stages_caught_up()
 }
 
 /// The stages' peak RSS (VmHWM, read while they run), as "name MiB, …".

@@ -375,6 +375,14 @@ impl Pipeline {
                 .all(|(_, h, c)| *h == 0 || c.is_some_and(|c| c >= *h))
     }
 
+    /// Every stage has committed everything on its input topic.
+    pub fn stages_caught_up(&self) -> bool {
+        let t = &self.kafka.topics;
+        self.caught_up("meterflow-enricher", &t.samples)
+            && self.caught_up("meterflow-rater", &t.usage)
+            && self.caught_up("meterflow-settler", &t.rated)
+    }
+
     fn lags(&self) -> String {
         let t = &self.kafka.topics;
         [
@@ -416,12 +424,7 @@ impl Pipeline {
             if let Some(f) = failed {
                 panic!("{f}{}", self.logs());
             }
-            let t = self.kafka.topics.clone();
-            let ok = collector_done
-                && self.caught_up("meterflow-enricher", &t.samples)
-                && self.caught_up("meterflow-rater", &t.usage)
-                && self.caught_up("meterflow-settler", &t.rated)
-                && done(&self.out);
+            let ok = collector_done && self.stages_caught_up() && done(&self.out);
             calm = if ok { calm + 1 } else { 0 };
             if calm >= 2 {
                 return;
