@@ -7,8 +7,13 @@
 //! as the datum after a valid header of one of the topic's record types, chosen by the
 //! first byte (so the fuzzer reaches the Avro datum decoder without guessing a schema
 //! fingerprint first).
+//!
+//! The hot record types (samples, heartbeats, usage, watermarks, revenue events) have a
+//! direct codec besides apache-avro's: every input is also decoded by both, which must
+//! give the same record or the same reason code, and every record that decodes must
+//! decode the same way from either encoder's bytes.
 
-use meterflow_avro::{decode, encode, header_of, DecodeError, Record};
+use meterflow_avro::{decode, encode, generic, header_of, DecodeError, Record};
 use meterflow_avro::{InstancesMsg, RatedMsg, SamplesMsg, UsageMsg};
 use meterflow_types::{InstanceState, NodeHeartbeat, RatedEvent, Sample, Usage, Watermark};
 use std::fmt::Debug;
@@ -16,6 +21,19 @@ use std::fmt::Debug;
 fn roundtrip<R: Record + PartialEq + Debug>(r: &R) {
     let again = decode::<R>(&encode(r)).expect("an encoded record decodes");
     assert_eq!(&again, r, "the record changed through encode and decode");
+    let by_apache = generic::decode::<R>(&encode(r)).expect("apache-avro decodes it too");
+    assert_eq!(&by_apache, r, "apache-avro reads the record differently");
+    let from_apache = decode::<R>(&generic::encode(r)).expect("apache-avro's bytes decode");
+    assert_eq!(&from_apache, r, "apache-avro's bytes decode differently");
+}
+
+/// The direct codec and apache-avro agree on `m` as an `R`.
+fn agree<R: Record + PartialEq + Debug>(m: &[u8]) {
+    match (decode::<R>(m), generic::decode::<R>(m)) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "the decoders read different records"),
+        (Err(a), Err(b)) => assert_eq!(a.reason_code(), b.reason_code(), "direct {a} / apache-avro {b}"),
+        (a, b) => panic!("direct {a:?} / apache-avro {b:?}"),
+    }
 }
 
 fn check<T>(decoded: Result<T, DecodeError>, on_record: impl FnOnce(T)) {
@@ -38,6 +56,7 @@ fn both(data: &[u8], headers: &[[u8; 10]], mut f: impl FnMut(&[u8])) {
 /// A topic that carries one record type.
 pub fn one<R: Record + PartialEq + Debug>(data: &[u8]) {
     both(data, &[header_of::<R>()], |m| {
+        agree::<R>(m);
         check(decode::<R>(m), |r| roundtrip(&r))
     });
 }
@@ -46,6 +65,8 @@ pub fn one<R: Record + PartialEq + Debug>(data: &[u8]) {
 pub fn samples(data: &[u8]) {
     let h = [header_of::<Sample>(), header_of::<NodeHeartbeat>()];
     both(data, &h, |m| {
+        agree::<Sample>(m);
+        agree::<NodeHeartbeat>(m);
         check(meterflow_avro::decode_samples_msg(m), |r| match r {
             SamplesMsg::Sample(r) => roundtrip(&r),
             SamplesMsg::Heartbeat(r) => roundtrip(&r),
@@ -57,6 +78,8 @@ pub fn samples(data: &[u8]) {
 pub fn usage(data: &[u8]) {
     let h = [header_of::<Usage>(), header_of::<Watermark>()];
     both(data, &h, |m| {
+        agree::<Usage>(m);
+        agree::<Watermark>(m);
         check(meterflow_avro::decode_usage_msg(m), |r| match r {
             UsageMsg::Usage(r) => roundtrip(&r),
             UsageMsg::Watermark(r) => roundtrip(&r),
@@ -68,6 +91,7 @@ pub fn usage(data: &[u8]) {
 pub fn instances(data: &[u8]) {
     let h = [header_of::<InstanceState>(), header_of::<NodeHeartbeat>()];
     both(data, &h, |m| {
+        agree::<NodeHeartbeat>(m);
         check(meterflow_avro::decode_instances_msg(m), |r| match r {
             InstancesMsg::Instance(r) => roundtrip(&r),
             InstancesMsg::Node(r) => roundtrip(&r),
@@ -79,6 +103,8 @@ pub fn instances(data: &[u8]) {
 pub fn rated(data: &[u8]) {
     let h = [header_of::<RatedEvent>(), header_of::<Watermark>()];
     both(data, &h, |m| {
+        agree::<RatedEvent>(m);
+        agree::<Watermark>(m);
         check(meterflow_avro::decode_rated_msg(m), |r| match r {
             RatedMsg::Rated(r) => roundtrip(&r),
             RatedMsg::Watermark(r) => roundtrip(&r),

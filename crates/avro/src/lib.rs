@@ -8,6 +8,8 @@ use meterflow_types::*;
 use std::sync::{Mutex, OnceLock};
 
 mod convert;
+#[doc(hidden)]
+pub mod fast;
 pub use convert::Record;
 
 /// Wire schemas, compiled in from `schemas/*.avsc`.
@@ -153,19 +155,49 @@ compiled!(probe_spec_c, schemas::PROBE_SPEC);
 
 /// Encode one record as Avro single-object encoding.
 pub fn encode<R: Record>(r: &R) -> Vec<u8> {
-    let c = R::compiled();
-    let value = r.to_value();
     let mut out = Vec::with_capacity(256);
-    // A value built by `to_value` always matches its own schema (tested); the writer
-    // holds no state between calls, so a panic elsewhere cannot leave it poisoned in a
-    // way that matters.
-    #[allow(clippy::expect_used)]
-    c.writer
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .write_value_ref(&value, &mut out)
-        .expect("record matches its schema");
+    encode_into(r, &mut out);
     out
+}
+
+/// Encode one record as Avro single-object encoding, appended to `out` (a buffer reused
+/// across records saves an allocation each).
+pub fn encode_into<R: Record>(r: &R, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&R::compiled().header);
+    if r.write_datum(&mut fast::Writer { out }) {
+        return;
+    }
+    out.truncate(start);
+    out.extend_from_slice(&generic::encode(r));
+}
+
+/// apache-avro's `Value` path for every record type: the codec of the types without a
+/// direct one, and the reference the direct codec is tested against.
+#[doc(hidden)]
+pub mod generic {
+    use super::*;
+
+    pub fn encode<R: Record>(r: &R) -> Vec<u8> {
+        let c = R::compiled();
+        let value = r.to_value();
+        let mut out = Vec::with_capacity(256);
+        // A value built by `to_value` always matches its own schema (tested); the writer
+        // holds no state between calls, so a panic elsewhere cannot leave it poisoned in
+        // a way that matters.
+        #[allow(clippy::expect_used)]
+        c.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .write_value_ref(&value, &mut out)
+            .expect("record matches its schema");
+        out
+    }
+
+    pub fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
+        let body = check_header(bytes, R::compiled())?;
+        decode_body::<R>(body)
+    }
 }
 
 /// The 10-byte single-object header (marker + schema fingerprint) of a record type.
@@ -176,7 +208,15 @@ pub fn header_of<R: Record>() -> [u8; 10] {
 /// Decode a record of a known type.
 pub fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
     let body = check_header(bytes, R::compiled())?;
-    decode_body::<R>(body)
+    let mut r = fast::Reader::new(R::NAME, body);
+    match R::read_datum(&mut r) {
+        Some(rec) => {
+            let rec = rec?;
+            r.finish()?;
+            Ok(rec)
+        }
+        None => decode_body::<R>(body),
+    }
 }
 
 fn check_header<'a>(bytes: &'a [u8], c: &Compiled) -> Result<&'a [u8], DecodeError> {

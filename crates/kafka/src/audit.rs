@@ -20,7 +20,10 @@ pub const BUCKET_MS: i64 = 3_600_000;
 pub struct Ledger {
     stage: String,
     member: String,
-    counts: BTreeMap<(String, &'static str, Millis), (i64, Dec)>,
+    /// The topics counted so far (a stage counts two or three): `counts` refers to them
+    /// by index, so counting a record allocates nothing.
+    topics: Vec<String>,
+    counts: BTreeMap<(usize, &'static str, Millis), (i64, Dec)>,
 }
 
 impl Ledger {
@@ -28,6 +31,7 @@ impl Ledger {
         Ledger {
             stage: stage.to_string(),
             member: member.to_string(),
+            topics: Vec::new(),
             counts: BTreeMap::new(),
         }
     }
@@ -35,9 +39,16 @@ impl Ledger {
     /// One record read (`in`), sent (`out`) or dropped as a duplicate (`dup`).
     pub fn count(&mut self, topic: &str, direction: &'static str, (t, qty): (Millis, Dec)) {
         let bucket = t - t.rem_euclid(BUCKET_MS);
+        let topic = match self.topics.iter().position(|x| x == topic) {
+            Some(i) => i,
+            None => {
+                self.topics.push(topic.to_string());
+                self.topics.len() - 1
+            }
+        };
         let e = self
             .counts
-            .entry((topic.to_string(), direction, bucket))
+            .entry((topic, direction, bucket))
             .or_insert((0, Dec::ZERO));
         e.0 += 1;
         e.1 = e.1.checked_add(qty).unwrap_or(e.1);
@@ -49,6 +60,7 @@ impl Ledger {
         std::mem::take(&mut self.counts)
             .into_iter()
             .map(|((topic, direction, bucket), (count, qty))| {
+                let topic = self.topics[topic].clone();
                 (
                     format!(
                         "{}|{}|{topic}|{direction}|{bucket}",

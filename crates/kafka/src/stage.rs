@@ -156,6 +156,8 @@ pub struct StageIo {
     dlq_topic: String,
     audit_topic: String,
     ledger: crate::audit::Ledger,
+    /// Reused for every record `send_record` encodes (the producer copies the bytes).
+    scratch: Vec<u8>,
 }
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -223,6 +225,7 @@ impl StageIo {
             dlq_topic: cfg.topics.dlq.clone(),
             audit_topic: cfg.topics.audit.clone(),
             ledger: crate::audit::Ledger::new(stage, member),
+            scratch: Vec::with_capacity(1024),
         })
     }
 
@@ -260,10 +263,16 @@ impl StageIo {
         }
         // only partitions owned now, and nothing below the committed offset (rewind)
         if let Ok(owned) = self.consumer.context().owned.lock() {
+            // a member owns a few partitions: a scan, with no key to build per message
+            let owned: Vec<(&str, i32, i64)> = owned
+                .iter()
+                .map(|((t, p), floor)| (t.as_str(), *p, *floor))
+                .collect();
             messages.retain(|m| {
                 owned
-                    .get(&(m.topic().to_string(), m.partition()))
-                    .is_some_and(|floor| m.offset() >= *floor)
+                    .iter()
+                    .find(|(t, p, _)| *p == m.partition() && *t == m.topic())
+                    .is_some_and(|(_, _, floor)| m.offset() >= *floor)
             });
         }
         let rebalances = std::mem::take(
@@ -311,6 +320,25 @@ impl StageIo {
         self.out
             .send_with(topic, key, payload, partition, headers)
             .await
+    }
+
+    /// Encode `record` (Avro single-object) and queue it, with headers.
+    pub async fn send_record<R: meterflow_avro::Record>(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        record: &R,
+        partition: Option<i32>,
+        headers: &[(&str, &[u8])],
+    ) -> Result<()> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        meterflow_avro::encode_into(record, &mut buf);
+        let sent = self
+            .send_with(topic, key, Some(&buf), partition, headers)
+            .await;
+        self.scratch = buf;
+        sent
     }
 
     /// Count a record for the audit (see `audit`): `in` read, `out` sent, `dup` dropped.

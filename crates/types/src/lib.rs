@@ -14,3 +14,9 @@ pub mod window;
 pub use decimal::Dec;
 pub use records::*;
 pub use time::Millis;
+
+/// A hash map for per-message lookups: foldhash (fast, seeded per process) instead of
+/// SipHash, which was a tenth of the enricher's time.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The set of [`FastMap`].
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

@@ -1,8 +1,7 @@
 //! The pure part of the enricher: who owned an instance when, and a sample's usage
 //! integrated over its interval and split between owners at ownership changes.
 
-use meterflow_types::{Dec, InstanceState, Millis, Ownership, Sample, SeenSample, Usage};
-use std::collections::HashMap;
+use meterflow_types::{Dec, FastMap, InstanceState, Millis, Ownership, Sample, SeenSample, Usage};
 
 /// Ownership history per instance, ordered by `valid_from`.
 ///
@@ -12,7 +11,7 @@ use std::collections::HashMap;
 /// Within a class, the latest `valid_from` at a point in time wins.
 #[derive(Default, Debug)]
 pub struct Owners {
-    by_instance: HashMap<String, Vec<Ownership>>,
+    by_instance: FastMap<String, Vec<Ownership>>,
 }
 
 /// Whether an ownership record was set explicitly (rather than discovered).
@@ -39,6 +38,10 @@ impl Owners {
         end: Millis,
     ) -> Option<Vec<(Millis, Millis, &Ownership)>> {
         let all = self.by_instance.get(instance)?;
+        if let [only] = all.as_slice() {
+            // one owner ever (nearly always): no classes to weigh
+            return (only.valid_from <= start).then(|| vec![(start, end, only)]);
+        }
         let first_explicit = all
             .iter()
             .filter(|o| is_explicit(o))
@@ -75,7 +78,7 @@ impl Owners {
 /// Checkpointed with the offsets, so it survives restarts and rebalances.
 #[derive(Default, Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
-    by_instance: HashMap<String, Vec<SeenSample>>,
+    by_instance: FastMap<String, Vec<SeenSample>>,
 }
 
 /// Incarnations remembered per instance (a migration has two in flight at most).
@@ -108,7 +111,12 @@ impl Seen {
 
     /// Record a billed sample.
     pub fn record(&mut self, s: &Sample) {
-        let v = self.by_instance.entry(s.instance_id.clone()).or_default();
+        if !self.by_instance.contains_key(&s.instance_id) {
+            self.by_instance.insert(s.instance_id.clone(), Vec::new());
+        }
+        let Some(v) = self.by_instance.get_mut(&s.instance_id) else {
+            return;
+        };
         match v.iter_mut().find(|e| e.incarnation == s.incarnation) {
             Some(e) => {
                 e.seq = e.seq.max(s.seq);
@@ -263,39 +271,54 @@ pub fn usage_for(
     state: Option<&InstanceState>,
 ) -> Vec<Usage> {
     let q = quantities(s);
+    if let [(a, b, o)] = segments {
+        // one owner for the whole interval (nearly always): nothing to split
+        return vec![usage_part(s, (*a, *b, o), state, |k| q[k])];
+    }
     let weights: Vec<i64> = segments.iter().map(|(a, b, _)| b - a).collect();
     let split: Vec<Option<Vec<Dec>>> = q
         .iter()
         .map(|v| v.map(|d| d.split_pro_rata(&weights)))
         .collect();
-    let part = |k: usize, i: usize| split[k].as_ref().map(|v| v[i]).unwrap_or(Dec::ZERO);
     segments
         .iter()
         .enumerate()
-        .map(|(i, (a, b, o))| Usage {
-            id: Usage::make_id(&s.id, &o.entity_id, *a),
-            sample_id: s.id.clone(),
-            instance_id: s.instance_id.clone(),
-            entity_id: o.entity_id.clone(),
-            user_id: o.user_id.clone(),
-            project: o.project.clone(),
-            node_id: s.node_id.clone(),
-            site: s.site.clone(),
-            kind: s.kind.clone(),
-            flavor: state.and_then(|st| st.flavor.clone()),
-            interval_start: *a,
-            interval_end: *b,
-            vcpu_seconds: part(0, i),
-            cpu_seconds: part(1, i),
-            memory_byte_seconds: part(2, i),
-            memory_used_byte_seconds: split[3].as_ref().map(|v| v[i]),
-            net_rx_bytes: part(4, i),
-            net_tx_bytes: part(5, i),
-            disk_read_bytes: part(6, i),
-            disk_write_bytes: part(7, i),
-            labels: state.map(|st| st.labels.clone()).unwrap_or_default(),
-        })
+        .map(|(i, seg)| usage_part(s, *seg, state, |k| split[k].as_ref().map(|v| v[i])))
         .collect()
+}
+
+/// The usage of segment `[a, b)` of `s`, owned by `o`; `part(k)` is its share of the
+/// sample's `k`th quantity (see `quantities`).
+fn usage_part(
+    s: &Sample,
+    (a, b, o): (Millis, Millis, &Ownership),
+    state: Option<&InstanceState>,
+    part: impl Fn(usize) -> Option<Dec>,
+) -> Usage {
+    let or_zero = |k: usize| part(k).unwrap_or(Dec::ZERO);
+    Usage {
+        id: Usage::make_id(&s.id, &o.entity_id, a),
+        sample_id: s.id.clone(),
+        instance_id: s.instance_id.clone(),
+        entity_id: o.entity_id.clone(),
+        user_id: o.user_id.clone(),
+        project: o.project.clone(),
+        node_id: s.node_id.clone(),
+        site: s.site.clone(),
+        kind: s.kind.clone(),
+        flavor: state.and_then(|st| st.flavor.clone()),
+        interval_start: a,
+        interval_end: b,
+        vcpu_seconds: or_zero(0),
+        cpu_seconds: or_zero(1),
+        memory_byte_seconds: or_zero(2),
+        memory_used_byte_seconds: part(3),
+        net_rx_bytes: or_zero(4),
+        net_tx_bytes: or_zero(5),
+        disk_read_bytes: or_zero(6),
+        disk_write_bytes: or_zero(7),
+        labels: state.map(|st| st.labels.clone()).unwrap_or_default(),
+    }
 }
 
 #[cfg(test)]

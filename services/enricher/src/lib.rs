@@ -21,7 +21,7 @@ use meterflow_kafka::{
 use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
 use meterflow_types::headers;
 use meterflow_types::watermark::NodeProgress;
-use meterflow_types::{InstanceState, Millis, Ownership, Sample, Watermark};
+use meterflow_types::{FastMap, InstanceState, Millis, Ownership, Sample, Watermark};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -115,7 +115,7 @@ const DELETED_RETENTION: Duration = Duration::from_secs(3600);
 /// Instance state, ownership history and the node table, from their compacted topics.
 #[derive(Default)]
 pub struct Tables {
-    pub instances: HashMap<String, InstanceState>,
+    pub instances: FastMap<String, InstanceState>,
     /// Instances whose tombstone was read, and when: kept (samples may still be in
     /// flight) until `DELETED_RETENTION` has passed.
     deleted: HashMap<String, Instant>,
@@ -314,7 +314,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
     let mut missing_reported: BTreeMap<String, Millis> = BTreeMap::new();
     let timeout = cfg.node_timeout.as_millis() as i64;
     let deadline = cfg.unowned_deadline.as_millis() as i64;
-    let mut parts: HashMap<i32, PartState> = HashMap::new();
+    let mut parts: FastMap<i32, PartState> = FastMap::default();
     // samples parked by earlier runs (or other members): cleared when billed
     let mut parked_before = read_parked(&cfg.kafka)?;
     let mut checkpoints = load_seen(&cfg.kafka)?;
@@ -691,14 +691,8 @@ async fn emit(
             c.usage.inc();
             continue;
         }
-        io.send_with(
-            topic,
-            u.entity_id.as_bytes(),
-            Some(&meterflow_avro::encode(&u)),
-            None,
-            &headers,
-        )
-        .await?;
+        io.send_record(topic, u.entity_id.as_bytes(), &u, None, &headers)
+            .await?;
         c.usage.inc();
     }
     Ok(true)
