@@ -170,6 +170,11 @@ pub const BATCH_GAP: Duration = Duration::from_millis(10);
 /// `fetch.wait.max.ms` overrides it.
 pub const FETCH_WAIT_MS: &str = "50";
 
+/// How long the fetcher pauses once the local queue is full (librdkafka's default is a
+/// whole second, which a stage catching up on a backlog stalled for as soon as it spent
+/// longer on a batch than the prefetch took to fill); `[kafka.client]` overrides it.
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "20";
+
 impl StageIo {
     /// `member` names this replica: stable across restarts, unique among running
     /// replicas (static membership and transactional id).
@@ -183,6 +188,9 @@ impl StageIo {
         let mut c = client_config(cfg, &format!("{stage}-{member}"));
         if !cfg.client.contains_key("fetch.wait.max.ms") {
             c.set("fetch.wait.max.ms", FETCH_WAIT_MS);
+        }
+        if !cfg.client.contains_key("fetch.queue.backoff.ms") {
+            c.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
         }
         c.set("group.id", group)
             .set("enable.auto.commit", "false")

@@ -124,24 +124,31 @@ pub struct Tables {
     offsets: HashMap<(String, i32), i64>,
     /// How many times the tables were read to the end.
     pub refreshes: u64,
+    /// When the latest read to the end started: everything published before it is here.
+    pub fresh_from: Option<Instant>,
     /// Records that could not be decoded since the last `take_bad`: (record, reason code, reason).
     bad: Vec<(TableRecord, &'static str, String)>,
 }
 
 impl Tables {
-    /// Read everything new on the instances and ownership topics.
+    /// Read everything new on the instances and ownership topics (at start-up; then
+    /// `TableFeed` reads them on a thread of its own).
     pub fn refresh(&mut self, cfg: &KafkaConfig) -> Result<usize> {
-        let t = &cfg.topics;
-        let recs = tokio::task::block_in_place(|| {
-            read_table(
-                cfg,
-                &[&t.instances, &t.ownership],
-                &self.offsets,
-                Duration::from_secs(60),
-            )
-        })?;
+        let read_from = Instant::now();
+        let recs = tokio::task::block_in_place(|| read_tables(cfg, &self.offsets))?;
+        Ok(self.apply(&cfg.topics, recs, read_from))
+    }
+
+    /// Take records read from the table topics by a read that started at `read_from`.
+    pub fn apply(
+        &mut self,
+        t: &meterflow_kafka::Topics,
+        recs: Vec<TableRecord>,
+        read_from: Instant,
+    ) -> usize {
         let n = recs.len();
         self.refreshes += 1;
+        self.fresh_from = Some(self.fresh_from.map_or(read_from, |f| f.max(read_from)));
         for r in recs {
             self.offsets
                 .insert((r.topic.clone(), r.partition), r.offset + 1);
@@ -178,7 +185,7 @@ impl Tables {
             }
             keep
         });
-        Ok(n)
+        n
     }
 
     /// An instance tombstone. The collector that saw the instance go names itself in a
@@ -209,15 +216,92 @@ impl Tables {
     }
 }
 
+/// Everything new on the instances and ownership topics after `from`.
+fn read_tables(cfg: &KafkaConfig, from: &HashMap<(String, i32), i64>) -> Result<Vec<TableRecord>> {
+    let t = &cfg.topics;
+    read_table(cfg, &[&t.instances, &t.ownership], from, Duration::from_secs(60))
+}
+
+/// One read of the table topics to their end: the records, and when the read started.
+type TableRead = Result<(Vec<TableRecord>, Instant)>;
+
+/// Reads the instance and ownership topics to their end over and over on a thread of its
+/// own — every `table_refresh`, or back to back while `urgent` (samples are parked,
+/// waiting for an owner) — so the main loop never waits for a read (a read to the end
+/// takes a few hundred milliseconds: a quarter of the enricher's time when it blocked).
+struct TableFeed {
+    rx: std::sync::mpsc::Receiver<TableRead>,
+    urgent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TableFeed {
+    fn start(cfg: &KafkaConfig, from: HashMap<(String, i32), i64>, every: Duration) -> TableFeed {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (tx, rx) = std::sync::mpsc::channel();
+        let urgent = std::sync::Arc::new(AtomicBool::new(false));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (cfg, u, st) = (cfg.clone(), urgent.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut offsets = from;
+            while !st.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let read = read_tables(&cfg, &offsets);
+                if let Ok(recs) = &read {
+                    for r in recs {
+                        offsets.insert((r.topic.clone(), r.partition), r.offset + 1);
+                    }
+                }
+                let failed = read.is_err();
+                if tx.send(read.map(|r| (r, started))).is_err() || failed {
+                    return; // the enricher is gone, or it stops on the error
+                }
+                while !st.load(Ordering::Relaxed)
+                    && !u.load(Ordering::Relaxed)
+                    && started.elapsed() < every
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        });
+        TableFeed { rx, urgent, stop }
+    }
+
+    /// Apply every read that finished since the last call; `urgent` asks for the next
+    /// read at once.
+    fn take(&self, tables: &mut Tables, topics: &meterflow_kafka::Topics, urgent: bool) -> Result<()> {
+        self.urgent
+            .store(urgent, std::sync::atomic::Ordering::Relaxed);
+        loop {
+            match self.rx.try_recv() {
+                Ok(read) => {
+                    let (recs, started) = read?;
+                    tables.apply(topics, recs, started);
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(()),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    anyhow::bail!("the table reader stopped")
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TableFeed {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 struct Parked {
     offset: i64,
     sample: Sample,
     /// The partition's completeness just before this sample's offset.
     snapshot: Option<Millis>,
-    /// `Tables::refreshes` when it was parked: the unowned deadline only counts once the
-    /// tables were re-read after the sample arrived, so an owner published just before
-    /// it is always seen, however fast event time runs.
-    refreshes: u64,
+    /// When it was parked: the unowned deadline only counts once a read of the tables
+    /// that started after this has been applied, so an owner published just before the
+    /// sample arrived is always seen, however fast event time runs.
+    parked_at: Instant,
     /// Its probe trail (the `enricher.join` point), forwarded when it is billed.
     trace: Trace,
 }
@@ -261,7 +345,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         owners = tables.instances.len(),
         "tables read to the end"
     );
-    let mut last_refresh = Instant::now();
+    let feed = TableFeed::start(&cfg.kafka, tables.offsets.clone(), cfg.table_refresh);
     let mut io = StageIo::new(
         &cfg.kafka,
         "enricher",
@@ -350,10 +434,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             }
         }
         let any_parked = parts.values().any(|s| !s.parked.is_empty());
-        if any_parked || last_refresh.elapsed() >= cfg.table_refresh {
-            tables.refresh(&cfg.kafka)?;
-            last_refresh = Instant::now();
-        }
+        feed.take(&mut tables, &topics, any_parked)?;
         let missing: BTreeMap<String, Millis> = tables.missing_nodes(timeout).into_iter().collect();
         if missing != missing_reported {
             for (node, last) in &missing {
@@ -457,7 +538,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                             offset: msg.offset(),
                             sample: s,
                             snapshot,
-                            refreshes: tables.refreshes,
+                            parked_at: Instant::now(),
                             trace,
                         });
                     }
@@ -491,7 +572,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                         st.dirty = true;
                         continue;
                     }
-                    if tables.refreshes > pk.refreshes
+                    if tables.fresh_from.is_some_and(|f| f > pk.parked_at)
                         && complete.is_some_and(|t| t - pk.sample.interval_end > deadline)
                     {
                         emit(
