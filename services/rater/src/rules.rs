@@ -442,6 +442,10 @@ impl TableProvider for SwapTable {
 pub struct Rule {
     pub source: RuleSource,
     plan: LogicalPlan,
+    /// The plan optimized once at load, when that is the same at every evaluation
+    /// (`only_immutable`): each window then skips the logical optimizer, which was most
+    /// of the cost of evaluating a small window.
+    optimized: Option<LogicalPlan>,
     has_resource: bool,
     /// The `usage` columns the optimized plan reads (indices into `usage_schema()`).
     columns: Vec<usize>,
@@ -483,6 +487,30 @@ fn cooperative_everywhere(
         return Ok(plan);
     }
     datafusion::physical_plan::replace_children_if_necessary(plan, children)
+}
+
+/// Whether every function a plan calls is immutable (no `now()`, no `random()`): then its
+/// optimized form can be kept and planned again for each window (the optimizer folds a
+/// stable function such as `now()` to the moment it runs, so a plan calling one is
+/// optimized again at every evaluation, as before).
+fn only_immutable(plan: &LogicalPlan) -> bool {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::Volatility;
+    let mut ok = true;
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|e| {
+                if let Expr::ScalarFunction(f) = e {
+                    if f.func.signature().volatility != Volatility::Immutable {
+                        ok = false;
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    ok
 }
 
 /// The tables an optimized plan scans.
@@ -1047,6 +1075,7 @@ impl Engine {
                 source: s,
                 merge: merge_spec(&optimized, &columns),
                 columns,
+                optimized: only_immutable(&plan).then_some(optimized),
                 plan,
                 has_resource,
                 reads_to_date,
@@ -1155,10 +1184,18 @@ impl Engine {
             msg,
         };
         let run = async {
-            let df = self.ctx.execute_logical_plan(rule.plan.clone()).await?;
-            let task = Arc::new(df.task_ctx());
-            let physical = cooperative_everywhere(df.create_physical_plan().await?)?;
-            datafusion::physical_plan::collect(physical, task).await
+            let state = self.ctx.state();
+            let planned = match &rule.optimized {
+                Some(optimized) => {
+                    state
+                        .query_planner()
+                        .create_physical_plan(optimized, &state)
+                        .await?
+                }
+                None => state.create_physical_plan(&rule.plan).await?,
+            };
+            let task = Arc::new(datafusion::execution::TaskContext::from(&state));
+            datafusion::physical_plan::collect(cooperative_everywhere(planned)?, task).await
         };
         let out = tokio::time::timeout(self.eval_timeout, run)
             .await
