@@ -366,11 +366,19 @@ pub async fn write_version(
         input_offsets: offsets,
         ids: events.iter().map(|(_, _, e)| e.id.clone()).collect(),
     };
-    store.put(&format!("{dir}/{csv_name}"), csv_bytes).await?;
-    store.put(&format!("{dir}/{pq_name}"), pq).await?;
-    if let Some((name, bytes)) = focus_file {
-        store.put(&format!("{dir}/{name}"), bytes).await?;
-    }
+    // the data files together (their syncs overlap), then the manifest
+    let focus_put = async {
+        match focus_file {
+            Some((name, bytes)) => store.put(&format!("{dir}/{name}"), bytes).await,
+            None => Ok(()),
+        }
+    };
+    let (csv_path, pq_path) = (format!("{dir}/{csv_name}"), format!("{dir}/{pq_name}"));
+    tokio::try_join!(
+        store.put(&csv_path, csv_bytes),
+        store.put(&pq_path, pq),
+        focus_put,
+    )?;
     // the manifest last: its presence means the version is complete
     store
         .put(
