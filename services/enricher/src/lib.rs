@@ -403,15 +403,36 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
     let mut parked_before = read_parked(&cfg.kafka)?;
     let mut checkpoints = load_seen(&cfg.kafka)?;
     let mut last_commit = Instant::now();
+    // input taken since progress was last made durable
+    let mut uncommitted = false;
     while !ctx.shutdown.is_cancelled() {
+        // with progress not yet durable, wait for input no longer than until it is due
+        // (so the last of a backlog is committed on time, not a whole wait later)
+        let mut wait = Duration::from_millis(200);
+        if uncommitted {
+            let interval = if progressed(&parts, timeout, &tables.nodes) {
+                cfg.watermark_interval
+            } else {
+                cfg.checkpoint_interval
+            };
+            wait = wait.min(interval.saturating_sub(last_commit.elapsed()));
+        }
         let batch = io
-            .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
+            .next_batch(cfg.batch_size, wait, &ctx.shutdown)
             .await?;
         probes.refresh();
         let rebalanced = !batch.rebalances.is_empty();
         if rebalanced {
-            parked_before = read_parked(&cfg.kafka)?;
-            checkpoints = load_seen(&cfg.kafka)?;
+            // both read to their end, side by side
+            let (parked, seen) = tokio::task::block_in_place(|| {
+                std::thread::scope(|sc| {
+                    let parked = sc.spawn(|| read_parked(&cfg.kafka));
+                    let seen = load_seen(&cfg.kafka);
+                    (parked.join(), seen)
+                })
+            });
+            parked_before = parked.map_err(|_| anyhow::anyhow!("reading parked samples panicked"))??;
+            checkpoints = seen?;
         }
         for r in batch.rebalances {
             match r {
@@ -516,7 +537,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                         st.latest_end = st.latest_end.max(s.interval_end);
                         st.dirty = true;
                     }
-                    if emitted && parked_before.remove(&s.id) {
+                    if emitted && !parked_before.is_empty() && parked_before.remove(&s.id) {
                         // parked by an earlier run, billed now: clear its record
                         release(&mut io, &topics.parked, &s.id, "owner").await?;
                     }
@@ -609,19 +630,16 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         // Durable progress, at most every checkpoint_interval: the duplicate-detection
         // checkpoint of each changed partition, then the offsets it covers (never past a
         // parked sample), then the watermarks.
-        let progressed = || {
-            parts.values().any(|st| {
-                complete(st, timeout, &tables.nodes)
-                    .is_some_and(|t| st.last_marker.is_none_or(|l| t > l))
-            })
-        };
+        uncommitted |= !batch.messages.is_empty();
         let due = rebalanced
             || ctx.shutdown.is_cancelled()
             || last_commit.elapsed() >= cfg.checkpoint_interval
-            || (last_commit.elapsed() >= cfg.watermark_interval && progressed());
+            || (last_commit.elapsed() >= cfg.watermark_interval
+                && progressed(&parts, timeout, &tables.nodes));
         if !due {
             continue;
         }
+        uncommitted = false;
         last_commit = Instant::now();
         let retention = cfg.dedup_retention.as_millis() as i64;
         for (p, st) in parts.iter_mut().filter(|(_, st)| st.dirty) {
@@ -692,6 +710,17 @@ fn complete(
         Some(pk) => pk.snapshot,
         None => st.progress.complete_through(timeout, nodes),
     }
+}
+
+/// Whether a poll marker moved some partition's completeness past its last watermark.
+fn progressed(
+    parts: &FastMap<i32, PartState>,
+    timeout: Millis,
+    nodes: &BTreeMap<String, (Millis, bool)>,
+) -> bool {
+    parts.values().any(|st| {
+        complete(st, timeout, nodes).is_some_and(|t| st.last_marker.is_none_or(|l| t > l))
+    })
 }
 
 /// The latest duplicate-detection checkpoint of every samples partition.

@@ -391,6 +391,8 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
     let mut quarantined: HashSet<usize> = HashSet::new();
     let mut parts: HashMap<i32, PartState> = HashMap::new();
     let mut last_commit = std::time::Instant::now();
+    // input taken since progress was last made durable
+    let mut uncommitted = false;
     let period = meterflow_types::window::Period::parse(&cfg.billing_period)
         .map_err(|e| anyhow::anyhow!("billing_period: {e}"))?;
     while !ctx.shutdown.is_cancelled() {
@@ -438,9 +440,15 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             accept,
         } = &mut active;
         let (keep_labels, nrules) = (*keep_labels, engine.rules.len());
+        // with progress not yet durable, wait for input no longer than until it is due
+        let mut wait = Duration::from_millis(200);
+        if uncommitted {
+            wait = wait.min(cfg.checkpoint_interval.saturating_sub(last_commit.elapsed()));
+        }
         let batch = io
-            .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
+            .next_batch(cfg.batch_size, wait, &ctx.shutdown)
             .await?;
+        uncommitted |= !batch.messages.is_empty();
         let batch_start = std::time::Instant::now();
         probes.refresh();
         for r in &batch.rebalances {
@@ -737,6 +745,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             continue;
         }
         last_commit = std::time::Instant::now();
+        uncommitted = false;
         if !markers.is_empty() {
             // the markers follow the events they cover only once those are acknowledged
             io.commit(&[])
