@@ -82,7 +82,12 @@ fn read_to_end(
     mut on_record: impl FnMut(TableRecord),
 ) -> Result<Vec<(i32, i64)>> {
     let consumer = reader(cfg, "meterflow-table")?;
-    let n = crate::partition_count(cfg, topic)?;
+    // the partition count from the reader's own connection (no second client)
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .context("fetching metadata")?;
+    let n = md.topics().first().map_or(0, |t| t.partitions().len()) as i32;
+    anyhow::ensure!(n > 0, "topic {topic} has no partitions (does it exist?)");
     let mut tpl = TopicPartitionList::new();
     let mut next: HashMap<i32, i64> = HashMap::new();
     for p in 0..n {
