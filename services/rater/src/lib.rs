@@ -57,11 +57,6 @@ pub struct RaterConfig {
     /// The billing period `usage_to_date` counts within (`month`, `week`, `day`, or a
     /// duration): the settler's `period`.
     pub billing_period: String,
-    /// How often progress is made durable when no window closed: the checkpoints, then
-    /// the offset commit they cover. A batch that closes windows (and so moves the
-    /// watermark on the rated topic) always commits at once.
-    #[serde(with = "humantime_serde")]
-    pub checkpoint_interval: Duration,
 }
 
 impl Default for RaterConfig {
@@ -77,7 +72,6 @@ impl Default for RaterConfig {
             batch_size: 5000,
             dedup_horizon: Duration::from_secs(2 * 3600),
             billing_period: "month".into(),
-            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }
@@ -390,9 +384,6 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
     );
     let mut quarantined: HashSet<usize> = HashSet::new();
     let mut parts: HashMap<i32, PartState> = HashMap::new();
-    let mut last_commit = std::time::Instant::now();
-    // input taken since progress was last made durable
-    let mut uncommitted = false;
     let period = meterflow_types::window::Period::parse(&cfg.billing_period)
         .map_err(|e| anyhow::anyhow!("billing_period: {e}"))?;
     while !ctx.shutdown.is_cancelled() {
@@ -440,15 +431,9 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             accept,
         } = &mut active;
         let (keep_labels, nrules) = (*keep_labels, engine.rules.len());
-        // with progress not yet durable, wait for input no longer than until it is due
-        let mut wait = Duration::from_millis(200);
-        if uncommitted {
-            wait = wait.min(cfg.checkpoint_interval.saturating_sub(last_commit.elapsed()));
-        }
         let batch = io
-            .next_batch(cfg.batch_size, wait, &ctx.shutdown)
+            .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
             .await?;
-        uncommitted |= !batch.messages.is_empty();
         let batch_start = std::time::Instant::now();
         probes.refresh();
         for r in &batch.rebalances {
@@ -733,25 +718,9 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         if engine.rules.len() == quarantined.len() {
             anyhow::bail!("every rule is quarantined");
         }
-        // Durable progress when a window closed (its events, then the markers that say
-        // so), on a rebalance or shutdown, and otherwise at most every checkpoint_interval:
-        // until then the batch's records are only produced (a replay after a crash
-        // re-emits identical ids, which the settler drops).
-        let due = !markers.is_empty()
-            || !batch.rebalances.is_empty()
-            || ctx.shutdown.is_cancelled()
-            || last_commit.elapsed() >= cfg.checkpoint_interval;
-        if !due {
-            continue;
-        }
-        last_commit = std::time::Instant::now();
-        uncommitted = false;
-        if !markers.is_empty() {
-            // the markers follow the events they cover only once those are acknowledged
-            io.commit(&[])
-                .await
-                .context("acknowledging revenue events")?;
-        }
+        io.commit(&[])
+            .await
+            .context("acknowledging revenue events")?;
         for (p, t) in markers {
             let w = Watermark {
                 stage: "rater".into(),
@@ -813,9 +782,10 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             .await?;
             offsets.push((topics.usage.clone(), *p, resume));
         }
-        // the checkpoints (and everything before them) acknowledged, then the offsets
-        io.commit(&[]).await?;
-        io.commit(&offsets).await?;
+        if !batch.messages.is_empty() || !offsets.is_empty() {
+            io.commit(&[]).await?;
+            io.commit(&offsets).await?;
+        }
     }
     Ok(())
 }
