@@ -5,6 +5,14 @@
 //! "latest" with the base offset of the newest record batch + 1, which is short of the
 //! true end whenever that batch holds more than one record. A reader that trusted it
 //! would silently miss records (it did: an owner lost, its usage billed as unallocated).
+//!
+//! Nor is the partition-EOF event enough alone: it fires only when a fetch finds nothing
+//! new, and a partition written to more often than a fetch waits (node heartbeats at an
+//! accelerated clock, say) may never give one; a reader waiting for it waited the whole
+//! run, and the enricher billed usage without the instances' labels meanwhile. So a
+//! partition's end is also reached at the high watermark of the first fetch answer of the
+//! read: the true end at a moment after the read began (a record-batch boundary), which
+//! is all a read to the end promises.
 
 use crate::{client_config, KafkaConfig};
 use anyhow::{Context, Result};
@@ -100,8 +108,28 @@ fn read_to_end(
         .assign(&tpl)
         .context("assigning table partitions")?;
     let mut pending: Vec<i32> = (0..n).collect();
+    // per partition, the high watermark of the first fetch answer of this read
+    let mut target: HashMap<i32, i64> = HashMap::new();
     let mut last_error = None;
     while !pending.is_empty() {
+        if target.len() < n as usize {
+            for &p in &pending {
+                if target.contains_key(&p) {
+                    continue;
+                }
+                // a fresh client: the watermark it caches comes from its own fetches
+                if let Some(hi) = cached_high_watermark(&consumer, topic, p) {
+                    target.insert(p, hi);
+                }
+            }
+            pending.retain(|p| match (target.get(p), next.get(p)) {
+                (Some(t), Some(at)) => at < t,
+                _ => true,
+            });
+            if pending.is_empty() {
+                break;
+            }
+        }
         if Instant::now() >= deadline {
             let why =
                 last_error.map_or(String::new(), |e: KafkaError| format!("; last error: {e}"));
@@ -110,7 +138,19 @@ fn read_to_end(
             );
         }
         match consumer.poll(Duration::from_millis(100)) {
-            None => {}
+            None => {
+                // records at the end that are never delivered (transaction markers): the
+                // client's position passes them
+                if let Ok(pos) = consumer.position() {
+                    pending.retain(|p| {
+                        let at = pos.find_partition(topic, *p).map(|e| e.offset());
+                        match (target.get(p), at) {
+                            (Some(t), Some(Offset::Offset(o))) => o < *t,
+                            _ => true,
+                        }
+                    });
+                }
+            }
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 // the position is the end the fetch reported
                 if let Ok(pos) = consumer.position() {
@@ -128,14 +168,43 @@ fn read_to_end(
             // the deadline
             Some(Err(e)) => last_error = Some(e),
             Some(Ok(m)) => {
-                next.insert(m.partition(), m.offset() + 1);
+                let p = m.partition();
+                next.insert(p, m.offset() + 1);
                 on_record(to_record(topic, &m));
+                // the last record of the batch that ends at the target (batches are
+                // delivered whole: the reader never stops inside one)
+                if target.get(&p).is_some_and(|t| m.offset() + 1 >= *t) {
+                    pending.retain(|x| *x != p);
+                }
             }
         }
     }
     let mut v: Vec<(i32, i64)> = next.into_iter().collect();
     v.sort_unstable();
     Ok(v)
+}
+
+/// The high watermark of `topic`/`p` in the client's latest fetch answer, `None` before
+/// the first one (librdkafka's `rd_kafka_get_watermark_offsets`, which rdkafka does not
+/// wrap; unlike `fetch_watermarks` it asks the broker nothing).
+#[allow(unsafe_code)]
+fn cached_high_watermark(c: &BaseConsumer<Quiet>, topic: &str, p: i32) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut lo, mut hi) = (-1i64, -1i64);
+    // SAFETY: the client handle is valid while `c` lives (it is borrowed for the call);
+    // `topic` is a NUL-terminated string that outlives the call; `lo` and `hi` are valid
+    // for writes. The function only reads the partition's cached offsets under its lock.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            c.client().native_ptr(),
+            topic.as_ptr(),
+            p,
+            &mut lo,
+            &mut hi,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && hi >= 0)
+        .then_some(hi)
 }
 
 fn to_record(topic: &str, m: &rdkafka::message::BorrowedMessage<'_>) -> TableRecord {
