@@ -449,7 +449,14 @@ fn an_instance_that_moves_node_mid_run_is_billed_once_to_the_cent() {
     // a live migration of the whole fleet from node-a to node-b, right after node-a's
     // poll at this point (elapsed ms, a poll point)
     let m = DAY + 7 * meterflow_tests::expect::HOUR;
-    let mut p = Pipeline::start(run.clone(), 36_000, "day");
+    let mut p = Pipeline::start_stages(run.clone(), 36_000, "day", &["rater", "settler"]);
+    // Two collectors on accelerated clocks drift apart: node-a, with the fleet, polls
+    // slower than node-b, with nothing yet, and falls hours of event time behind it
+    // (15 min of event time is 25 ms of wall time at this speed). With the default
+    // node_timeout the enricher would rightly stop waiting for node-a and take its last
+    // hours before the migration as late corrections; this test is about the migration,
+    // so both nodes are waited for throughout.
+    p.launch_with("enricher", "node_timeout = \"3d\"\n");
     p.start_collector_on("node-a", &format!("present_until_ms = {m}"));
     p.start_collector_on("node-b", &format!("present_after_ms = {m}"));
     p.drain(Duration::from_secs(300), all_periods_settled(&run));
@@ -487,9 +494,17 @@ fn an_instance_that_moves_node_mid_run_is_billed_once_to_the_cent() {
         .filter(|u| u.node_id == "node-b")
         .all(|u| u.interval_start >= run.start + m));
     assert!(usage.iter().any(|u| u.node_id == "node-b"));
-    assert!(usage
+    let unlabelled: Vec<&Usage> = usage
         .iter()
-        .all(|u| u.labels.get("env").map(String::as_str) == Some("simulated")));
+        .filter(|u| u.labels.get("env").map(String::as_str) != Some("simulated"))
+        .collect();
+    assert!(
+        unlabelled.is_empty(),
+        "{} of {} usage records without their instance's labels, e.g. {:?}",
+        unlabelled.len(),
+        usage.len(),
+        unlabelled.iter().take(3).collect::<Vec<_>>()
+    );
     p.stop();
 }
 
@@ -543,78 +558,163 @@ fn samples_as_sent(
         .collect()
 }
 
-#[test]
-fn usage_whose_owner_arrives_later_is_parked_visibly_then_billed_to_it() {
-    use meterflow_types::{Counters, NodeHeartbeat};
-    let run = two_days(19);
-    let mut p = Pipeline::start(run, 1, "day");
-    let t = p.kafka.topics.clone();
-    let t0 = meterflow_types::time::parse_rfc3339("2026-03-01T10:00:00Z").expect("time");
-    let tick = 600_000;
-    // an instance nobody owns yet: six 10-minute samples of a 2-vCPU VM on node-x
-    let samples: Vec<Sample> = (1..=6)
-        .map(|i| Sample {
-            id: Sample::make_id("orphan-1", "node-x:1", i),
-            instance_id: "orphan-1".into(),
+/// A hand-made node, `node-x`, with one 2-vCPU VM: six 10-minute samples from 10:00,
+/// poll markers, its heartbeat and the VM's registration, for tests that control exactly
+/// what the enricher knows when.
+struct NodeX {
+    instance: String,
+    t0: meterflow_types::Millis,
+}
+
+impl NodeX {
+    const TICK: i64 = 600_000;
+
+    fn new(instance: &str) -> NodeX {
+        NodeX {
+            instance: instance.into(),
+            t0: meterflow_types::time::parse_rfc3339("2026-03-01T10:00:00Z").expect("time"),
+        }
+    }
+
+    fn samples(&self) -> Vec<(Vec<u8>, Vec<u8>, Option<i32>)> {
+        (1..=6)
+            .map(|i| Sample {
+                id: Sample::make_id(&self.instance, "node-x:1", i),
+                instance_id: self.instance.clone(),
+                node_id: "node-x".into(),
+                site: "test".into(),
+                kind: "vm".into(),
+                incarnation: "node-x:1".into(),
+                seq: i,
+                interval_start: self.t0 + (i - 1) * Self::TICK,
+                interval_end: self.t0 + i * Self::TICK,
+                counters: meterflow_types::Counters::default(),
+                deltas: meterflow_types::Counters::default(),
+                vcpu_millis: 2000,
+                memory_alloc_bytes: 0,
+                memory_used_bytes: None,
+                owner_hint: None,
+                ended: false,
+            })
+            .map(|s| {
+                (
+                    self.instance.as_bytes().to_vec(),
+                    meterflow_avro::encode(&s),
+                    None,
+                )
+            })
+            .collect()
+    }
+
+    fn heartbeat(&self, retired: bool) -> meterflow_types::NodeHeartbeat {
+        meterflow_types::NodeHeartbeat {
             node_id: "node-x".into(),
             site: "test".into(),
-            kind: "vm".into(),
-            incarnation: "node-x:1".into(),
-            seq: i,
-            interval_start: t0 + (i - 1) * tick,
-            interval_end: t0 + i * tick,
-            counters: Counters::default(),
-            deltas: Counters::default(),
-            vcpu_millis: 2000,
-            memory_alloc_bytes: 0,
-            memory_used_bytes: None,
-            owner_hint: None,
-            ended: false,
-        })
-        .collect();
-    let heartbeat = |retired| NodeHeartbeat {
-        node_id: "node-x".into(),
-        site: "test".into(),
-        version: "test".into(),
-        time: t0 + 6 * tick,
-        instances: 1,
-        retired,
-    };
-    // a poll marker of node-x to every samples partition
-    let markers = |retired| -> Vec<_> {
+            version: "test".into(),
+            time: self.t0 + 6 * Self::TICK,
+            instances: 1,
+            retired,
+        }
+    }
+
+    /// A poll marker of node-x to every samples partition.
+    fn markers(&self, retired: bool) -> Vec<(Vec<u8>, Vec<u8>, Option<i32>)> {
         (0..4)
             .map(|part| {
-                let hb = meterflow_avro::encode(&heartbeat(retired));
+                let hb = meterflow_avro::encode(&self.heartbeat(retired));
                 (b"node-x".to_vec(), hb, Some(part))
             })
             .collect()
-    };
-    let orphan: Vec<_> = samples
-        .iter()
-        .map(|s| (b"orphan-1".to_vec(), meterflow_avro::encode(s), None))
-        .collect();
-    p.produce(&t.samples, &orphan);
-    p.produce(&t.samples, &markers(false));
-    p.produce(
-        &t.instances,
-        &[(
+    }
+
+    /// The node's heartbeat on the instances topic.
+    fn node_record(&self) -> Vec<(Vec<u8>, Vec<u8>, Option<i32>)> {
+        vec![(
             b"node/node-x".to_vec(),
-            meterflow_avro::encode(&heartbeat(false)),
+            meterflow_avro::encode(&self.heartbeat(false)),
             None,
-        )],
-    );
+        )]
+    }
+
+    /// Send the six samples, a poll marker and the node's heartbeat; wait until `audit
+    /// --parked` shows the six parked, and return its report.
+    fn send_and_see_parked(&self, p: &mut Pipeline) -> serde_json::Value {
+        let t = p.kafka.topics.clone();
+        p.produce(&t.samples, &self.samples());
+        p.produce(&t.samples, &self.markers(false));
+        p.produce(&t.instances, &self.node_record());
+        let mut report = serde_json::Value::Null;
+        p.wait_for(
+            Duration::from_secs(60),
+            "the samples to show as parked",
+            |p| {
+                report = audit_parked(p);
+                report["parked"][0]["samples"] == 6
+            },
+        );
+        report
+    }
+
+    /// Wait until nothing is parked any more; then node-x retires, so everything is
+    /// complete, and the day settles.
+    fn release_and_settle(&self, p: &mut Pipeline) {
+        p.wait_for(
+            Duration::from_secs(60),
+            "the parked usage to be released",
+            |p| {
+                audit_parked(p)["parked"]
+                    .as_array()
+                    .is_some_and(|a| a.is_empty())
+            },
+        );
+        p.produce(&p.kafka.topics.samples.clone(), &self.markers(true));
+        p.wait_for(Duration::from_secs(120), "the day to settle", |p| {
+            meterflow_settler::files::all_manifests(&p.out)
+                .map(|m| !m.is_empty())
+                .unwrap_or(false)
+        });
+    }
+
+    /// The VM's registration, as its collector would publish it.
+    fn registration(&self) -> Vec<(Vec<u8>, Vec<u8>, Option<i32>)> {
+        let st = InstanceState {
+            instance_id: self.instance.clone(),
+            node_id: "node-x".into(),
+            site: "test".into(),
+            kind: "vm".into(),
+            name: self.instance.clone(),
+            state: "running".into(),
+            hypervisor: "kvm".into(),
+            flavor: Some("m1.small".into()),
+            vcpu_millis: 2000,
+            memory_alloc_bytes: 0,
+            first_seen: self.t0,
+            last_seen: self.t0,
+            labels: [("env".to_string(), "staging".to_string())]
+                .into_iter()
+                .collect(),
+        };
+        vec![(
+            self.instance.as_bytes().to_vec(),
+            meterflow_avro::encode(&st),
+            None,
+        )]
+    }
+}
+
+#[test]
+fn usage_whose_owner_arrives_later_is_parked_visibly_then_billed_to_it() {
+    let run = two_days(19);
+    let mut p = Pipeline::start(run, 1, "day");
+    let t = p.kafka.topics.clone();
+    // an instance nobody owns yet: registered, then six 10-minute samples of a 2-vCPU VM
+    let x = NodeX::new("orphan-1");
+    p.produce(&t.instances, &x.registration());
     // parked (the deadline is an hour past completeness, which stands at the last sample)
-    let mut report = serde_json::Value::Null;
-    p.wait_for(
-        Duration::from_secs(60),
-        "the samples to show as parked",
-        |p| {
-            report = audit_parked(p);
-            report["parked"][0]["samples"] == 6
-        },
-    );
+    let report = x.send_and_see_parked(&mut p);
     let parked = &report["parked"][0];
     assert_eq!(parked["instance_id"], "orphan-1");
+    assert_eq!(parked["waiting_for"], "owner");
     assert_eq!(parked["node_id"], "node-x");
     assert_eq!(parked["vcpu_ms"], 2 * 3_600_000, "2 vCPUs for an hour");
     assert_eq!(parked["parked_by"], "enricher-1");
@@ -635,22 +735,7 @@ fn usage_whose_owner_arrives_later_is_parked_visibly_then_billed_to_it() {
         "--brokers",
         &p.kafka.brokers,
     ]);
-    p.wait_for(
-        Duration::from_secs(60),
-        "the parked usage to be released",
-        |p| {
-            audit_parked(p)["parked"]
-                .as_array()
-                .is_some_and(|a| a.is_empty())
-        },
-    );
-    // node-x retires: everything is complete, the day settles
-    p.produce(&t.samples, &markers(true));
-    p.wait_for(Duration::from_secs(120), "the day to settle", |p| {
-        meterflow_settler::files::all_manifests(&p.out)
-            .map(|m| !m.is_empty())
-            .unwrap_or(false)
-    });
+    x.release_and_settle(&mut p);
     let s = Settled::read(&p.out);
     s.assert_no_id_twice();
     let vcpu: Vec<_> = s
@@ -668,6 +753,58 @@ fn usage_whose_owner_arrives_later_is_parked_visibly_then_billed_to_it() {
         .lines
         .iter()
         .all(|l| l.entity == "late-owner" && !l.adjustment));
+    p.stop();
+}
+
+#[test]
+fn usage_of_an_instance_not_registered_yet_waits_for_its_labels_and_flavor() {
+    let run = two_days(29);
+    let mut p = Pipeline::start(run, 1, "day");
+    let t = p.kafka.topics.clone();
+    // owned from the start, but its registration (labels, flavor: what rules may price
+    // by) is not on the instances topic yet: billing now would bill it unlabelled
+    let x = NodeX::new("unregistered-1");
+    meterflow_ok(&[
+        "ownership",
+        "set",
+        "unregistered-1",
+        "--user",
+        "erin",
+        "--entity",
+        "entity-r",
+        "--valid-from",
+        "2026-03-01T00:00:00Z",
+        "--brokers",
+        &p.kafka.brokers,
+    ]);
+    let report = x.send_and_see_parked(&mut p);
+    assert_eq!(report["parked"][0]["waiting_for"], "instance", "{report:#}");
+    assert!(
+        p.records::<Usage>(&t.usage).is_empty(),
+        "no usage while parked (the topic holds only watermarks)"
+    );
+    // the registration arrives: the usage goes out with its labels and flavor
+    p.produce(&t.instances, &x.registration());
+    x.release_and_settle(&mut p);
+    let usage: Vec<Usage> = p.records(&t.usage);
+    assert_eq!(usage.len(), 6, "{usage:?}");
+    for u in &usage {
+        assert_eq!(u.entity_id, "entity-r");
+        assert_eq!(u.flavor.as_deref(), Some("m1.small"), "{u:?}");
+        assert_eq!(
+            u.labels.get("env").map(String::as_str),
+            Some("staging"),
+            "{u:?}"
+        );
+    }
+    let s = Settled::read(&p.out);
+    s.assert_no_id_twice();
+    let vcpu: Vec<_> = s.lines.iter().filter(|l| l.rule == "vcpu_hours").collect();
+    assert_eq!(vcpu.len(), 1, "{:?}", s.lines);
+    assert_eq!(
+        (vcpu[0].entity.as_str(), vcpu[0].quantity.to_string()),
+        ("entity-r", "2".to_string())
+    );
     p.stop();
 }
 
@@ -1211,20 +1348,19 @@ fn two_settlers_settle_their_entities_and_the_master_indexes_each_period_once_th
     let mut p = Pipeline::start(run.clone(), 7_200, "day");
     p.start_replica("settler");
     p.start_collector();
-    // the master is the member the group protocol gave rated partition 0
-    p.wait_for(Duration::from_secs(120), "a settler master", |p| {
-        std::iter::once(&p.settler)
-            .chain(p.replicas.iter())
-            .any(|s| s.log().contains("master: this member"))
-    });
-    let first_is_master = p.settler.log().contains("master: this member");
-    // lose the master as the first period closes: files on disk, index not yet written
+    // lose the master as the first period closes: files on disk, index not yet written.
+    // The master is the member the group protocol gave rated partition 0; which one that
+    // is may change while the two join, so it is read when the files are there.
     let out = p.out.clone();
     p.wait_for(
         Duration::from_secs(120),
-        "the first settlement files",
-        |_| meterflow_settler::files::all_manifests(&out).is_ok_and(|m| !m.is_empty()),
+        "the first settlement files and one settler master",
+        |p| {
+            meterflow_settler::files::all_manifests(&out).is_ok_and(|m| !m.is_empty())
+                && one_settler_master(p)
+        },
     );
+    let first_is_master = p.settler.settler_master_now();
     let master = if first_is_master {
         &mut p.settler
     } else {
@@ -1515,6 +1651,15 @@ fn a_usage_record_lost_between_enricher_and_rater_is_found_by_the_audit_in_its_b
     p.stop();
 }
 
+/// Exactly one settler of the pipeline is master now.
+fn one_settler_master(p: &Pipeline) -> bool {
+    std::iter::once(&p.settler)
+        .chain(p.replicas.iter())
+        .filter(|s| s.settler_master_now())
+        .count()
+        == 1
+}
+
 /// Rewrite a prepared stage's configuration file before it is launched.
 fn edit_config(p: &Pipeline, stage: &str, f: impl FnOnce(&str) -> String) {
     let cfg = p.path().join(format!("{stage}.toml"));
@@ -1546,25 +1691,26 @@ fn a_settler_master_that_leaves_is_replaced_by_the_other_member_and_each_period_
     p.settler.launch();
     p.start_replica("settler");
     p.start_collector();
-    p.wait_for(Duration::from_secs(120), "a settler master", |p| {
-        std::iter::once(&p.settler)
-            .chain(p.replicas.iter())
-            .any(|s| s.log().contains("master: this member"))
-    });
+    // which member is master may change while the two join: it is read once the first
+    // files are there and exactly one member says it is master
     let out = p.out.clone();
     p.wait_for(
         Duration::from_secs(120),
-        "the first settlement files",
-        |_| meterflow_settler::files::all_manifests(&out).is_ok_and(|m| !m.is_empty()),
+        "the first settlement files and one settler master",
+        |p| {
+            meterflow_settler::files::all_manifests(&out).is_ok_and(|m| !m.is_empty())
+                && one_settler_master(p)
+        },
     );
     // the master leaves for good, mid-run (SIGTERM: it leaves the group on its way out)
-    let first_is_master = p.settler.log().contains("master: this member");
+    let first_is_master = p.settler.settler_master_now();
     let (master, other) = if first_is_master {
         (&mut p.settler, &p.replicas[0])
     } else {
         (&mut p.replicas[0], &p.settler)
     };
-    assert!(!other.log().contains("master: this member"), "one master");
+    // what the other member logs from here on shows whether it took over
+    let other_log_before = other.log().len();
     let st = master.terminate(Duration::from_secs(30));
     assert!(st.is_some_and(|s| s.success()), "{}", master.tail(30));
     let master_name = master.name.clone();
@@ -1583,14 +1729,19 @@ fn a_settler_master_that_leaves_is_replaced_by_the_other_member_and_each_period_
     } else {
         &p.settler
     };
+    let since_handover = survivor
+        .log()
+        .get(other_log_before..)
+        .unwrap_or_default()
+        .to_string();
     assert!(
-        survivor.log().contains("master: this member"),
+        since_handover.contains("master: this member") && survivor.settler_master_now(),
         "{} took over from {master_name}: {}",
         survivor.name,
         survivor.tail(30)
     );
     assert!(
-        survivor.log().contains("period index written"),
+        since_handover.contains("period index written"),
         "the new master wrote the indexes left: {}",
         survivor.tail(30)
     );

@@ -282,6 +282,11 @@ impl Proc {
     /// A consumer-group member whose log says that, since its latest start, it was
     /// assigned partitions and not revoked after: its group has settled around it.
     pub fn settled_in_group(&self) -> bool {
+        self.latest_says("partitions assigned", "partitions revoked")
+    }
+
+    /// Whether, since the latest start, the log said `yes` and not `no` after it.
+    fn latest_says(&self, yes: &str, no: &str) -> bool {
         let log = self.log();
         // the latest incarnation has not logged its start yet: what the log shows is the
         // previous one's (a fault right after a restart once landed mid-join that way)
@@ -289,14 +294,19 @@ impl Proc {
             return false;
         }
         let since = log.rfind(" starting").map_or(&log[..], |i| &log[i..]);
-        match (
-            since.rfind("partitions assigned"),
-            since.rfind("partitions revoked"),
-        ) {
+        match (since.rfind(yes), since.rfind(no)) {
             (Some(a), Some(r)) => a > r,
             (Some(_), None) => true,
             _ => false,
         }
+    }
+
+    /// A settler whose log says that, since its latest start, it became the master (the
+    /// member holding rated partition 0) and has not handed that on since. Mastership
+    /// moves with the partition: a member alone in the group is master until another
+    /// joins and takes partition 0, so "ever said master" names two members at times.
+    pub fn settler_master_now(&self) -> bool {
+        self.latest_says("master: this member", "no longer master")
     }
 
     /// The last `n` lines of the log, for failure messages.

@@ -62,6 +62,8 @@ pub struct ParkedInstance {
     pub vcpu_ms: i128,
     pub cpu_ns: i128,
     pub parked_by: String,
+    /// What the oldest of them waits for: `owner`, or `instance` (its registration).
+    pub waiting_for: String,
     /// Wall-clock time the oldest of them was parked.
     pub since: Millis,
 }
@@ -89,7 +91,7 @@ pub fn parked_report(cfg: &KafkaConfig, node_timeout: Duration) -> Result<Parked
         &HashMap::new(),
         Duration::from_secs(60),
     )?;
-    let mut live: BTreeMap<String, (Sample, String, Millis)> = BTreeMap::new();
+    let mut live: BTreeMap<String, (Sample, String, Millis, String)> = BTreeMap::new();
     let mut nodes: BTreeMap<String, (Millis, bool)> = BTreeMap::new();
     let mut undecodable = 0;
     for r in recs {
@@ -113,7 +115,12 @@ pub fn parked_report(cfg: &KafkaConfig, node_timeout: Duration) -> Result<Parked
                         .header(headers::PARKED_AT)
                         .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
                         .unwrap_or(0);
-                    live.insert(key, (s, by, at));
+                    let why = r
+                        .header(headers::PARKED_FOR)
+                        .map_or("owner".to_string(), |v| {
+                            String::from_utf8_lossy(v).to_string()
+                        });
+                    live.insert(key, (s, by, at, why));
                 }
                 Err(_) => undecodable += 1,
             }
@@ -126,7 +133,7 @@ pub fn parked_report(cfg: &KafkaConfig, node_timeout: Duration) -> Result<Parked
         }
     }
     let mut by_instance: BTreeMap<String, ParkedInstance> = BTreeMap::new();
-    for (s, by, at) in live.into_values() {
+    for (s, by, at, why) in live.into_values() {
         let ms = (s.interval_end - s.interval_start) as i128;
         let e = by_instance
             .entry(s.instance_id.clone())
@@ -139,6 +146,7 @@ pub fn parked_report(cfg: &KafkaConfig, node_timeout: Duration) -> Result<Parked
                 vcpu_ms: 0,
                 cpu_ns: 0,
                 parked_by: by.clone(),
+                waiting_for: why.clone(),
                 since: at,
             });
         e.samples += 1;
@@ -146,7 +154,10 @@ pub fn parked_report(cfg: &KafkaConfig, node_timeout: Duration) -> Result<Parked
         e.to = e.to.max(s.interval_end);
         e.vcpu_ms += s.vcpu_millis as i128 * ms / 1000;
         e.cpu_ns += s.deltas.cpu_time_ns as i128;
-        e.since = e.since.min(at);
+        if at < e.since {
+            e.since = at;
+            e.waiting_for = why;
+        }
     }
     let missing: BTreeMap<String, Millis> =
         meterflow_types::watermark::missing_nodes(&nodes, node_timeout.as_millis() as i64)
@@ -206,19 +217,27 @@ pub fn run(a: AuditArgs) -> Result<()> {
         println!("nothing parked");
     } else {
         println!(
-            "{:<38} {:<14} {:>7} {:<20} {:<20} {:>14} {:<20}",
-            "parked instance", "node", "samples", "from", "to", "vcpu-seconds", "parked since"
+            "{:<38} {:<14} {:>7} {:<20} {:<20} {:>14} {:<20} {:<11}",
+            "parked instance",
+            "node",
+            "samples",
+            "from",
+            "to",
+            "vcpu-seconds",
+            "parked since",
+            "waiting for"
         );
         for p in &r.parked {
             println!(
-                "{:<38} {:<14} {:>7} {:<20} {:<20} {:>14} {:<20}",
+                "{:<38} {:<14} {:>7} {:<20} {:<20} {:>14} {:<20} {:<11}",
                 p.instance_id,
                 p.node_id,
                 p.samples,
                 fmt(p.from),
                 fmt(p.to),
                 format!("{}.{:03}", p.vcpu_ms / 1000, p.vcpu_ms % 1000),
-                fmt(p.since)
+                fmt(p.since),
+                p.waiting_for
             );
         }
         let n: usize = r.parked.iter().map(|p| p.samples).sum();

@@ -29,6 +29,15 @@ impl Owners {
         }
     }
 
+    /// How many instances have an owner history.
+    pub fn len(&self) -> usize {
+        self.by_instance.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_instance.is_empty()
+    }
+
     /// Owner segments covering `[start, end)`: `(segment_start, segment_end, owner)`.
     /// `None` if the instance had no owner at `start` (the sample must be parked).
     pub fn segments(

@@ -3,10 +3,13 @@
 //!
 //! Exactness: usage ids derive from sample ids, so a replay re-emits identical records
 //! that the rater drops. Offsets are committed only after the output is acknowledged
-//! and never past a parked sample. After each commit the enricher broadcasts a
-//! watermark for each of its samples partitions to every usage partition: "all usage
-//! with interval_end ≤ T from that partition is written and committed", where T comes
-//! from the nodes' poll markers read before the commit point.
+//! and never past a parked sample. A sample whose owner or whose instance's registration
+//! (labels, flavor: what rules may price by) has not been read yet is parked on the
+//! parked topic until both are, or until its deadline (then billed to its owner without
+//! the registration, or with no owner to the unallocated entity). After each commit the
+//! enricher broadcasts a watermark for each of its samples partitions to every usage
+//! partition: "all usage with interval_end ≤ T from that partition is written and
+//! committed", where T comes from the nodes' poll markers read before the commit point.
 
 pub mod join;
 
@@ -39,7 +42,8 @@ pub struct EnricherConfig {
     /// A node silent this long (event time) behind the others no longer holds the watermark.
     #[serde(with = "humantime_serde")]
     pub node_timeout: Duration,
-    /// Usage with no known owner is parked this long (event time), then billed to `unallocated_entity`.
+    /// Usage with no known owner (or no registration of its instance) is parked this long
+    /// (event time), then billed to `unallocated_entity` (or to its owner, without labels).
     #[serde(with = "humantime_serde")]
     pub unowned_deadline: Duration,
     pub unallocated_entity: String,
@@ -219,7 +223,12 @@ impl Tables {
 /// Everything new on the instances and ownership topics after `from`.
 fn read_tables(cfg: &KafkaConfig, from: &HashMap<(String, i32), i64>) -> Result<Vec<TableRecord>> {
     let t = &cfg.topics;
-    read_table(cfg, &[&t.instances, &t.ownership], from, Duration::from_secs(60))
+    read_table(
+        cfg,
+        &[&t.instances, &t.ownership],
+        from,
+        Duration::from_secs(60),
+    )
 }
 
 /// One read of the table topics to their end: the records, and when the read started.
@@ -269,7 +278,12 @@ impl TableFeed {
 
     /// Apply every read that finished since the last call; `urgent` asks for the next
     /// read at once.
-    fn take(&self, tables: &mut Tables, topics: &meterflow_kafka::Topics, urgent: bool) -> Result<()> {
+    fn take(
+        &self,
+        tables: &mut Tables,
+        topics: &meterflow_kafka::Topics,
+        urgent: bool,
+    ) -> Result<()> {
         self.urgent
             .store(urgent, std::sync::atomic::Ordering::Relaxed);
         loop {
@@ -302,6 +316,8 @@ struct Parked {
     /// that started after this has been applied, so an owner published just before the
     /// sample arrived is always seen, however fast event time runs.
     parked_at: Instant,
+    /// What the join misses: its owner, or its instance's registration.
+    waits_for: Missing,
     /// Its probe trail (the `enricher.join` point), forwarded when it is billed.
     trace: Trace,
 }
@@ -342,7 +358,8 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
     let n = tables.refresh(&cfg.kafka)?;
     tracing::info!(
         records = n,
-        owners = tables.instances.len(),
+        instances = tables.instances.len(),
+        owners = tables.owners.len(),
         "tables read to the end"
     );
     let feed = TableFeed::start(&cfg.kafka, tables.offsets.clone(), cfg.table_refresh);
@@ -380,7 +397,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         ),
         parked: m.gauge(
             "meterflow_enricher_parked",
-            "Samples parked waiting for an owner.",
+            "Samples parked waiting for an owner or their instance's registration.",
             &[],
         ),
         watermark: m.gauge(
@@ -417,9 +434,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             };
             wait = wait.min(interval.saturating_sub(last_commit.elapsed()));
         }
-        let batch = io
-            .next_batch(cfg.batch_size, wait, &ctx.shutdown)
-            .await?;
+        let batch = io.next_batch(cfg.batch_size, wait, &ctx.shutdown).await?;
         probes.refresh();
         let rebalanced = !batch.rebalances.is_empty();
         if rebalanced {
@@ -431,7 +446,8 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                     (parked.join(), seen)
                 })
             });
-            parked_before = parked.map_err(|_| anyhow::anyhow!("reading parked samples panicked"))??;
+            parked_before =
+                parked.map_err(|_| anyhow::anyhow!("reading parked samples panicked"))??;
             checkpoints = seen?;
         }
         for r in batch.rebalances {
@@ -523,15 +539,21 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                     let earlier_parked = st
                         .parked
                         .iter()
-                        .any(|q| q.sample.instance_id == s.instance_id);
-                    let fwd = if earlier_parked {
+                        .find(|q| q.sample.instance_id == s.instance_id)
+                        .map(|q| q.waits_for);
+                    let fwd = if earlier_parked.is_some() {
                         None
                     } else {
                         probes.finish(&trace)
                     };
-                    let emitted = !earlier_parked
-                        && emit(&mut io, &topics.usage, &tables, &s, None, &c, fwd.as_ref())
-                            .await?;
+                    // an earlier sample of the instance waits: this one waits behind it
+                    // (for the same thing)
+                    let waits = if let Some(q) = earlier_parked {
+                        Err(q)
+                    } else {
+                        emit(&mut io, &topics.usage, &tables, &s, None, &c, fwd.as_ref()).await?
+                    };
+                    let emitted = waits.is_ok();
                     if emitted {
                         st.seen.record(&s);
                         st.latest_end = st.latest_end.max(s.interval_end);
@@ -541,7 +563,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                         // parked by an earlier run, billed now: clear its record
                         release(&mut io, &topics.parked, &s.id, "owner").await?;
                     }
-                    if !emitted {
+                    if let Err(waits_for) = waits {
                         let snapshot = st.progress.complete_through(timeout, &tables.nodes);
                         let parked_at = meterflow_kafka::now_ms().to_string();
                         io.send_with(
@@ -552,6 +574,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                             &[
                                 (headers::PARKED_BY, cfg.member.as_bytes()),
                                 (headers::PARKED_AT, parked_at.as_bytes()),
+                                (headers::PARKED_FOR, waits_for.as_str().as_bytes()),
                             ],
                         )
                         .await?;
@@ -560,6 +583,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                             sample: s,
                             snapshot,
                             parked_at: Instant::now(),
+                            waits_for,
                             trace,
                         });
                     }
@@ -576,47 +600,36 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                 let inst = pk.sample.instance_id.clone();
                 if !blocked.contains(&inst) {
                     let fwd = probes.finish(&pk.trace);
-                    if emit(
+                    // the deadline only counts once a read of the tables that started
+                    // after it was parked has been applied
+                    let deadline_passed = tables.fresh_from.is_some_and(|f| f > pk.parked_at)
+                        && complete.is_some_and(|t| t - pk.sample.interval_end > deadline);
+                    let billed = emit(
                         &mut io,
                         &topics.usage,
                         &tables,
                         &pk.sample,
-                        None,
+                        deadline_passed.then_some(cfg.unallocated_entity.as_str()),
                         &c,
                         fwd.as_ref(),
                     )
-                    .await?
-                    {
-                        release(&mut io, &topics.parked, &pk.sample.id, "owner").await?;
+                    .await?;
+                    if let Ok(billed) = billed {
+                        let to = match billed {
+                            Billed::Joined => "owner",
+                            Billed::OwnerOnly => {
+                                tracing::warn!(instance = %pk.sample.instance_id, sample = %pk.sample.id, "instance never registered: usage billed to its owner without labels or flavor");
+                                "owner"
+                            }
+                            Billed::Unallocated => {
+                                c.unallocated.inc();
+                                cfg.unallocated_entity.as_str()
+                            }
+                        };
+                        release(&mut io, &topics.parked, &pk.sample.id, to).await?;
                         st.seen.record(&pk.sample);
                         st.latest_end = st.latest_end.max(pk.sample.interval_end);
                         st.dirty = true;
-                        continue;
-                    }
-                    if tables.fresh_from.is_some_and(|f| f > pk.parked_at)
-                        && complete.is_some_and(|t| t - pk.sample.interval_end > deadline)
-                    {
-                        emit(
-                            &mut io,
-                            &topics.usage,
-                            &tables,
-                            &pk.sample,
-                            Some(&cfg.unallocated_entity),
-                            &c,
-                            fwd.as_ref(),
-                        )
-                        .await?;
-                        release(
-                            &mut io,
-                            &topics.parked,
-                            &pk.sample.id,
-                            &cfg.unallocated_entity,
-                        )
-                        .await?;
-                        st.seen.record(&pk.sample);
-                        st.latest_end = st.latest_end.max(pk.sample.interval_end);
-                        st.dirty = true;
-                        c.unallocated.inc();
                         continue;
                     }
                 }
@@ -760,21 +773,56 @@ async fn release(io: &mut StageIo, topic: &str, sample_id: &str, to: &str) -> Re
     .await
 }
 
-/// Emit the usage of one sample; false if it has no owner yet. With `unallocated`,
-/// bill it to that entity instead.
+/// What a parked sample waits for: the join needs both its owner and its instance's
+/// registration (labels and flavor, which rules may price by).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Missing {
+    Owner,
+    Instance,
+}
+
+impl Missing {
+    fn as_str(self) -> &'static str {
+        match self {
+            Missing::Owner => "owner",
+            Missing::Instance => "instance",
+        }
+    }
+}
+
+/// Where the usage of a sample went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Billed {
+    /// Joined with its owner and its instance's registration.
+    Joined,
+    /// Past its deadline: to its owner without the registration (never read).
+    OwnerOnly,
+    /// Past its deadline with no owner: to the unallocated entity.
+    Unallocated,
+}
+
+/// Emit the usage of one sample: `Err(what)` if the join still misses its owner or its
+/// instance's registration. With `deadline_passed`, emit what is known instead: to its
+/// owner without labels and flavor, or, with no owner, to `unallocated`.
 async fn emit(
     io: &mut StageIo,
     topic: &str,
     tables: &Tables,
     s: &Sample,
-    unallocated: Option<&str>,
+    deadline_passed: Option<&str>,
     c: &Counters,
     fwd: Option<&Forward>,
-) -> Result<bool> {
+) -> Result<std::result::Result<Billed, Missing>> {
     let headers = fwd.map(meterflow_kafka::probe::as_refs).unwrap_or_default();
     let fallback;
-    let segments = match unallocated {
-        Some(entity) => {
+    let state = tables.instances.get(&s.instance_id);
+    let owned = tables
+        .owners
+        .segments(&s.instance_id, s.interval_start, s.interval_end);
+    let (segments, billed) = match (owned, deadline_passed) {
+        (Some(v), _) if state.is_some() => (v, Billed::Joined),
+        (Some(v), Some(_)) => (v, Billed::OwnerOnly),
+        (None, Some(entity)) => {
             fallback = Ownership {
                 instance_id: s.instance_id.clone(),
                 user_id: "unknown".into(),
@@ -783,17 +831,15 @@ async fn emit(
                 valid_from: s.interval_start,
                 source: "unallocated".into(),
             };
-            vec![(s.interval_start, s.interval_end, &fallback)]
+            (
+                vec![(s.interval_start, s.interval_end, &fallback)],
+                Billed::Unallocated,
+            )
         }
-        None => match tables
-            .owners
-            .segments(&s.instance_id, s.interval_start, s.interval_end)
-        {
-            Some(v) => v,
-            None => return Ok(false),
-        },
+        (Some(_), None) => return Ok(Err(Missing::Instance)),
+        (None, None) => return Ok(Err(Missing::Owner)),
     };
-    for u in join::usage_for(s, &segments, tables.instances.get(&s.instance_id)) {
+    for u in join::usage_for(s, &segments, state) {
         io.audit(topic, "out", meterflow_kafka::audit::of_usage(&u));
         if c.drop_usage == Some(c.usage.get() + 1) {
             // fault injection (tests): counted as sent, never sent
@@ -805,5 +851,5 @@ async fn emit(
             .await?;
         c.usage.inc();
     }
-    Ok(true)
+    Ok(Ok(billed))
 }
