@@ -415,6 +415,22 @@ fn an_explicit_reassignment_moves_the_usage_from_its_valid_from_on() {
     p.stop();
 }
 
+/// After records were sent again: the bill settles to the cent with no correction
+/// version, i.e. nothing sent again was billed again.
+fn settled_once(p: &mut Pipeline, run: &FleetRun) {
+    p.drain(Duration::from_secs(120), all_periods_settled(run));
+    let s = Settled::read(&p.out);
+    assert!(
+        s.manifests.iter().all(|m| m.version == 1),
+        "no correction versions: {:?}",
+        s.manifests
+            .iter()
+            .map(|m| (&m.entity_id, m.version))
+            .collect::<Vec<_>>()
+    );
+    s.assert_matches(run, DAY);
+}
+
 #[test]
 fn samples_sent_again_after_their_windows_closed_are_not_billed_twice() {
     let run = two_days(16);
@@ -429,17 +445,38 @@ fn samples_sent_again_after_their_windows_closed_are_not_billed_twice() {
     });
     assert!(again.len() >= 9 * 12, "{} samples to resend", again.len());
     p.produce(&t.samples, &again);
-    p.drain(Duration::from_secs(120), all_periods_settled(&run));
-    let s = Settled::read(&p.out);
-    assert!(
-        s.manifests.iter().all(|m| m.version == 1),
-        "no correction versions: {:?}",
-        s.manifests
-            .iter()
-            .map(|m| (&m.entity_id, m.version))
-            .collect::<Vec<_>>()
+    settled_once(&mut p, &run);
+    p.stop();
+}
+
+#[test]
+fn usage_sent_again_after_a_rater_restart_is_not_billed_twice() {
+    let run = two_days(30);
+    let mut p = Pipeline::start(run.clone(), 36_000, "day");
+    p.start_collector();
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    // the rater restarts after its windows closed (SIGKILL: nothing said on the way out)
+    p.rater.kill9();
+    p.rater.restart();
+    p.wait_for(
+        Duration::from_secs(120),
+        "the rater back in its group",
+        |p| p.rater.settled_in_group(),
     );
-    s.assert_matches(&run, DAY);
+    // then the usage of the last hour arrives again, the same bytes on the same
+    // partitions, as an enricher replaying after a crash between its output and its
+    // checkpoint would send it: records counted in windows that closed before the restart
+    let t = p.kafka.topics.clone();
+    let again = as_sent(&p, &t.usage, |u: &Usage| {
+        u.interval_start >= run.end() - meterflow_tests::expect::HOUR
+    });
+    assert!(
+        again.len() >= 9 * 12,
+        "{} usage records to resend",
+        again.len()
+    );
+    p.produce(&t.usage, &again);
+    settled_once(&mut p, &run);
     p.stop();
 }
 
@@ -548,12 +585,22 @@ fn samples_as_sent(
     p: &Pipeline,
     keep: impl Fn(&Sample) -> bool,
 ) -> Vec<(Vec<u8>, Vec<u8>, Option<i32>)> {
-    p.read(&p.kafka.topics.samples)
+    as_sent(p, &p.kafka.topics.samples, keep)
+}
+
+/// The records of type `R` on `topic` that `keep` selects, as (key, bytes, partition) to
+/// send again exactly as they were.
+fn as_sent<R: meterflow_avro::Record>(
+    p: &Pipeline,
+    topic: &str,
+    keep: impl Fn(&R) -> bool,
+) -> Vec<(Vec<u8>, Vec<u8>, Option<i32>)> {
+    p.read(topic)
         .into_iter()
         .filter_map(|r| {
             let bytes = r.payload?;
-            let s: Sample = meterflow_avro::decode(&bytes).ok()?;
-            keep(&s).then(|| (r.key.unwrap_or_default(), bytes, None))
+            let rec: R = meterflow_avro::decode(&bytes).ok()?;
+            keep(&rec).then(|| (r.key.unwrap_or_default(), bytes, Some(r.partition)))
         })
         .collect()
 }

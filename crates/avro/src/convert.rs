@@ -842,6 +842,37 @@ impl Record for RaterToDate {
     }
 }
 
+impl Record for RaterClosedWindow {
+    const NAME: &'static str = "RaterClosedWindow";
+    fn compiled() -> &'static Compiled {
+        crate::rater_closed_window_c()
+    }
+    fn to_value(&self) -> Value {
+        rec(vec![
+            ("partition", Value::Int(self.partition)),
+            ("rule", s(&self.rule)),
+            ("window_start", ts(self.window_start)),
+            ("ids", Value::Bytes(self.ids.clone())),
+        ])
+    }
+    fn from_value(v: Value) -> Result<Self, DecodeError> {
+        let mut f = Fields::new(Self::NAME, v)?;
+        let partition = f.int("partition")?;
+        let rule = f.string("rule")?;
+        let window_start = f.long("window_start")?;
+        let ids = f.bytes("ids")?;
+        if ids.len() % 16 != 0 {
+            return Err(f.bad("ids", "not a whole number of 16-byte keys"));
+        }
+        Ok(RaterClosedWindow {
+            partition,
+            rule,
+            window_start,
+            ids,
+        })
+    }
+}
+
 impl Record for RuleSet {
     const NAME: &'static str = "RuleSet";
     fn compiled() -> &'static Compiled {
@@ -1285,6 +1316,15 @@ mod tests {
                 after: vec![d("2.5"), d("-3")],
             },
             schemas::RATER_TO_DATE,
+        );
+        round_trip(
+            RaterClosedWindow {
+                partition: 2,
+                rule: "vcpu_hours@1".into(),
+                window_start: 3_600_000,
+                ids: (0u8..32).collect(),
+            },
+            schemas::RATER_CLOSED_WINDOW,
         );
         round_trip(
             Settlement {

@@ -25,6 +25,7 @@ pub mod schemas {
     pub const RATER_CHECKPOINT: &str = include_str!("../../../schemas/rater_checkpoint.avsc");
     pub const SETTLEMENT: &str = include_str!("../../../schemas/settlement.avsc");
     pub const RATER_TO_DATE: &str = include_str!("../../../schemas/rater_to_date.avsc");
+    pub const RATER_CLOSED_WINDOW: &str = include_str!("../../../schemas/rater_closed_window.avsc");
     pub const ENRICHER_CHECKPOINT: &str = include_str!("../../../schemas/enricher_checkpoint.avsc");
     pub const RULE_SET: &str = include_str!("../../../schemas/rule_set.avsc");
     pub const SETTLER_PROGRESS: &str = include_str!("../../../schemas/settler_progress.avsc");
@@ -145,6 +146,7 @@ compiled!(dlq_c, schemas::DLQ);
 compiled!(rater_checkpoint_c, schemas::RATER_CHECKPOINT);
 compiled!(enricher_checkpoint_c, schemas::ENRICHER_CHECKPOINT);
 compiled!(rater_to_date_c, schemas::RATER_TO_DATE);
+compiled!(rater_closed_window_c, schemas::RATER_CLOSED_WINDOW);
 compiled!(settlement_c, schemas::SETTLEMENT);
 compiled!(rule_set_c, schemas::RULE_SET);
 compiled!(settler_progress_c, schemas::SETTLER_PROGRESS);

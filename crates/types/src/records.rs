@@ -227,6 +227,18 @@ pub struct RaterCheckpoint {
     pub source_times: Vec<i64>,
 }
 
+/// The usage ids one closed window of a rule counted (rater state), so a copy arriving
+/// after a restart is dropped instead of billed again as an adjustment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaterClosedWindow {
+    pub partition: i32,
+    /// `name@version`
+    pub rule: String,
+    pub window_start: Millis,
+    /// The 128-bit id keys, 16 bytes each, big-endian, concatenated.
+    pub ids: Vec<u8>,
+}
+
 /// One instance incarnation's last billed sample.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeenSample {

@@ -460,7 +460,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             .into_iter()
             .collect();
         if !new.is_empty() {
-            let (cps, mut saved_to_date) = load_state(&cfg.kafka, accept)?;
+            let (cps, mut saved_to_date, mut saved_closed) = load_state(&cfg.kafka, accept)?;
             for p in new {
                 let cp = cps.get(&p);
                 if let Some(c) = cp {
@@ -473,9 +473,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                 }
                 let mut st = PartState::new(nrules, cp);
                 for t in saved_to_date.iter_mut().filter(|t| t.partition == p) {
-                    let Some(r) = engine.rules.iter().position(|r| {
-                        format!("{}@{}", r.source.header.name, r.source.header.version) == t.rule
-                    }) else {
+                    let Some(r) = (0..nrules).find(|r| rule_tag(engine, *r) == t.rule) else {
                         continue;
                     };
                     let (Ok(before), Ok(after)) = (
@@ -493,6 +491,25 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                             after,
                         },
                     );
+                }
+                // the ids of windows closed before the restart: a copy of a record they
+                // counted is still dropped, not billed again as an adjustment
+                for c in saved_closed.iter_mut().filter(|c| c.partition == p) {
+                    let Some(r) = (0..nrules).find(|r| rule_tag(engine, *r) == c.rule) else {
+                        continue;
+                    };
+                    let ids: HashSet<u128> = c
+                        .ids
+                        .chunks_exact(16)
+                        .filter_map(|k| k.try_into().ok().map(u128::from_be_bytes))
+                        .collect();
+                    st.closed_ids[r].insert(c.window_start, ids);
+                }
+                let horizon = cfg.dedup_horizon.as_millis() as i64;
+                for closed in st.closed_ids.iter_mut() {
+                    if let Some(newest) = closed.keys().next_back().copied() {
+                        closed.retain(|k, _| *k >= newest - horizon);
+                    }
                 }
                 parts.insert(p, st);
             }
@@ -644,6 +661,9 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         }
         // close the windows the watermark has passed
         let mut markers: Vec<(i32, Millis)> = Vec::new();
+        // windows closed in this batch (their ids) and windows past the dedup horizon
+        let mut closed_now: Vec<(i32, usize, Millis, Vec<u8>)> = Vec::new();
+        let mut closed_gone: Vec<(i32, usize, Millis)> = Vec::new();
         for (p, st) in parts.iter_mut() {
             let Some(wm) = st.sources.min() else { continue };
             for r in 0..nrules {
@@ -657,11 +677,18 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         continue;
                     };
                     let ids = std::mem::take(&mut win.ids);
+                    closed_now.push((*p, r, ws, id_bytes(&ids)));
                     st.closed_ids[r].insert(ws, ids);
                     // keep the ids of the last `dedup_horizon` of closed windows
                     let newest = st.closed_ids[r].keys().next_back().copied().unwrap_or(ws);
                     let horizon = cfg.dedup_horizon.as_millis() as i64;
-                    st.closed_ids[r].retain(|k, _| *k >= newest - horizon);
+                    st.closed_ids[r].retain(|k, _| {
+                        let keep = *k >= newest - horizon;
+                        if !keep {
+                            closed_gone.push((*p, r, *k));
+                        }
+                        keep
+                    });
                     if quarantined.contains(&r) {
                         continue;
                     }
@@ -718,6 +745,28 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         if engine.rules.len() == quarantined.len() {
             anyhow::bail!("every rule is quarantined");
         }
+        // the ids each closed window counted, acknowledged with its revenue events and
+        // before the checkpoint that passes it; a tombstone once past the horizon
+        for (p, r, ws, ids) in closed_now {
+            let rec = meterflow_types::RaterClosedWindow {
+                partition: p,
+                rule: rule_tag(engine, r),
+                window_start: ws,
+                ids,
+            };
+            io.send(
+                &topics.rater_state,
+                closed_key(&rec.rule, p, ws).as_bytes(),
+                &meterflow_avro::encode(&rec),
+                None,
+            )
+            .await?;
+        }
+        for (p, r, ws) in closed_gone {
+            let key = closed_key(&rule_tag(engine, r), p, ws);
+            io.send_with(&topics.rater_state, key.as_bytes(), None, None, &[])
+                .await?;
+        }
         io.commit(&[])
             .await
             .context("acknowledging revenue events")?;
@@ -736,10 +785,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         // period-to-date state, then checkpoints, then offsets
         for (p, st) in parts.iter_mut() {
             for (r, t) in st.to_date.iter_mut().enumerate() {
-                let rule = format!(
-                    "{}@{}",
-                    engine.rules[r].source.header.name, engine.rules[r].source.header.version
-                );
+                let rule = rule_tag(engine, r);
                 for ((ps, entity), e) in t.take_dirty() {
                     let rec = meterflow_types::RaterToDate {
                         partition: *p,
@@ -820,20 +866,22 @@ async fn quarantine(
 
 /// The rater's durable state, read once: the checkpoint of every usage partition (of the
 /// first rule set in `accept` that has one), and every period-to-date entry.
-fn load_state(
-    cfg: &KafkaConfig,
-    accept: &[String],
-) -> Result<(
-    HashMap<i32, RaterCheckpoint>,
-    Vec<meterflow_types::RaterToDate>,
-)> {
+fn load_state(cfg: &KafkaConfig, accept: &[String]) -> Result<SavedState> {
     let mut checkpoints: HashMap<i32, (usize, RaterCheckpoint)> = HashMap::new();
     let mut to_date = Vec::new();
+    let mut closed = Vec::new();
     for (k, r) in meterflow_kafka::read_latest(cfg, &cfg.topics.rater_state)? {
         let p = r.payload.unwrap_or_default();
         if k.starts_with(b"todate|") {
             if let Ok(t) = meterflow_avro::decode(&p) {
                 to_date.push(t);
+            }
+        } else if k.starts_with(b"closed|") {
+            match meterflow_avro::decode(&p) {
+                Ok(c) => closed.push(c),
+                Err(e) => {
+                    tracing::warn!(offset = r.offset, error = %e, "undecodable closed-window ids skipped")
+                }
             }
         } else if let Ok(cp) = meterflow_avro::decode::<RaterCheckpoint>(&p) {
             let Some(rank) = accept.iter().position(|a| *a == cp.ruleset) else {
@@ -850,7 +898,35 @@ fn load_state(
     Ok((
         checkpoints.into_iter().map(|(p, (_, c))| (p, c)).collect(),
         to_date,
+        closed,
     ))
+}
+
+/// The rater's durable state: checkpoints by usage partition, period-to-date entries,
+/// and the ids of recently closed windows.
+type SavedState = (
+    HashMap<i32, RaterCheckpoint>,
+    Vec<meterflow_types::RaterToDate>,
+    Vec<meterflow_types::RaterClosedWindow>,
+);
+
+/// A rule's `name@version`, as the rater's state records name it.
+fn rule_tag(engine: &Engine, r: usize) -> String {
+    let h = &engine.rules[r].source.header;
+    format!("{}@{}", h.name, h.version)
+}
+
+/// The state-topic key of a closed window's ids.
+fn closed_key(rule: &str, partition: i32, window_start: Millis) -> String {
+    format!("closed|{partition}|{rule}|{window_start}")
+}
+
+/// A window's id keys as `RaterClosedWindow::ids` holds them (sorted, so the same
+/// window always gives the same bytes).
+fn id_bytes(ids: &HashSet<u128>) -> Vec<u8> {
+    let mut v: Vec<u128> = ids.iter().copied().collect();
+    v.sort_unstable();
+    v.iter().flat_map(|k| k.to_be_bytes()).collect()
 }
 
 /// A usage record's pieces, one per window it overlaps: (window start, piece).
