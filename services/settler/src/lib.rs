@@ -82,6 +82,9 @@ impl HasHttp for SettlerConfig {
 }
 
 type Key = (Millis, String);
+/// A period that closes in this batch: its rated partition, key, the reason it closes
+/// incomplete (if it does) and its events (partition, offset, event).
+type Closing = (i32, Key, Option<String>, Vec<(i32, i64, RatedEvent)>);
 
 #[derive(Default)]
 struct Open {
@@ -379,8 +382,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         }
         // close periods the markers show complete (or, past the deadline, incomplete)
         let now = meterflow_kafka::now_ms();
-        let mut closing: Vec<(i32, Key, Option<String>, Vec<(i32, i64, RatedEvent)>)> =
-            Vec::new();
+        let mut closing: Vec<Closing> = Vec::new();
         for (p, st) in parts.iter() {
             let through = st.sources.min();
             let complete = |ps: Millis| {
