@@ -311,6 +311,8 @@ async fn load_applied(cfg: &RaterConfig, rs: &meterflow_types::RuleSet) -> Resul
 pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
     ensure_topics(&cfg.kafka).await?;
     let topics = cfg.kafka.topics.clone();
+    // how long the ids of closed windows are kept (event time, by window start)
+    let horizon = cfg.dedup_horizon.as_millis() as i64;
     // the rule set applied on the control topic wins over `rules_dir`
     let control = meterflow_kafka::Tail::new(&cfg.kafka, &topics.control)?;
     let mut control_checked = std::time::Instant::now();
@@ -505,10 +507,10 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         .collect();
                     st.closed_ids[r].insert(c.window_start, ids);
                 }
-                let horizon = cfg.dedup_horizon.as_millis() as i64;
-                for closed in st.closed_ids.iter_mut() {
-                    if let Some(newest) = closed.keys().next_back().copied() {
-                        closed.retain(|k, _| *k >= newest - horizon);
+                // past the horizon already (their tombstones were lost to a crash)
+                for r in 0..nrules {
+                    for ws in prune_closed(&mut st.closed_ids[r], horizon) {
+                        forget_closed(&mut io, &topics.rater_state, engine, (p, r, ws)).await?;
                     }
                 }
                 parts.insert(p, st);
@@ -679,16 +681,11 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     let ids = std::mem::take(&mut win.ids);
                     closed_now.push((*p, r, ws, id_bytes(&ids)));
                     st.closed_ids[r].insert(ws, ids);
-                    // keep the ids of the last `dedup_horizon` of closed windows
-                    let newest = st.closed_ids[r].keys().next_back().copied().unwrap_or(ws);
-                    let horizon = cfg.dedup_horizon.as_millis() as i64;
-                    st.closed_ids[r].retain(|k, _| {
-                        let keep = *k >= newest - horizon;
-                        if !keep {
-                            closed_gone.push((*p, r, *k));
-                        }
-                        keep
-                    });
+                    closed_gone.extend(
+                        prune_closed(&mut st.closed_ids[r], horizon)
+                            .into_iter()
+                            .map(|k| (*p, r, k)),
+                    );
                     if quarantined.contains(&r) {
                         continue;
                     }
@@ -762,10 +759,8 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             )
             .await?;
         }
-        for (p, r, ws) in closed_gone {
-            let key = closed_key(&rule_tag(engine, r), p, ws);
-            io.send_with(&topics.rater_state, key.as_bytes(), None, None, &[])
-                .await?;
+        for gone in closed_gone {
+            forget_closed(&mut io, &topics.rater_state, engine, gone).await?;
         }
         io.commit(&[])
             .await
@@ -916,6 +911,28 @@ fn rule_tag(engine: &Engine, r: usize) -> String {
     format!("{}@{}", h.name, h.version)
 }
 
+/// Keep the ids of the last `horizon` (event time, by window start) of closed windows;
+/// the window starts dropped.
+fn prune_closed(closed: &mut BTreeMap<Millis, HashSet<u128>>, horizon: Millis) -> Vec<Millis> {
+    let Some(newest) = closed.keys().next_back().copied() else {
+        return Vec::new();
+    };
+    let kept = closed.split_off(&(newest - horizon));
+    std::mem::replace(closed, kept).into_keys().collect()
+}
+
+/// Tombstone a closed window's ids on the state topic (past the horizon).
+async fn forget_closed(
+    io: &mut StageIo,
+    state_topic: &str,
+    engine: &Engine,
+    (partition, r, window_start): (i32, usize, Millis),
+) -> Result<()> {
+    let key = closed_key(&rule_tag(engine, r), partition, window_start);
+    io.send_with(state_topic, key.as_bytes(), None, None, &[])
+        .await
+}
+
 /// The state-topic key of a closed window's ids.
 fn closed_key(rule: &str, partition: i32, window_start: Millis) -> String {
     format!("closed|{partition}|{rule}|{window_start}")
@@ -979,6 +996,20 @@ mod tests {
             parts[0].1.memory_byte_seconds + parts[1].1.memory_byte_seconds,
             Dec::from_int(7)
         );
+    }
+
+    #[test]
+    fn closed_window_ids_are_kept_for_the_horizon_behind_the_newest() {
+        let mut closed: BTreeMap<Millis, HashSet<u128>> = [0, 3_600, 7_200, 10_800]
+            .map(|k| (k, HashSet::from([k as u128])))
+            .into();
+        assert_eq!(prune_closed(&mut closed, 7_200), vec![0]);
+        assert_eq!(
+            closed.keys().copied().collect::<Vec<_>>(),
+            vec![3_600, 7_200, 10_800]
+        );
+        assert!(closed[&3_600].contains(&3_600));
+        assert!(prune_closed(&mut BTreeMap::new(), 7_200).is_empty());
     }
 
     #[test]
