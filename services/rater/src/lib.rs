@@ -57,6 +57,11 @@ pub struct RaterConfig {
     /// The billing period `usage_to_date` counts within (`month`, `week`, `day`, or a
     /// duration): the settler's `period`.
     pub billing_period: String,
+    /// How often progress is made durable when no window closed: the checkpoints, then
+    /// the offset commit they cover. A batch that closes windows (and so moves the
+    /// watermark on the rated topic) always commits at once.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for RaterConfig {
@@ -72,6 +77,7 @@ impl Default for RaterConfig {
             batch_size: 5000,
             dedup_horizon: Duration::from_secs(2 * 3600),
             billing_period: "month".into(),
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }
@@ -386,6 +392,9 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
     );
     let mut quarantined: HashSet<usize> = HashSet::new();
     let mut parts: HashMap<i32, PartState> = HashMap::new();
+    let mut last_commit = std::time::Instant::now();
+    // input taken since progress was last made durable
+    let mut uncommitted = false;
     let period = meterflow_types::window::Period::parse(&cfg.billing_period)
         .map_err(|e| anyhow::anyhow!("billing_period: {e}"))?;
     while !ctx.shutdown.is_cancelled() {
@@ -433,9 +442,16 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             accept,
         } = &mut active;
         let (keep_labels, nrules) = (*keep_labels, engine.rules.len());
-        let batch = io
-            .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
-            .await?;
+        // with progress not yet durable, wait for input no longer than until it is due
+        let mut wait = Duration::from_millis(200);
+        if uncommitted {
+            wait = wait.min(
+                cfg.checkpoint_interval
+                    .saturating_sub(last_commit.elapsed()),
+            );
+        }
+        let batch = io.next_batch(cfg.batch_size, wait, &ctx.shutdown).await?;
+        uncommitted |= !batch.messages.is_empty();
         let batch_start = std::time::Instant::now();
         probes.refresh();
         for r in &batch.rebalances {
@@ -742,8 +758,10 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         if engine.rules.len() == quarantined.len() {
             anyhow::bail!("every rule is quarantined");
         }
-        // the ids each closed window counted, acknowledged with its revenue events and
-        // before the checkpoint that passes it; a tombstone once past the horizon
+        // The ids each closed window counted, sent whether or not progress is due now:
+        // acknowledged (with the revenue events) before any checkpoint that passes it, so
+        // usage replayed after a crash is still known as counted; a tombstone once past
+        // the horizon.
         for (p, r, ws, ids) in closed_now {
             let rec = meterflow_types::RaterClosedWindow {
                 partition: p,
@@ -762,6 +780,23 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         for gone in closed_gone {
             forget_closed(&mut io, &topics.rater_state, engine, gone).await?;
         }
+        // Durable progress when a window closed (its events, then the markers that say
+        // so), on a rebalance or shutdown, and otherwise at most every checkpoint_interval:
+        // until then the batch's records are only produced (a replay after a crash
+        // re-emits identical ids, which the settler drops).
+        let due = !markers.is_empty()
+            || !batch.rebalances.is_empty()
+            || ctx.shutdown.is_cancelled()
+            || last_commit.elapsed() >= cfg.checkpoint_interval;
+        if !due {
+            continue;
+        }
+        last_commit = std::time::Instant::now();
+        uncommitted = false;
+        // The revenue events (adjustments too) and closed windows' ids acknowledged before
+        // anything that passes them: the markers that say their windows are complete, and
+        // the checkpoints (a replay skips what a checkpoint covers, so an adjustment not
+        // yet durable under a durable checkpoint would be lost).
         io.commit(&[])
             .await
             .context("acknowledging revenue events")?;
@@ -823,10 +858,9 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             .await?;
             offsets.push((topics.usage.clone(), *p, resume));
         }
-        if !batch.messages.is_empty() || !offsets.is_empty() {
-            io.commit(&[]).await?;
-            io.commit(&offsets).await?;
-        }
+        // the checkpoints (and everything before them) acknowledged, then the offsets
+        io.commit(&[]).await?;
+        io.commit(&offsets).await?;
     }
     Ok(())
 }
