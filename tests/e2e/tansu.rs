@@ -1625,6 +1625,45 @@ fn settlement_files_on_s3_compatible_storage_survive_a_settler_kill_index_once_a
     p.stop();
 }
 
+/// A broker refusing one usage record of a flush: the records flushed with it land, the
+/// enricher stops with the error, and its replay bills the refused record's sample. Its
+/// duplicate-detection checkpoint must not be durable before that usage is: when the
+/// checkpoint went out in the same flush (before this test), it landed, named the sample
+/// as billed, and the replay dropped it as a duplicate — usage lost for good.
+#[test]
+fn usage_refused_at_delivery_is_billed_after_the_restart_not_lost() {
+    let run = two_days(43);
+    let mut p = Pipeline::start_stages(run.clone(), 36_000, "day", &["rater", "settler"]);
+    p.launch_with("enricher", "[faults]\nrefuse_usage = 300\n");
+    p.start_collector();
+    let end = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = p.enricher.exited() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the enricher did not stop on the refused record{}",
+            p.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = p.enricher.log();
+    assert!(
+        !status.success() && log.contains("refused (fault injection)"),
+        "the enricher must stop with the delivery error: {status:?}\n{}",
+        p.enricher.tail(20)
+    );
+    // the same member again, without the fault (the config is rewritten, then the
+    // exited process started anew)
+    p.launch_with("enricher", "");
+    p.enricher.restart();
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    let s = Settled::read(&p.out);
+    s.assert_matches(&run, DAY);
+    p.stop();
+}
+
 #[test]
 fn a_usage_record_lost_between_enricher_and_rater_is_found_by_the_audit_in_its_bucket() {
     let run = two_days(41);

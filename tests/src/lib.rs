@@ -353,7 +353,12 @@ impl Tansu {
                 "--storage-engine",
                 storage,
             ],
-            &[("RUST_LOG", "warn")],
+            // `METERFLOW_TANSU_LOG` (a RUST_LOG filter) to see the broker's group
+            // coordinator at work, e.g. `warn,tansu_broker::coordinator=info`
+            &[(
+                "RUST_LOG",
+                &std::env::var("METERFLOW_TANSU_LOG").unwrap_or_else(|_| "warn".into()),
+            )],
             dir,
         );
         let t = Tansu {

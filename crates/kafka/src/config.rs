@@ -84,8 +84,16 @@ pub struct KafkaConfig {
     /// replica takes its own partitions back at once, and a broker that does not expire
     /// static members (Tansu 0.6) never hands a dead member's partitions to another.
     /// `false`: dynamic membership — a member that dies is replaced by the others after
-    /// the session timeout (10 s).
+    /// the session timeout.
     pub static_membership: bool,
+    /// How long the group coordinator waits for a silent member before it rebalances
+    /// (`session.timeout.ms`). 45 s, Apache Kafka's default: a static member restarted
+    /// within it takes its partitions back without a rebalance. Tansu 0.6 needs it to
+    /// cover a restart: a static member whose new incarnation first heartbeats more than
+    /// this after the old one's last is dropped, and its group can be left with a leader
+    /// that no longer exists, never completing a rebalance again (ARCHITECTURE.md).
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: std::time::Duration,
     /// Raw librdkafka properties, applied last.
     pub client: BTreeMap<String, String>,
 }
@@ -101,6 +109,7 @@ impl Default for KafkaConfig {
             linger_ms: 5,
             resume_rewind: 10_000,
             static_membership: true,
+            session_timeout: std::time::Duration::from_secs(45),
             client: BTreeMap::new(),
         }
     }

@@ -152,6 +152,8 @@ pub struct StageIo {
     out: Outbox,
     delivery: Delivery,
     in_txn: bool,
+    /// Fault injection (tests): the next flush reports this delivery failure.
+    refused: Option<String>,
     stage: String,
     dlq_topic: String,
     audit_topic: String,
@@ -197,7 +199,13 @@ impl StageIo {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
-            .set("session.timeout.ms", "10000")
+            .set(
+                "session.timeout.ms",
+                cfg.session_timeout
+                    .as_millis()
+                    .clamp(1, i32::MAX as u128)
+                    .to_string(),
+            )
             .set("heartbeat.interval.ms", "1000")
             .set("max.poll.interval.ms", "300000")
             // partition ends for the probes' lag, once a second
@@ -229,6 +237,7 @@ impl StageIo {
             out: Outbox::new(producer),
             delivery: cfg.delivery,
             in_txn: false,
+            refused: None,
             stage: stage.to_string(),
             dlq_topic: cfg.topics.dlq.clone(),
             audit_topic: cfg.topics.audit.clone(),
@@ -408,6 +417,9 @@ impl StageIo {
         match self.delivery {
             Delivery::AtLeastOnce => {
                 self.out.flush().await?;
+                if let Some(why) = self.refused.take() {
+                    anyhow::bail!("delivery failed: {why}");
+                }
                 if tpl.count() > 0 {
                     self.consumer
                         .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
@@ -427,6 +439,9 @@ impl StageIo {
                 }
                 self.out.producer.flush(TXN_TIMEOUT).context("flush")?;
                 self.out.flush().await?;
+                if let Some(why) = self.refused.take() {
+                    anyhow::bail!("delivery failed: {why}");
+                }
                 if tpl.count() > 0 {
                     let gm = self.consumer.group_metadata().context("group metadata")?;
                     self.out
@@ -442,6 +457,12 @@ impl StageIo {
             }
         }
         Ok(())
+    }
+
+    /// Fault injection (tests): the next commit's flush fails with `why` after every
+    /// record sent so far was delivered, as when the broker refused one record of many.
+    pub fn refuse_next_flush(&mut self, why: String) {
+        self.refused = Some(why);
     }
 
     /// Read `partition` of `topic` again from `offset`, as after an assignment: the fetch

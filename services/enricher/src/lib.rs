@@ -13,7 +13,7 @@
 
 pub mod join;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use join::Owners;
 use meterflow_avro::{InstancesMsg, SamplesMsg};
 use meterflow_kafka::probe::{Forward, Probes, Trace};
@@ -83,6 +83,10 @@ pub struct Faults {
     /// Drop the nth usage record this process emits after counting it as sent (a record
     /// lost between the enricher and the rater).
     pub drop_usage: Option<u64>,
+    /// The nth usage record this process emits is refused at delivery: never sent, and
+    /// the next flush fails after the records sent with it were delivered (a broker
+    /// refusing one write of many). The enricher stops with the error.
+    pub refuse_usage: Option<u64>,
 }
 
 impl Default for EnricherConfig {
@@ -347,6 +351,8 @@ struct Counters {
     missing: meterflow_runtime::Gauge,
     /// `faults.drop_usage`: the nth usage record this process emits is dropped.
     drop_usage: Option<u64>,
+    /// `faults.refuse_usage`: the nth usage record this process emits is refused.
+    refuse_usage: Option<u64>,
 }
 
 pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
@@ -354,6 +360,16 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
     let topics = cfg.kafka.topics.clone();
     let usage_parts = partition_count(&cfg.kafka, &topics.usage)?;
     let sample_parts = partition_count(&cfg.kafka, &topics.samples)?;
+    // Join the group before reading the tables: librdkafka heartbeats while the
+    // assignment waits for the first poll, so a restarted static member is back in its
+    // group within moments however long the tables take (`kafka.session_timeout`).
+    let mut io = StageIo::new(
+        &cfg.kafka,
+        "enricher",
+        &cfg.group,
+        &[&topics.samples],
+        &cfg.member,
+    )?;
     let mut tables = Tables::default();
     let n = tables.refresh(&cfg.kafka)?;
     tracing::info!(
@@ -363,13 +379,6 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         "tables read to the end"
     );
     let feed = TableFeed::start(&cfg.kafka, tables.offsets.clone(), cfg.table_refresh);
-    let mut io = StageIo::new(
-        &cfg.kafka,
-        "enricher",
-        &cfg.group,
-        &[&topics.samples],
-        &cfg.member,
-    )?;
     let mut probes = Probes::new(&cfg.kafka, "enricher", &cfg.member, ctx.metrics.clone())?
         .with_ends(io.partition_ends());
     let m = &ctx.metrics;
@@ -411,14 +420,18 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             &[],
         ),
         drop_usage: cfg.faults.drop_usage,
+        refuse_usage: cfg.faults.refuse_usage,
     };
     let mut missing_reported: BTreeMap<String, Millis> = BTreeMap::new();
     let timeout = cfg.node_timeout.as_millis() as i64;
     let deadline = cfg.unowned_deadline.as_millis() as i64;
     let mut parts: FastMap<i32, PartState> = FastMap::default();
-    // samples parked by earlier runs (or other members): cleared when billed
-    let mut parked_before = read_parked(&cfg.kafka)?;
-    let mut checkpoints = load_seen(&cfg.kafka)?;
+    // Samples parked by earlier runs (or other members), cleared when billed, and the
+    // duplicate-detection checkpoints: both read on every assignment (the first batch
+    // brings one), never before the first poll. A restarted static member must reach its
+    // first heartbeat quickly (see `kafka.session_timeout`).
+    let mut parked_before: std::collections::HashSet<String> = Default::default();
+    let mut checkpoints: HashMap<i32, join::Seen> = HashMap::new();
     let mut last_commit = Instant::now();
     // input taken since progress was last made durable
     let mut uncommitted = false;
@@ -640,9 +653,9 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             parked_total += st.parked.len();
         }
         c.parked.set(parked_total as i64);
-        // Durable progress, at most every checkpoint_interval: the duplicate-detection
-        // checkpoint of each changed partition, then the offsets it covers (never past a
-        // parked sample), then the watermarks.
+        // Durable progress, at most every checkpoint_interval: the usage produced so far
+        // acknowledged, then the duplicate-detection checkpoint of each changed partition,
+        // then the offsets it covers (never past a parked sample), then the watermarks.
         uncommitted |= !batch.messages.is_empty();
         let due = rebalanced
             || ctx.shutdown.is_cancelled()
@@ -654,6 +667,13 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         }
         uncommitted = false;
         last_commit = Instant::now();
+        // A checkpoint names samples as billed: it must never be durable before their
+        // usage is. Sent in one flush, the checkpoint could land while a usage batch for
+        // another partition did not, and a SIGKILL then lost that usage for good (the
+        // replay dropped its samples as duplicates; the 1M chaos run found it).
+        io.commit(&[])
+            .await
+            .context("acknowledging usage before its checkpoint")?;
         let retention = cfg.dedup_retention.as_millis() as i64;
         for (p, st) in parts.iter_mut().filter(|(_, st)| st.dirty) {
             st.seen.prune(st.latest_end - retention);
@@ -844,6 +864,13 @@ async fn emit(
         if c.drop_usage == Some(c.usage.get() + 1) {
             // fault injection (tests): counted as sent, never sent
             tracing::warn!(usage = %u.id, "fault injection: usage record dropped");
+            c.usage.inc();
+            continue;
+        }
+        if c.refuse_usage == Some(c.usage.get() + 1) {
+            // fault injection (tests): refused by the "broker" at the next flush
+            tracing::warn!(usage = %u.id, "fault injection: usage record refused");
+            io.refuse_next_flush(format!("usage record {} refused (fault injection)", u.id));
             c.usage.inc();
             continue;
         }
