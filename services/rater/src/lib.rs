@@ -858,8 +858,8 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             .await?;
             offsets.push((topics.usage.clone(), *p, resume));
         }
-        // the checkpoints (and everything before them) acknowledged, then the offsets
-        io.commit(&[]).await?;
+        // the checkpoints (and everything before them) acknowledged, then the offsets: one
+        // commit does both in that order
         io.commit(&offsets).await?;
     }
     Ok(())
