@@ -225,7 +225,12 @@ impl Record for Sample {
         for v in [self.seq, self.interval_start, self.interval_end] {
             w.long(v);
         }
-        for v in self.counters.fields().iter().chain(self.deltas.fields().iter()) {
+        for v in self
+            .counters
+            .fields()
+            .iter()
+            .chain(self.deltas.fields().iter())
+        {
             w.long(v.1);
         }
         w.long(self.vcpu_millis);
@@ -1544,7 +1549,10 @@ mod tests {
                 "{}: direct {a} / apache-avro {b} on {bytes:02x?}",
                 R::NAME
             ),
-            _ => panic!("{}: direct {fast:?} / apache-avro {generic:?} on {bytes:02x?}", R::NAME),
+            _ => panic!(
+                "{}: direct {fast:?} / apache-avro {generic:?} on {bytes:02x?}",
+                R::NAME
+            ),
         }
         fast.is_ok()
     }
@@ -1587,7 +1595,11 @@ mod tests {
             }
         }
         // both sides of the comparison were exercised
-        assert!(ok > 100 && bad > 1000, "{}: {ok} decoded, {bad} refused", R::NAME);
+        assert!(
+            ok > 100 && bad > 1000,
+            "{}: {ok} decoded, {bad} refused",
+            R::NAME
+        );
     }
 
     #[test]
@@ -1634,7 +1646,13 @@ mod tests {
         }
         let ours = encode(&u3);
         assert_eq!(decode::<Usage>(&ours).expect("ours"), u3);
-        assert_eq!(crate::generic::decode::<Usage>(&ours).expect("ours, by apache-avro"), u3);
-        assert_eq!(decode::<Usage>(&crate::generic::encode(&u3)).expect("theirs"), u3);
+        assert_eq!(
+            crate::generic::decode::<Usage>(&ours).expect("ours, by apache-avro"),
+            u3
+        );
+        assert_eq!(
+            decode::<Usage>(&crate::generic::encode(&u3)).expect("theirs"),
+            u3
+        );
     }
 }

@@ -199,9 +199,9 @@ impl<'a> Reader<'a> {
                 c => c,
             };
             if n as u64 > crate::MAX_MESSAGE_BYTES as u64 {
-                return Err(self.broken(format!(
-                    "map block of {n} entries exceeds the message size"
-                )));
+                return Err(
+                    self.broken(format!("map block of {n} entries exceeds the message size"))
+                );
             }
             for _ in 0..n {
                 let k = self.string()?;

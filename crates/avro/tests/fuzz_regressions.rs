@@ -18,7 +18,10 @@ fn message<R: Record>(input: &[u8]) -> Vec<u8> {
 fn refused_by_the_allocation_limit<R: Record + std::fmt::Debug>(input: &[u8], direct: &str) {
     let m = message::<R>(input);
     for (decoded, says) in [
-        (meterflow_avro::generic::decode::<R>(&m), "Unable to allocate"),
+        (
+            meterflow_avro::generic::decode::<R>(&m),
+            "Unable to allocate",
+        ),
         (decode::<R>(&m), direct),
     ] {
         match decoded {

@@ -278,10 +278,16 @@ mod tests {
     fn the_128_bit_extremes_are_out_of_range() {
         // i128::MIN has no absolute value in i128: found by the Avro codec's differential test
         for raw in [i128::MIN, i128::MAX, MAX_ABS + 1, -MAX_ABS - 1] {
-            assert_eq!(Dec::ZERO.checked_add(Dec::from_raw(raw)), Err(DecError::Overflow));
+            assert_eq!(
+                Dec::ZERO.checked_add(Dec::from_raw(raw)),
+                Err(DecError::Overflow)
+            );
         }
         for raw in [MAX_ABS, -MAX_ABS] {
-            assert_eq!(Dec::ZERO.checked_add(Dec::from_raw(raw)), Ok(Dec::from_raw(raw)));
+            assert_eq!(
+                Dec::ZERO.checked_add(Dec::from_raw(raw)),
+                Ok(Dec::from_raw(raw))
+            );
         }
     }
 

@@ -418,8 +418,8 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         // concurrently (each one's files synced before its manifest, as before), so the
         // file system's syncs overlap instead of queueing one behind another — most of
         // the settler's time went to waiting for them. Then, in order, each is announced.
-        let written_sets = futures::future::try_join_all(closing.into_iter().map(
-            |(p, key, why, events)| {
+        let written_sets =
+            futures::future::try_join_all(closing.into_iter().map(|(p, key, why, events)| {
                 let (store, label) = (&store, period.label(key.0));
                 let ids: Vec<String> = events.iter().map(|(_, _, e)| e.id.clone()).collect();
                 let opts = files::VersionOpts {
@@ -433,9 +433,8 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                         files::write_version(store, &label, bounds, &key.1, events, &opts).await?;
                     anyhow::Ok((p, key, why, ids, label, man))
                 }
-            },
-        ))
-        .await?;
+            }))
+            .await?;
         for (p, key, why, ids, label, man) in written_sets {
             let waiting = incomplete.entry(p).or_default();
             match &why {
