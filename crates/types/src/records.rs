@@ -188,7 +188,7 @@ pub struct RatedEvent {
 
 /// Progress marker broadcast to every partition of a stage's output topic:
 /// "everything from my input partition `source_partition` (of `source_partitions`)
-/// up to event time `time` has been written and committed".
+/// up to event time `time` has been written and acknowledged".
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Watermark {
     pub stage: String,

@@ -6,10 +6,10 @@
 //! and never past a parked sample. A sample whose owner or whose instance's registration
 //! (labels, flavor: what rules may price by) has not been read yet is parked on the
 //! parked topic until both are, or until its deadline (then billed to its owner without
-//! the registration, or with no owner to the unallocated entity). After each commit the
-//! enricher broadcasts a watermark for each of its samples partitions to every usage
+//! the registration, or with no owner to the unallocated entity). At each commit point
+//! the enricher broadcasts a watermark for each of its samples partitions to every usage
 //! partition: "all usage with interval_end ≤ T from that partition is written and
-//! committed", where T comes from the nodes' poll markers read before the commit point.
+//! acknowledged", where T comes from the nodes' poll markers read before that point.
 
 pub mod join;
 
@@ -58,8 +58,9 @@ pub struct EnricherConfig {
     /// How often the ownership and instance tables are re-read when nothing is parked.
     #[serde(with = "humantime_serde")]
     pub table_refresh: Duration,
-    /// How often progress is made durable: the duplicate-detection checkpoint, then the
-    /// offset commit it covers, then the watermarks.
+    /// How often progress is made durable, one flush each time: the usage since the
+    /// last time acknowledged and the offsets the last checkpoint covers committed; then
+    /// the next duplicate-detection checkpoint and the watermarks sent.
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
     /// Sooner than `checkpoint_interval`, but at most this often, progress is made
@@ -435,6 +436,10 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
     let mut last_commit = Instant::now();
     // input taken since progress was last made durable
     let mut uncommitted = false;
+    // offsets covered by the checkpoints sent at the last commit, committed at the next
+    let mut pending: Vec<(String, i32, i64)> = Vec::new();
+    // the offsets committed last, per partition (an idle enricher commits nothing)
+    let mut committed: FastMap<i32, i64> = FastMap::default();
     while !ctx.shutdown.is_cancelled() {
         // with progress not yet durable, wait for input no longer than until it is due
         // (so the last of a backlog is committed on time, not a whole wait later)
@@ -468,6 +473,10 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                 meterflow_kafka::Assignment::Revoked(ps) => {
                     for (_, p) in ps {
                         parts.remove(&p);
+                        // not ours to commit, even if it comes back (its new owner may
+                        // have committed past it)
+                        pending.retain(|(_, q, _)| *q != p);
+                        committed.remove(&p);
                     }
                 }
                 meterflow_kafka::Assignment::Assigned(ps) => {
@@ -653,9 +662,22 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             parked_total += st.parked.len();
         }
         c.parked.set(parked_total as i64);
-        // Durable progress, at most every checkpoint_interval: the usage produced so far
-        // acknowledged, then the duplicate-detection checkpoint of each changed partition,
-        // then the offsets it covers (never past a parked sample), then the watermarks.
+        // Durable progress, at most every checkpoint_interval, one flush each time:
+        //  1. everything sent so far acknowledged — the usage of the batches since, the
+        //     previous checkpoint and watermarks — then the offsets that checkpoint
+        //     covers committed (never past a parked sample);
+        //  2. the duplicate-detection checkpoint of each changed partition sent (its
+        //     samples' usage is durable now) and the offsets it covers kept for the
+        //     next commit;
+        //  3. the watermarks sent, from markers read before this point (the usage they
+        //     cover is durable now).
+        // A checkpoint is never durable before its usage (sent in one flush, it could
+        // land while a usage batch of another partition did not, and a SIGKILL then lost
+        // that usage for good: the 1M chaos run found it), and offsets never before their
+        // checkpoint. A crash before the next commit replays from the previous offsets:
+        // the same usage ids again, which the rater drops (counted in an open window, or
+        // in a closed one's ids). On a rebalance or at shutdown the pending offsets are
+        // committed at once.
         uncommitted |= !batch.messages.is_empty();
         let due = rebalanced
             || ctx.shutdown.is_cancelled()
@@ -665,15 +687,11 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         if !due {
             continue;
         }
-        uncommitted = false;
         last_commit = Instant::now();
-        // A checkpoint names samples as billed: it must never be durable before their
-        // usage is. Sent in one flush, the checkpoint could land while a usage batch for
-        // another partition did not, and a SIGKILL then lost that usage for good (the
-        // replay dropped its samples as duplicates; the 1M chaos run found it).
-        io.commit(&[])
+        io.commit(&pending)
             .await
-            .context("acknowledging usage before its checkpoint")?;
+            .context("acknowledging usage, then committing the checkpointed offsets")?;
+        committed.extend(pending.drain(..).map(|(_, p, o)| (p, o)));
         let retention = cfg.dedup_retention.as_millis() as i64;
         for (p, st) in parts.iter_mut().filter(|(_, st)| st.dirty) {
             st.seen.prune(st.latest_end - retention);
@@ -690,16 +708,13 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             .await?;
             st.dirty = false;
         }
-        let offsets: Vec<(String, i32, i64)> = parts
+        pending = parts
             .iter()
             .filter_map(|(p, st)| {
                 let o = st.parked.front().map(|pk| pk.offset).or(st.position)?;
-                Some((topics.samples.clone(), *p, o))
+                (committed.get(p) != Some(&o)).then(|| (topics.samples.clone(), *p, o))
             })
             .collect();
-        io.commit(&offsets).await?;
-        // then the watermarks, from markers read before the commit point
-        let mut sent = false;
         let mut lowest: Option<Millis> = None;
         for (p, st) in parts.iter_mut() {
             let Some(t) = complete(st, timeout, &tables.nodes) else {
@@ -720,14 +735,17 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                 io.send(&topics.usage, b"", &bytes, Some(up)).await?;
             }
             st.last_marker = Some(t);
-            sent = true;
         }
         if let Some(l) = lowest {
             c.watermark.set(l);
         }
-        if sent {
-            io.commit(&[]).await?;
+        if rebalanced || ctx.shutdown.is_cancelled() {
+            io.commit(&pending).await?;
+            committed.extend(pending.drain(..).map(|(_, p, o)| (p, o)));
         }
+        // what was sent now is acknowledged (and the offsets committed) at the next
+        // commit: due within checkpoint_interval even if no input comes
+        uncommitted = !pending.is_empty();
     }
     Ok(())
 }
