@@ -127,9 +127,6 @@ pub fn split_usage(u: &Usage, w: Tumbling) -> Vec<(Millis, Usage)> {
         .collect()
 }
 
-/// A set of usage ids as 128-bit keys (foldhash: SipHash was a tenth of the rater's time).
-type Ids = meterflow_types::FastSet<u128>;
-
 /// A usage id as 128 bits (ids are 32 hex digits; anything else is hashed).
 pub(crate) fn id_key(id: &str) -> u128 {
     u128::from_str_radix(id, 16).unwrap_or_else(|_| {
@@ -151,7 +148,7 @@ struct Win {
     /// Usage pieces taken into the window (each event's `usage_records`).
     records: i64,
     /// Usage ids in the window as 128-bit keys (`id_key`), as closed windows keep them.
-    ids: Ids,
+    ids: HashSet<u128>,
     /// The probe trail of the last usage record that carried one (`rater.rate`): its
     /// revenue events forward it.
     trace: Option<std::sync::Arc<Trace>>,
@@ -163,10 +160,7 @@ struct PartState {
     windows: Vec<BTreeMap<Millis, Win>>,
     /// Usage ids of recently closed windows per rule (window start → ids), so a duplicate
     /// arriving after its window closed is dropped instead of becoming an adjustment.
-    closed_ids: Vec<BTreeMap<Millis, Ids>>,
-    /// The state-topic keys holding closed windows' ids, by window start: tombstoned
-    /// once no rule keeps that window's ids any more.
-    closed_keys: BTreeMap<Millis, Vec<String>>,
+    closed_ids: Vec<BTreeMap<Millis, HashSet<u128>>>,
     position: Option<i64>,
     /// From the checkpoint: records before this offset were already handled.
     replay_until: i64,
@@ -183,7 +177,6 @@ impl PartState {
                 .unwrap_or_default(),
             windows: (0..rules).map(|_| BTreeMap::new()).collect(),
             closed_ids: (0..rules).map(|_| BTreeMap::new()).collect(),
-            closed_keys: BTreeMap::new(),
             position: None,
             replay_until: cp.map(|c| c.position).unwrap_or(0),
             last_marker: None,
@@ -520,26 +513,22 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                 // the ids of windows closed before the restart: a copy of a record they
                 // counted is still dropped, not billed again as an adjustment
                 for c in saved_closed.iter_mut().filter(|c| c.partition == p) {
-                    let ids: Ids = c
+                    let Some(r) = (0..nrules).find(|r| rule_tag(engine, *r) == c.rule) else {
+                        continue;
+                    };
+                    let ids: HashSet<u128> = c
                         .ids
                         .chunks_exact(16)
                         .filter_map(|k| k.try_into().ok().map(u128::from_be_bytes))
                         .collect();
-                    for tag in c.rule.split(RULE_TAGS_SEP) {
-                        if let Some(r) = (0..nrules).find(|r| rule_tag(engine, *r) == tag) {
-                            st.closed_ids[r].insert(c.window_start, ids.clone());
-                        }
-                    }
-                    st.closed_keys
-                        .entry(c.window_start)
-                        .or_default()
-                        .push(closed_key(&c.rule, p, c.window_start));
+                    st.closed_ids[r].insert(c.window_start, ids);
                 }
                 // past the horizon already (their tombstones were lost to a crash)
                 for r in 0..nrules {
-                    prune_closed(&mut st.closed_ids[r], horizon);
+                    for ws in prune_closed(&mut st.closed_ids[r], horizon) {
+                        forget_closed(&mut io, &topics.rater_state, engine, (p, r, ws)).await?;
+                    }
                 }
-                forget_closed(&mut io, &topics.rater_state, &mut st).await?;
                 parts.insert(p, st);
             }
         }
@@ -592,7 +581,6 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         u.labels.clear(); // no rule reads them: do not hold them in windows
                     }
                     let wm = st.sources.min();
-                    let uid = id_key(&u.id);
                     let mut split: Vec<(Tumbling, Pieces)> = Vec::new();
                     for r in 0..nrules {
                         if quarantined.contains(&r) {
@@ -615,12 +603,10 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         for (ps, piece) in pieces {
                             // a pane piece counts once in each window it lies in; its key
                             // in a window is the usage id (and the pane, when hopping)
-                            let (key, kid) = if hops == 1 {
-                                (std::borrow::Cow::Borrowed(u.id.as_str()), uid)
+                            let key = if hops == 1 {
+                                u.id.clone()
                             } else {
-                                let k = format!("{}@{ps}", u.id);
-                                let kid = id_key(&k);
-                                (std::borrow::Cow::Owned(k), kid)
+                                format!("{}@{ps}", u.id)
                             };
                             for j in 0..hops {
                                 let ws = ps - j * panes[r].size;
@@ -632,7 +618,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                         continue; // handled before the checkpoint
                                     }
                                     let seen = st.closed_ids[r].entry(ws).or_default();
-                                    if !seen.insert(kid) {
+                                    if !seen.insert(id_key(&key)) {
                                         dup_total.inc(); // counted in the window already
                                         continue;
                                     }
@@ -672,7 +658,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                     continue;
                                 }
                                 let win = st.windows[r].entry(ws).or_default();
-                                if win.ids.insert(kid) {
+                                if win.ids.insert(id_key(&key)) {
                                     win.records += 1;
                                     if let Some(m) = &engine.rules[r].merge {
                                         merge_into(win, m, off, &piece);
@@ -695,6 +681,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         let mut markers: Vec<(i32, Millis)> = Vec::new();
         // windows closed in this batch (their ids) and windows past the dedup horizon
         let mut closed_now: Vec<(i32, usize, Millis, Vec<u8>)> = Vec::new();
+        let mut closed_gone: Vec<(i32, usize, Millis)> = Vec::new();
         for (p, st) in parts.iter_mut() {
             let Some(wm) = st.sources.min() else { continue };
             for r in 0..nrules {
@@ -710,7 +697,11 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     let ids = std::mem::take(&mut win.ids);
                     closed_now.push((*p, r, ws, id_bytes(&ids)));
                     st.closed_ids[r].insert(ws, ids);
-                    prune_closed(&mut st.closed_ids[r], horizon);
+                    closed_gone.extend(
+                        prune_closed(&mut st.closed_ids[r], horizon)
+                            .into_iter()
+                            .map(|k| (*p, r, k)),
+                    );
                     if quarantined.contains(&r) {
                         continue;
                     }
@@ -769,35 +760,25 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         }
         // The ids each closed window counted, sent whether or not progress is due now:
         // acknowledged (with the revenue events) before any checkpoint that passes it, so
-        // usage replayed after a crash is still known as counted. Rules whose windows
-        // close together with the same ids (every rule of one window size, as a rule set
-        // usually is) share one record; a window's records are tombstoned once no rule
-        // keeps its ids (past the horizon).
-        for ((p, ws), rules, ids) in share_closed(closed_now) {
+        // usage replayed after a crash is still known as counted; a tombstone once past
+        // the horizon.
+        for (p, r, ws, ids) in closed_now {
             let rec = meterflow_types::RaterClosedWindow {
                 partition: p,
-                rule: rules
-                    .iter()
-                    .map(|r| rule_tag(engine, *r))
-                    .collect::<Vec<_>>()
-                    .join(RULE_TAGS_SEP),
+                rule: rule_tag(engine, r),
                 window_start: ws,
                 ids,
             };
-            let key = closed_key(&rec.rule, p, ws);
             io.send(
                 &topics.rater_state,
-                key.as_bytes(),
+                closed_key(&rec.rule, p, ws).as_bytes(),
                 &meterflow_avro::encode(&rec),
                 None,
             )
             .await?;
-            if let Some(st) = parts.get_mut(&p) {
-                st.closed_keys.entry(ws).or_default().push(key);
-            }
         }
-        for st in parts.values_mut() {
-            forget_closed(&mut io, &topics.rater_state, st).await?;
+        for gone in closed_gone {
+            forget_closed(&mut io, &topics.rater_state, engine, gone).await?;
         }
         // Durable progress when a window closed (its events, then the markers that say
         // so), on a rebalance or shutdown, and otherwise at most every checkpoint_interval:
@@ -966,7 +947,7 @@ fn rule_tag(engine: &Engine, r: usize) -> String {
 
 /// Keep the ids of the last `horizon` (event time, by window start) of closed windows;
 /// the window starts dropped.
-fn prune_closed(closed: &mut BTreeMap<Millis, Ids>, horizon: Millis) -> Vec<Millis> {
+fn prune_closed(closed: &mut BTreeMap<Millis, HashSet<u128>>, horizon: Millis) -> Vec<Millis> {
     let Some(newest) = closed.keys().next_back().copied() else {
         return Vec::new();
     };
@@ -974,61 +955,26 @@ fn prune_closed(closed: &mut BTreeMap<Millis, Ids>, horizon: Millis) -> Vec<Mill
     std::mem::replace(closed, kept).into_keys().collect()
 }
 
-/// Tombstone the state-topic records of closed windows no rule keeps any more.
-async fn forget_closed(io: &mut StageIo, state_topic: &str, st: &mut PartState) -> Result<()> {
-    for key in orphaned_closed(st) {
-        io.send_with(state_topic, key.as_bytes(), None, None, &[])
-            .await?;
-    }
-    Ok(())
+/// Tombstone a closed window's ids on the state topic (past the horizon).
+async fn forget_closed(
+    io: &mut StageIo,
+    state_topic: &str,
+    engine: &Engine,
+    (partition, r, window_start): (i32, usize, Millis),
+) -> Result<()> {
+    let key = closed_key(&rule_tag(engine, r), partition, window_start);
+    io.send_with(state_topic, key.as_bytes(), None, None, &[])
+        .await
 }
 
-/// The keys of closed windows' records whose window no rule keeps any more (taken out
-/// of `closed_keys`).
-fn orphaned_closed(st: &mut PartState) -> Vec<String> {
-    let gone: Vec<Millis> = st
-        .closed_keys
-        .keys()
-        .copied()
-        .filter(|ws| !st.closed_ids.iter().any(|c| c.contains_key(ws)))
-        .collect();
-    gone.into_iter()
-        .filter_map(|ws| st.closed_keys.remove(&ws))
-        .flatten()
-        .collect()
-}
-
-/// Between the rule tags of a closed-window record that several rules share (a rule's
-/// name is one header line: it never holds a line feed).
-const RULE_TAGS_SEP: &str = "\n";
-
-/// Windows closed in one batch, (partition, rule, window start, id bytes), grouped into
-/// one record per partition, window start and identical ids: ((partition, window
-/// start), rules, ids).
-fn share_closed(
-    closed: Vec<(i32, usize, Millis, Vec<u8>)>,
-) -> Vec<((i32, Millis), Vec<usize>, Vec<u8>)> {
-    let mut out: Vec<((i32, Millis), Vec<usize>, Vec<u8>)> = Vec::new();
-    for (p, r, ws, ids) in closed {
-        match out
-            .iter_mut()
-            .find(|(at, _, i)| *at == (p, ws) && *i == ids)
-        {
-            Some((_, rules, _)) => rules.push(r),
-            None => out.push(((p, ws), vec![r], ids)),
-        }
-    }
-    out
-}
-
-/// The state-topic key of a closed window's ids (`rule`: the tags of the rules sharing it).
+/// The state-topic key of a closed window's ids.
 fn closed_key(rule: &str, partition: i32, window_start: Millis) -> String {
     format!("closed|{partition}|{rule}|{window_start}")
 }
 
 /// A window's id keys as `RaterClosedWindow::ids` holds them (sorted, so the same
 /// window always gives the same bytes).
-fn id_bytes(ids: &Ids) -> Vec<u8> {
+fn id_bytes(ids: &HashSet<u128>) -> Vec<u8> {
     let mut v: Vec<u128> = ids.iter().copied().collect();
     v.sort_unstable();
     v.iter().flat_map(|k| k.to_be_bytes()).collect()
@@ -1087,51 +1033,9 @@ mod tests {
     }
 
     #[test]
-    fn rules_closing_a_window_with_the_same_ids_share_one_record() {
-        let a = vec![1u8; 16];
-        let b = vec![2u8; 16];
-        let got = share_closed(vec![
-            (0, 0, 3_600, a.clone()),
-            (0, 1, 3_600, a.clone()),
-            (0, 2, 3_600, b.clone()), // other ids (another window size's pane, say)
-            (1, 0, 3_600, a.clone()), // another partition
-            (0, 3, 7_200, a.clone()), // another window
-            (0, 4, 3_600, a.clone()),
-        ]);
-        assert_eq!(
-            got,
-            vec![
-                ((0, 3_600), vec![0, 1, 4], a.clone()),
-                ((0, 3_600), vec![2], b),
-                ((1, 3_600), vec![0], a.clone()),
-                ((0, 7_200), vec![3], a),
-            ]
-        );
-    }
-
-    #[test]
-    fn a_closed_windows_records_are_forgotten_once_no_rule_keeps_its_ids() {
-        let mut st = PartState::new(2, None);
-        for r in 0..2 {
-            st.closed_ids[r].insert(0, Ids::from_iter([1]));
-        }
-        st.closed_keys.insert(0, vec!["closed|0|a@1\nb@1|0".into()]);
-        st.closed_keys.insert(5, vec!["closed|0|c@1|5".into()]); // no rule keeps it
-        assert_eq!(orphaned_closed(&mut st), vec!["closed|0|c@1|5".to_string()]);
-        st.closed_ids[0].clear(); // one rule pruned it: the other still needs it
-        assert!(orphaned_closed(&mut st).is_empty());
-        st.closed_ids[1].clear();
-        assert_eq!(
-            orphaned_closed(&mut st),
-            vec!["closed|0|a@1\nb@1|0".to_string()]
-        );
-        assert!(st.closed_keys.is_empty());
-    }
-
-    #[test]
     fn closed_window_ids_are_kept_for_the_horizon_behind_the_newest() {
-        let mut closed: BTreeMap<Millis, Ids> = [0, 3_600, 7_200, 10_800]
-            .map(|k| (k, Ids::from_iter([k as u128])))
+        let mut closed: BTreeMap<Millis, HashSet<u128>> = [0, 3_600, 7_200, 10_800]
+            .map(|k| (k, HashSet::from([k as u128])))
             .into();
         assert_eq!(prune_closed(&mut closed, 7_200), vec![0]);
         assert_eq!(
