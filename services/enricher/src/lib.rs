@@ -6,10 +6,10 @@
 //! and never past a parked sample. A sample whose owner or whose instance's registration
 //! (labels, flavor: what rules may price by) has not been read yet is parked on the
 //! parked topic until both are, or until its deadline (then billed to its owner without
-//! the registration, or with no owner to the unallocated entity). At each commit point
-//! the enricher broadcasts a watermark for each of its samples partitions to every usage
+//! the registration, or with no owner to the unallocated entity). After each commit the
+//! enricher broadcasts a watermark for each of its samples partitions to every usage
 //! partition: "all usage with interval_end ≤ T from that partition is written and
-//! acknowledged", where T comes from the nodes' poll markers read before that point.
+//! committed", where T comes from the nodes' poll markers read before the commit point.
 
 pub mod join;
 
@@ -58,9 +58,8 @@ pub struct EnricherConfig {
     /// How often the ownership and instance tables are re-read when nothing is parked.
     #[serde(with = "humantime_serde")]
     pub table_refresh: Duration,
-    /// How often progress is made durable, one flush each time: the usage since the
-    /// last time acknowledged and the offsets the last checkpoint covers committed; then
-    /// the next duplicate-detection checkpoint and the watermarks sent.
+    /// How often progress is made durable: the usage acknowledged, the duplicate-detection
+    /// checkpoint, then the offset commit it covers, then the watermarks sent.
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
     /// Sooner than `checkpoint_interval`, but at most this often, progress is made
@@ -436,10 +435,6 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
     let mut last_commit = Instant::now();
     // input taken since progress was last made durable
     let mut uncommitted = false;
-    // offsets covered by the checkpoints sent at the last commit, committed at the next
-    let mut pending: Vec<(String, i32, i64)> = Vec::new();
-    // the offsets committed last, per partition (an idle enricher commits nothing)
-    let mut committed: FastMap<i32, i64> = FastMap::default();
     while !ctx.shutdown.is_cancelled() {
         // with progress not yet durable, wait for input no longer than until it is due
         // (so the last of a backlog is committed on time, not a whole wait later)
@@ -473,10 +468,6 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                 meterflow_kafka::Assignment::Revoked(ps) => {
                     for (_, p) in ps {
                         parts.remove(&p);
-                        // not ours to commit, even if it comes back (its new owner may
-                        // have committed past it)
-                        pending.retain(|(_, q, _)| *q != p);
-                        committed.remove(&p);
                     }
                 }
                 meterflow_kafka::Assignment::Assigned(ps) => {
@@ -521,11 +512,11 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             c.dlq.inc();
         }
         let now = meterflow_kafka::now_ms();
-        for msg in &batch.messages {
+        let decoded = decode_batch(&batch.messages);
+        for (msg, decoded) in batch.messages.iter().zip(decoded) {
             let p = msg.partition();
             let st = parts.entry(p).or_default();
             st.position = Some(msg.offset() + 1);
-            let decoded = meterflow_avro::decode_samples_msg(msg.payload().unwrap_or_default());
             match decoded {
                 Err(e) => {
                     io.dead_letter(msg, e.reason_code(), &e.to_string()).await?;
@@ -662,22 +653,9 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             parked_total += st.parked.len();
         }
         c.parked.set(parked_total as i64);
-        // Durable progress, at most every checkpoint_interval, one flush each time:
-        //  1. everything sent so far acknowledged — the usage of the batches since, the
-        //     previous checkpoint and watermarks — then the offsets that checkpoint
-        //     covers committed (never past a parked sample);
-        //  2. the duplicate-detection checkpoint of each changed partition sent (its
-        //     samples' usage is durable now) and the offsets it covers kept for the
-        //     next commit;
-        //  3. the watermarks sent, from markers read before this point (the usage they
-        //     cover is durable now).
-        // A checkpoint is never durable before its usage (sent in one flush, it could
-        // land while a usage batch of another partition did not, and a SIGKILL then lost
-        // that usage for good: the 1M chaos run found it), and offsets never before their
-        // checkpoint. A crash before the next commit replays from the previous offsets:
-        // the same usage ids again, which the rater drops (counted in an open window, or
-        // in a closed one's ids). On a rebalance or at shutdown the pending offsets are
-        // committed at once.
+        // Durable progress, at most every checkpoint_interval: the usage produced so far
+        // acknowledged, then the duplicate-detection checkpoint of each changed partition,
+        // then the offsets it covers (never past a parked sample), then the watermarks.
         uncommitted |= !batch.messages.is_empty();
         let due = rebalanced
             || ctx.shutdown.is_cancelled()
@@ -687,11 +665,15 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         if !due {
             continue;
         }
+        uncommitted = false;
         last_commit = Instant::now();
-        io.commit(&pending)
+        // A checkpoint names samples as billed: it must never be durable before their
+        // usage is. Sent in one flush, the checkpoint could land while a usage batch for
+        // another partition did not, and a SIGKILL then lost that usage for good (the
+        // replay dropped its samples as duplicates; the 1M chaos run found it).
+        io.commit(&[])
             .await
-            .context("acknowledging usage, then committing the checkpointed offsets")?;
-        committed.extend(pending.drain(..).map(|(_, p, o)| (p, o)));
+            .context("acknowledging usage before its checkpoint")?;
         let retention = cfg.dedup_retention.as_millis() as i64;
         for (p, st) in parts.iter_mut().filter(|(_, st)| st.dirty) {
             st.seen.prune(st.latest_end - retention);
@@ -708,13 +690,18 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             .await?;
             st.dirty = false;
         }
-        pending = parts
+        let offsets: Vec<(String, i32, i64)> = parts
             .iter()
             .filter_map(|(p, st)| {
                 let o = st.parked.front().map(|pk| pk.offset).or(st.position)?;
-                (committed.get(p) != Some(&o)).then(|| (topics.samples.clone(), *p, o))
+                Some((topics.samples.clone(), *p, o))
             })
             .collect();
+        io.commit(&offsets).await?;
+        // then the watermarks, from markers read before the commit point: acknowledged by
+        // the next commit's first flush (a lost one is sent again from the same markers
+        // after a restart), so they cost no wait of their own — except at shutdown
+        let mut sent = false;
         let mut lowest: Option<Millis> = None;
         for (p, st) in parts.iter_mut() {
             let Some(t) = complete(st, timeout, &tables.nodes) else {
@@ -735,20 +722,48 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                 io.send(&topics.usage, b"", &bytes, Some(up)).await?;
             }
             st.last_marker = Some(t);
+            sent = true;
         }
         if let Some(l) = lowest {
             c.watermark.set(l);
         }
-        if rebalanced || ctx.shutdown.is_cancelled() {
-            io.commit(&pending).await?;
-            committed.extend(pending.drain(..).map(|(_, p, o)| (p, o)));
+        if sent && ctx.shutdown.is_cancelled() {
+            io.commit(&[]).await?;
         }
-        // what was sent now is acknowledged (and the offsets committed) at the next
-        // commit: due within checkpoint_interval even if no input comes
-        uncommitted = !pending.is_empty();
     }
     Ok(())
 }
+
+/// Every message of a batch decoded, in order; a large batch's second half on a thread
+/// of its own (decoding is pure and was a fifth of the main loop's time; everything after
+/// it depends on the order).
+fn decode_batch(
+    messages: &[meterflow_kafka::OwnedMessage],
+) -> Vec<Result<SamplesMsg, meterflow_avro::DecodeError>> {
+    let one = |m: &meterflow_kafka::OwnedMessage| {
+        meterflow_avro::decode_samples_msg(m.payload().unwrap_or_default())
+    };
+    if messages.len() < PARALLEL_DECODE_FROM {
+        return messages.iter().map(one).collect();
+    }
+    let (first, second) = messages.split_at(messages.len() / 2);
+    std::thread::scope(|sc| {
+        let later = sc.spawn(|| second.iter().map(one).collect::<Vec<_>>());
+        let mut out: Vec<_> = first.iter().map(one).collect();
+        // the decoders never panic on input (fuzzed); were one to, as before this ran on a
+        // thread: the main loop's panic
+        out.extend(
+            later
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+        );
+        out
+    })
+}
+
+/// Batches smaller than this are decoded on the main loop alone (a thread's start costs
+/// more than a few hundred decodes).
+const PARALLEL_DECODE_FROM: usize = 512;
 
 /// How far a samples partition is complete: every node's marker, held back by the
 /// oldest parked sample's snapshot.
