@@ -1636,17 +1636,11 @@ fn usage_refused_at_delivery_is_billed_after_the_restart_not_lost() {
     let mut p = Pipeline::start_stages(run.clone(), 36_000, "day", &["rater", "settler"]);
     p.launch_with("enricher", "[faults]\nrefuse_usage = 300\n");
     p.start_collector();
-    let end = std::time::Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = p.enricher.exited() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < end,
+    let Some(status) = p.enricher.wait(Duration::from_secs(120)) else {
+        panic!(
             "the enricher did not stop on the refused record{}",
             p.logs()
         );
-        std::thread::sleep(Duration::from_millis(100));
     };
     let log = p.enricher.log();
     assert!(
