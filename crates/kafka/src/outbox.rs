@@ -9,6 +9,8 @@ use std::time::Duration;
 pub struct Outbox {
     pub producer: FutureProducer,
     pending: Vec<DeliveryFuture>,
+    /// Fault injection (tests): the next flush reports this delivery failure.
+    refused: Option<String>,
 }
 
 impl Outbox {
@@ -16,6 +18,7 @@ impl Outbox {
         Outbox {
             producer,
             pending: Vec::new(),
+            refused: None,
         }
     }
 
@@ -96,7 +99,16 @@ impl Outbox {
                 Err(_) => bail!("delivery canceled (producer gone)"),
             }
         }
+        if let Some(why) = self.refused.take() {
+            bail!("delivery failed: {why}");
+        }
         Ok(())
+    }
+
+    /// Fault injection (tests): the next flush fails with `why` after every record
+    /// queued so far was delivered, as when the broker refused one record of many.
+    pub fn refuse_next_flush(&mut self, why: String) {
+        self.refused = Some(why);
     }
 
     pub fn pending(&self) -> usize {

@@ -152,8 +152,6 @@ pub struct StageIo {
     out: Outbox,
     delivery: Delivery,
     in_txn: bool,
-    /// Fault injection (tests): the next flush reports this delivery failure.
-    refused: Option<String>,
     stage: String,
     dlq_topic: String,
     audit_topic: String,
@@ -237,7 +235,6 @@ impl StageIo {
             out: Outbox::new(producer),
             delivery: cfg.delivery,
             in_txn: false,
-            refused: None,
             stage: stage.to_string(),
             dlq_topic: cfg.topics.dlq.clone(),
             audit_topic: cfg.topics.audit.clone(),
@@ -417,9 +414,6 @@ impl StageIo {
         match self.delivery {
             Delivery::AtLeastOnce => {
                 self.out.flush().await?;
-                if let Some(why) = self.refused.take() {
-                    anyhow::bail!("delivery failed: {why}");
-                }
                 if tpl.count() > 0 {
                     self.consumer
                         .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
@@ -439,9 +433,6 @@ impl StageIo {
                 }
                 self.out.producer.flush(TXN_TIMEOUT).context("flush")?;
                 self.out.flush().await?;
-                if let Some(why) = self.refused.take() {
-                    anyhow::bail!("delivery failed: {why}");
-                }
                 if tpl.count() > 0 {
                     let gm = self.consumer.group_metadata().context("group metadata")?;
                     self.out
@@ -462,7 +453,7 @@ impl StageIo {
     /// Fault injection (tests): the next commit's flush fails with `why` after every
     /// record sent so far was delivered, as when the broker refused one record of many.
     pub fn refuse_next_flush(&mut self, why: String) {
-        self.refused = Some(why);
+        self.out.refuse_next_flush(why);
     }
 
     /// Read `partition` of `topic` again from `offset`, as after an assignment: the fetch
