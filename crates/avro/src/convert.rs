@@ -436,33 +436,39 @@ impl Record for Ownership {
     }
 }
 
+/// A usage record's datum, from its view: the one writer of `Usage` bytes, whether the
+/// record is owned (`Usage::write_datum`) or borrowed (`crate::encode_usage_into`).
+pub(crate) fn write_usage(u: &meterflow_types::UsageView<'_>, w: &mut Writer<'_>) {
+    w.str(&u.id);
+    w.str(u.sample_id);
+    w.str(u.instance_id);
+    w.str(u.entity_id);
+    w.str(u.user_id);
+    w.opt_str(u.project);
+    w.str(u.node_id);
+    w.str(u.site);
+    w.str(u.kind);
+    w.opt_str(u.flavor);
+    w.long(u.interval_start);
+    w.long(u.interval_end);
+    w.dec(u.vcpu_seconds);
+    w.dec(u.cpu_seconds);
+    w.dec(u.memory_byte_seconds);
+    w.opt_dec(u.memory_used_byte_seconds);
+    w.dec(u.net_rx_bytes);
+    w.dec(u.net_tx_bytes);
+    w.dec(u.disk_read_bytes);
+    w.dec(u.disk_write_bytes);
+    w.labels(u.labels);
+}
+
 impl Record for Usage {
     const NAME: &'static str = "Usage";
     fn compiled() -> &'static Compiled {
         crate::usage_c()
     }
     fn write_datum(&self, w: &mut Writer<'_>) -> bool {
-        w.str(&self.id);
-        w.str(&self.sample_id);
-        w.str(&self.instance_id);
-        w.str(&self.entity_id);
-        w.str(&self.user_id);
-        w.opt_str(self.project.as_deref());
-        w.str(&self.node_id);
-        w.str(&self.site);
-        w.str(&self.kind);
-        w.opt_str(self.flavor.as_deref());
-        w.long(self.interval_start);
-        w.long(self.interval_end);
-        w.dec(self.vcpu_seconds);
-        w.dec(self.cpu_seconds);
-        w.dec(self.memory_byte_seconds);
-        w.opt_dec(self.memory_used_byte_seconds);
-        w.dec(self.net_rx_bytes);
-        w.dec(self.net_tx_bytes);
-        w.dec(self.disk_read_bytes);
-        w.dec(self.disk_write_bytes);
-        w.labels(&self.labels);
+        write_usage(&self.view(), w);
         true
     }
     fn read_datum(r: &mut Reader<'_>) -> Option<Result<Self, DecodeError>> {

@@ -174,6 +174,13 @@ pub fn encode_into<R: Record>(r: &R, out: &mut Vec<u8>) {
     out.extend_from_slice(&generic::encode(r));
 }
 
+/// A usage record encoded from its view (single-object encoding, appended to `out`): the
+/// same bytes as `encode_into` of the `Usage` it stands for.
+pub fn encode_usage_into(u: &meterflow_types::UsageView<'_>, out: &mut Vec<u8>) {
+    out.extend_from_slice(&<meterflow_types::Usage as Record>::compiled().header);
+    convert::write_usage(u, &mut fast::Writer { out });
+}
+
 /// apache-avro's `Value` path for every record type: the codec of the types without a
 /// direct one, and the reference the direct codec is tested against.
 #[doc(hidden)]

@@ -9,7 +9,7 @@
 //! duplication at the stage that replayed (downstream deduplication by id keeps the
 //! bills exact); a record lost between two stages shows as a loss in its bucket.
 
-use meterflow_types::{AuditCount, Dec, Millis, RatedEvent, Sample, Usage};
+use meterflow_types::{AuditCount, Dec, Millis, RatedEvent, Sample, Usage, UsageView};
 use std::collections::BTreeMap;
 
 /// Event-time bucket width.
@@ -93,6 +93,11 @@ pub fn of_sample(s: &Sample) -> (Millis, Dec) {
 
 /// A usage record's bucket time (its start) and quantity (vCPU-seconds).
 pub fn of_usage(u: &Usage) -> (Millis, Dec) {
+    of_usage_view(&u.view())
+}
+
+/// `of_usage` of a usage record not yet built (the enricher encodes views).
+pub fn of_usage_view(u: &UsageView<'_>) -> (Millis, Dec) {
     (u.interval_start, u.vcpu_seconds)
 }
 

@@ -122,3 +122,45 @@ where
 pub trait HasHttp {
     fn http(&self) -> &HttpConfig;
 }
+
+/// `f` of every item, in order; from `parallel_from` items on, the second half runs on a
+/// scoped thread of its own (for work that depends on no other item: a stage prepares
+/// its batch this way while what depends on the order stays on its main loop). A panic
+/// in `f` is the caller's panic, as it would be on one thread.
+pub fn map_in_halves<T: Sync, R: Send>(
+    items: &[T],
+    parallel_from: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    if items.len() < parallel_from.max(2) {
+        return items.iter().map(&f).collect();
+    }
+    let (first, second) = items.split_at(items.len() / 2);
+    std::thread::scope(|sc| {
+        let later = sc.spawn(|| second.iter().map(&f).collect::<Vec<_>>());
+        let mut out: Vec<R> = first.iter().map(&f).collect();
+        out.extend(
+            later
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+        );
+        out
+    })
+}
+
+#[cfg(test)]
+mod halves_tests {
+    #[test]
+    fn map_in_halves_keeps_the_order_on_one_thread_or_two() {
+        let items: Vec<u32> = (0..1000).collect();
+        let want: Vec<u64> = items.iter().map(|i| u64::from(*i) * 3).collect();
+        for from in [0, 1, 512, 1000, 1001] {
+            assert_eq!(
+                super::map_in_halves(&items, from, |i| u64::from(*i) * 3),
+                want
+            );
+        }
+        assert!(super::map_in_halves(&[] as &[u32], 0, |i| *i).is_empty());
+        assert_eq!(super::map_in_halves(&[7u32], 0, |i| *i), vec![7]);
+    }
+}

@@ -160,7 +160,94 @@ impl Usage {
             &[sample_id, entity_id, &interval_start.to_string()],
         )
     }
+
+    /// The record as a view (what the encoder writes).
+    pub fn view(&self) -> UsageView<'_> {
+        UsageView {
+            id: std::borrow::Cow::Borrowed(&self.id),
+            sample_id: &self.sample_id,
+            instance_id: &self.instance_id,
+            entity_id: &self.entity_id,
+            user_id: &self.user_id,
+            project: self.project.as_deref(),
+            node_id: &self.node_id,
+            site: &self.site,
+            kind: &self.kind,
+            flavor: self.flavor.as_deref(),
+            interval_start: self.interval_start,
+            interval_end: self.interval_end,
+            vcpu_seconds: self.vcpu_seconds,
+            cpu_seconds: self.cpu_seconds,
+            memory_byte_seconds: self.memory_byte_seconds,
+            memory_used_byte_seconds: self.memory_used_byte_seconds,
+            net_rx_bytes: self.net_rx_bytes,
+            net_tx_bytes: self.net_tx_bytes,
+            disk_read_bytes: self.disk_read_bytes,
+            disk_write_bytes: self.disk_write_bytes,
+            labels: &self.labels,
+        }
+    }
 }
+
+/// A usage record whose text fields borrow from the sample, owner and instance state it
+/// was joined from: the enricher encodes it straight to the wire, with no `Usage` (about
+/// twenty allocations and frees per record) in between. Field for field a `Usage`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageView<'a> {
+    /// Made by the join (`Usage::make_id`), or borrowed from a `Usage`.
+    pub id: std::borrow::Cow<'a, str>,
+    pub sample_id: &'a str,
+    pub instance_id: &'a str,
+    pub entity_id: &'a str,
+    pub user_id: &'a str,
+    pub project: Option<&'a str>,
+    pub node_id: &'a str,
+    pub site: &'a str,
+    pub kind: &'a str,
+    pub flavor: Option<&'a str>,
+    pub interval_start: Millis,
+    pub interval_end: Millis,
+    pub vcpu_seconds: Dec,
+    pub cpu_seconds: Dec,
+    pub memory_byte_seconds: Dec,
+    pub memory_used_byte_seconds: Option<Dec>,
+    pub net_rx_bytes: Dec,
+    pub net_tx_bytes: Dec,
+    pub disk_read_bytes: Dec,
+    pub disk_write_bytes: Dec,
+    pub labels: &'a Labels,
+}
+
+impl UsageView<'_> {
+    pub fn to_usage(&self) -> Usage {
+        Usage {
+            id: self.id.to_string(),
+            sample_id: self.sample_id.into(),
+            instance_id: self.instance_id.into(),
+            entity_id: self.entity_id.into(),
+            user_id: self.user_id.into(),
+            project: self.project.map(Into::into),
+            node_id: self.node_id.into(),
+            site: self.site.into(),
+            kind: self.kind.into(),
+            flavor: self.flavor.map(Into::into),
+            interval_start: self.interval_start,
+            interval_end: self.interval_end,
+            vcpu_seconds: self.vcpu_seconds,
+            cpu_seconds: self.cpu_seconds,
+            memory_byte_seconds: self.memory_byte_seconds,
+            memory_used_byte_seconds: self.memory_used_byte_seconds,
+            net_rx_bytes: self.net_rx_bytes,
+            net_tx_bytes: self.net_tx_bytes,
+            disk_read_bytes: self.disk_read_bytes,
+            disk_write_bytes: self.disk_write_bytes,
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+/// No labels (an instance whose registration is not used).
+pub static NO_LABELS: Labels = Labels::new();
 
 /// `meterflow.rated`, key = entity_id: one revenue event, the public rated-usage contract.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,9 @@
 //! The pure part of the enricher: who owned an instance when, and a sample's usage
 //! integrated over its interval and split between owners at ownership changes.
 
-use meterflow_types::{Dec, FastMap, InstanceState, Millis, Ownership, Sample, SeenSample, Usage};
+use meterflow_types::{
+    Dec, FastMap, InstanceState, Millis, Ownership, Sample, SeenSample, Usage, UsageView, NO_LABELS,
+};
 
 /// Ownership history per instance, ordered by `valid_from`.
 ///
@@ -279,6 +281,19 @@ pub fn usage_for(
     segments: &[(Millis, Millis, &Ownership)],
     state: Option<&InstanceState>,
 ) -> Vec<Usage> {
+    usage_views(s, segments, state)
+        .iter()
+        .map(UsageView::to_usage)
+        .collect()
+}
+
+/// `usage_for` as views borrowing from the sample, its owners and its instance state
+/// (what the enricher encodes, with no `Usage` in between).
+pub fn usage_views<'a>(
+    s: &'a Sample,
+    segments: &[(Millis, Millis, &'a Ownership)],
+    state: Option<&'a InstanceState>,
+) -> Vec<UsageView<'a>> {
     let q = quantities(s);
     if let [(a, b, o)] = segments {
         // one owner for the whole interval (nearly always): nothing to split
@@ -298,24 +313,24 @@ pub fn usage_for(
 
 /// The usage of segment `[a, b)` of `s`, owned by `o`; `part(k)` is its share of the
 /// sample's `k`th quantity (see `quantities`).
-fn usage_part(
-    s: &Sample,
-    (a, b, o): (Millis, Millis, &Ownership),
-    state: Option<&InstanceState>,
+fn usage_part<'a>(
+    s: &'a Sample,
+    (a, b, o): (Millis, Millis, &'a Ownership),
+    state: Option<&'a InstanceState>,
     part: impl Fn(usize) -> Option<Dec>,
-) -> Usage {
+) -> UsageView<'a> {
     let or_zero = |k: usize| part(k).unwrap_or(Dec::ZERO);
-    Usage {
-        id: Usage::make_id(&s.id, &o.entity_id, a),
-        sample_id: s.id.clone(),
-        instance_id: s.instance_id.clone(),
-        entity_id: o.entity_id.clone(),
-        user_id: o.user_id.clone(),
-        project: o.project.clone(),
-        node_id: s.node_id.clone(),
-        site: s.site.clone(),
-        kind: s.kind.clone(),
-        flavor: state.and_then(|st| st.flavor.clone()),
+    UsageView {
+        id: Usage::make_id(&s.id, &o.entity_id, a).into(),
+        sample_id: &s.id,
+        instance_id: &s.instance_id,
+        entity_id: &o.entity_id,
+        user_id: &o.user_id,
+        project: o.project.as_deref(),
+        node_id: &s.node_id,
+        site: &s.site,
+        kind: &s.kind,
+        flavor: state.and_then(|st| st.flavor.as_deref()),
         interval_start: a,
         interval_end: b,
         vcpu_seconds: or_zero(0),
@@ -326,7 +341,7 @@ fn usage_part(
         net_tx_bytes: or_zero(5),
         disk_read_bytes: or_zero(6),
         disk_write_bytes: or_zero(7),
-        labels: state.map(|st| st.labels.clone()).unwrap_or_default(),
+        labels: state.map_or(&NO_LABELS, |st| &st.labels),
     }
 }
 
@@ -404,6 +419,60 @@ mod tests {
             "3.000000001".parse().expect("dec")
         );
         assert_ne!(u[0].id, u[1].id);
+    }
+
+    #[test]
+    fn usage_carries_the_sample_owner_and_registration_and_encodes_as_its_record() {
+        let mut o = own("acme", 0);
+        o.project = Some("web".into());
+        let s = sample(10_000, 20_000);
+        let state = InstanceState {
+            instance_id: "i".into(),
+            node_id: "n".into(),
+            site: "x".into(),
+            kind: "vm".into(),
+            name: "i".into(),
+            state: "running".into(),
+            hypervisor: "kvm".into(),
+            flavor: Some("m1.large".into()),
+            vcpu_millis: 2000,
+            memory_alloc_bytes: 1 << 30,
+            first_seen: 0,
+            last_seen: 0,
+            labels: [("team".to_string(), "blue".to_string())].into(),
+        };
+        let segs = [(10_000, 20_000, &o)];
+        let views = usage_views(&s, &segs, Some(&state));
+        let u = usage_for(&s, &segs, Some(&state));
+        assert_eq!(u.len(), 1);
+        let u = &u[0];
+        assert_eq!(u.id, Usage::make_id(&s.id, "acme", 10_000));
+        assert_eq!(
+            (
+                u.sample_id.as_str(),
+                u.instance_id.as_str(),
+                u.entity_id.as_str()
+            ),
+            ("s", "i", "acme")
+        );
+        assert_eq!(
+            (u.user_id.as_str(), u.project.as_deref()),
+            ("u", Some("web"))
+        );
+        assert_eq!(
+            (u.node_id.as_str(), u.site.as_str(), u.kind.as_str()),
+            ("n", "x", "vm")
+        );
+        assert_eq!(u.flavor.as_deref(), Some("m1.large"));
+        assert_eq!(u.labels, state.labels);
+        assert_eq!((u.interval_start, u.interval_end), (10_000, 20_000));
+        // the bytes the enricher sends (from the view) are the record's own encoding
+        let mut from_view = Vec::new();
+        meterflow_avro::encode_usage_into(&views[0], &mut from_view);
+        assert_eq!(from_view, meterflow_avro::encode(u));
+        // without the registration: no flavor, no labels
+        let bare = usage_for(&s, &segs, None);
+        assert_eq!((bare[0].flavor.as_deref(), bare[0].labels.len()), (None, 0));
     }
 
     #[test]

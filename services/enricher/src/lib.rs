@@ -24,7 +24,9 @@ use meterflow_kafka::{
 use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
 use meterflow_types::headers;
 use meterflow_types::watermark::NodeProgress;
-use meterflow_types::{FastMap, InstanceState, Millis, Ownership, Sample, Watermark};
+use meterflow_types::{
+    FastMap, InstanceState, Millis, NodeHeartbeat, Ownership, Sample, UsageView, Watermark,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -511,35 +513,36 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             io.dead_letter_at(at, code, &why).await?;
             c.dlq.inc();
         }
-        let now = meterflow_kafka::now_ms();
-        let decoded = decode_batch(&batch.messages);
-        for (msg, decoded) in batch.messages.iter().zip(decoded) {
+        let limits = Limits {
+            now: meterflow_kafka::now_ms(),
+            max_future: cfg.max_future.as_millis() as i64,
+            max_age: cfg.max_age.as_millis() as i64,
+        };
+        let prepared = prepare_batch(&batch.messages, &tables, &limits);
+        for (msg, prepared) in batch.messages.iter().zip(prepared) {
             let p = msg.partition();
             let st = parts.entry(p).or_default();
             st.position = Some(msg.offset() + 1);
-            match decoded {
-                Err(e) => {
+            match prepared {
+                Prepared::Undecodable(e) => {
                     io.dead_letter(msg, e.reason_code(), &e.to_string()).await?;
                     c.dlq.inc();
                 }
-                Ok(SamplesMsg::Heartbeat(h)) => st.progress.observe(&h.node_id, h.time, h.retired),
-                Ok(SamplesMsg::Sample(s)) => {
+                Prepared::Heartbeat(h) => st.progress.observe(&h.node_id, h.time, h.retired),
+                Prepared::Sample(s, verdict) => {
                     let trace = probes.begin("enricher.join", msg);
                     c.samples.inc();
                     io.audit(&topics.samples, "in", meterflow_kafka::audit::of_sample(&s));
-                    if let Err((code, why)) = join::validate(
-                        &s,
-                        now,
-                        cfg.max_future.as_millis() as i64,
-                        cfg.max_age.as_millis() as i64,
-                    ) {
-                        io.dead_letter(msg, code, &why).await?;
-                        c.dlq.inc();
-                        continue;
-                    }
-                    if join::carries_nothing(&s) {
-                        continue; // a baseline, or a final sample with nothing measured
-                    }
+                    let joined = match verdict {
+                        Verdict::Invalid(code, why) => {
+                            io.dead_letter(msg, code, &why).await?;
+                            c.dlq.inc();
+                            continue;
+                        }
+                        // a baseline, or a final sample with nothing measured
+                        Verdict::Nothing => continue,
+                        Verdict::Joined(j) => j,
+                    };
                     if st.seen.is_duplicate(&s) || st.parked.iter().any(|q| q.sample.id == s.id) {
                         c.duplicates.inc();
                         io.audit(
@@ -564,7 +567,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                     let waits = if let Some(q) = earlier_parked {
                         Err(q)
                     } else {
-                        emit(&mut io, &topics.usage, &tables, &s, None, &c, fwd.as_ref()).await?
+                        send_usage(&mut io, &topics.usage, joined, &c, fwd.as_ref()).await?
                     };
                     let emitted = waits.is_ok();
                     if emitted {
@@ -617,16 +620,13 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                     // after it was parked has been applied
                     let deadline_passed = tables.fresh_from.is_some_and(|f| f > pk.parked_at)
                         && complete.is_some_and(|t| t - pk.sample.interval_end > deadline);
-                    let billed = emit(
-                        &mut io,
-                        &topics.usage,
+                    let joined = join_sample(
                         &tables,
                         &pk.sample,
                         deadline_passed.then_some(cfg.unallocated_entity.as_str()),
-                        &c,
-                        fwd.as_ref(),
-                    )
-                    .await?;
+                    );
+                    let billed =
+                        send_usage(&mut io, &topics.usage, joined, &c, fwd.as_ref()).await?;
                     if let Ok(billed) = billed {
                         let to = match billed {
                             Billed::Joined => "owner",
@@ -734,36 +734,64 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
     Ok(())
 }
 
-/// Every message of a batch decoded, in order; a large batch's second half on a thread
-/// of its own (decoding is pure and was a fifth of the main loop's time; everything after
-/// it depends on the order).
-fn decode_batch(
-    messages: &[meterflow_kafka::OwnedMessage],
-) -> Vec<Result<SamplesMsg, meterflow_avro::DecodeError>> {
-    let one = |m: &meterflow_kafka::OwnedMessage| {
-        meterflow_avro::decode_samples_msg(m.payload().unwrap_or_default())
-    };
-    if messages.len() < PARALLEL_DECODE_FROM {
-        return messages.iter().map(one).collect();
-    }
-    let (first, second) = messages.split_at(messages.len() / 2);
-    std::thread::scope(|sc| {
-        let later = sc.spawn(|| second.iter().map(one).collect::<Vec<_>>());
-        let mut out: Vec<_> = first.iter().map(one).collect();
-        // the decoders never panic on input (fuzzed); were one to, as before this ran on a
-        // thread: the main loop's panic
-        out.extend(
-            later
-                .join()
-                .unwrap_or_else(|e| std::panic::resume_unwind(e)),
-        );
-        out
-    })
+/// What the main loop judges a sample by: the wall clock and the configured bounds.
+struct Limits {
+    now: Millis,
+    max_future: Millis,
+    max_age: Millis,
 }
 
-/// Batches smaller than this are decoded on the main loop alone (a thread's start costs
-/// more than a few hundred decodes).
-const PARALLEL_DECODE_FROM: usize = 512;
+/// A samples message as the batch's threads leave it for the main loop.
+enum Prepared {
+    Undecodable(meterflow_avro::DecodeError),
+    Heartbeat(NodeHeartbeat),
+    Sample(Sample, Verdict),
+}
+
+/// What a sample comes to, judged alone: everything that does not depend on the samples
+/// before it (duplicates and parked samples are the main loop's, in order).
+enum Verdict {
+    /// Not billable: dead-lettered with this reason code and reason.
+    Invalid(&'static str, String),
+    /// Nothing measured: a baseline, or a final sample with nothing in it.
+    Nothing,
+    /// Joined against the tables as they are for the whole batch (the main loop changes
+    /// them only between batches).
+    Joined(Joined),
+}
+
+fn prepare(m: &meterflow_kafka::OwnedMessage, tables: &Tables, l: &Limits) -> Prepared {
+    let s = match meterflow_avro::decode_samples_msg(m.payload().unwrap_or_default()) {
+        Err(e) => return Prepared::Undecodable(e),
+        Ok(SamplesMsg::Heartbeat(h)) => return Prepared::Heartbeat(h),
+        Ok(SamplesMsg::Sample(s)) => s,
+    };
+    let verdict = if let Err((code, why)) = join::validate(&s, l.now, l.max_future, l.max_age) {
+        Verdict::Invalid(code, why)
+    } else if join::carries_nothing(&s) {
+        Verdict::Nothing
+    } else {
+        Verdict::Joined(join_sample(tables, &s, None))
+    };
+    Prepared::Sample(s, verdict)
+}
+
+/// Every message of a batch decoded, validated and joined, in order; a large batch's
+/// second half on a thread of its own. All of it is pure and was most of the main loop's
+/// time; what follows depends on the order (duplicates, parked samples, sends).
+fn prepare_batch(
+    messages: &[meterflow_kafka::OwnedMessage],
+    tables: &Tables,
+    limits: &Limits,
+) -> Vec<Prepared> {
+    // nothing here panics on input (the decoders are fuzzed, the join is checked by the
+    // hostile corpus); were it to, as on the main loop: the main loop's panic
+    meterflow_runtime::map_in_halves(messages, PARALLEL_FROM, |m| prepare(m, tables, limits))
+}
+
+/// Batches smaller than this are prepared on the main loop alone (a thread's start costs
+/// more than a few hundred samples).
+const PARALLEL_FROM: usize = 512;
 
 /// How far a samples partition is complete: every node's marker, held back by the
 /// oldest parked sample's snapshot.
@@ -854,19 +882,35 @@ enum Billed {
     Unallocated,
 }
 
-/// Emit the usage of one sample: `Err(what)` if the join still misses its owner or its
-/// instance's registration. With `deadline_passed`, emit what is known instead: to its
-/// owner without labels and flavor, or, with no owner, to `unallocated`.
-async fn emit(
-    io: &mut StageIo,
-    topic: &str,
-    tables: &Tables,
-    s: &Sample,
-    deadline_passed: Option<&str>,
-    c: &Counters,
-    fwd: Option<&Forward>,
-) -> Result<std::result::Result<Billed, Missing>> {
-    let headers = fwd.map(meterflow_kafka::probe::as_refs).unwrap_or_default();
+/// A usage record ready to send: its key (the entity id) and its Avro bytes in one
+/// buffer, and what the audit counts of it.
+struct Encoded {
+    buf: Vec<u8>,
+    key_len: usize,
+    at: (Millis, meterflow_types::Dec),
+}
+
+impl Encoded {
+    fn of(u: &UsageView<'_>) -> Encoded {
+        let mut buf = Vec::with_capacity(u.entity_id.len() + 320);
+        buf.extend_from_slice(u.entity_id.as_bytes());
+        meterflow_avro::encode_usage_into(u, &mut buf);
+        Encoded {
+            buf,
+            key_len: u.entity_id.len(),
+            at: meterflow_kafka::audit::of_usage_view(u),
+        }
+    }
+}
+
+/// A sample's join: where its usage goes and that usage encoded, or what it misses.
+type Joined = std::result::Result<(Billed, Vec<Encoded>), Missing>;
+
+/// Join one sample (pure: the batch's threads run it against the tables as they are at
+/// the batch's start): `Err(what)` if the join still misses its owner or its instance's
+/// registration. With `deadline_passed`, what is known instead: its owner without labels
+/// and flavor, or, with no owner, the unallocated entity `deadline_passed` names.
+fn join_sample(tables: &Tables, s: &Sample, deadline_passed: Option<&str>) -> Joined {
     let fallback;
     let state = tables.instances.get(&s.instance_id);
     let owned = tables
@@ -889,25 +933,44 @@ async fn emit(
                 Billed::Unallocated,
             )
         }
-        (Some(_), None) => return Ok(Err(Missing::Instance)),
-        (None, None) => return Ok(Err(Missing::Owner)),
+        (Some(_), None) => return Err(Missing::Instance),
+        (None, None) => return Err(Missing::Owner),
     };
-    for u in join::usage_for(s, &segments, state) {
-        io.audit(topic, "out", meterflow_kafka::audit::of_usage(&u));
+    let usage = join::usage_views(s, &segments, state);
+    Ok((billed, usage.iter().map(Encoded::of).collect()))
+}
+
+/// Send a joined sample's usage (in order, after its probe headers); returns where it went.
+async fn send_usage(
+    io: &mut StageIo,
+    topic: &str,
+    joined: Joined,
+    c: &Counters,
+    fwd: Option<&Forward>,
+) -> Result<std::result::Result<Billed, Missing>> {
+    let (billed, usage) = match joined {
+        Ok(j) => j,
+        Err(m) => return Ok(Err(m)),
+    };
+    let headers = fwd.map(meterflow_kafka::probe::as_refs).unwrap_or_default();
+    for u in usage {
+        io.audit(topic, "out", u.at);
+        let (key, payload) = u.buf.split_at(u.key_len);
         if c.drop_usage == Some(c.usage.get() + 1) {
             // fault injection (tests): counted as sent, never sent
-            tracing::warn!(usage = %u.id, "fault injection: usage record dropped");
+            tracing::warn!(usage = c.usage.get() + 1, entity = %String::from_utf8_lossy(key), "fault injection: usage record dropped");
             c.usage.inc();
             continue;
         }
         if c.refuse_usage == Some(c.usage.get() + 1) {
             // fault injection (tests): refused by the "broker" at the next flush
-            tracing::warn!(usage = %u.id, "fault injection: usage record refused");
-            io.refuse_next_flush(format!("usage record {} refused (fault injection)", u.id));
+            let n = c.usage.get() + 1;
+            tracing::warn!(usage = n, "fault injection: usage record refused");
+            io.refuse_next_flush(format!("usage record #{n} refused (fault injection)"));
             c.usage.inc();
             continue;
         }
-        io.send_record(topic, u.entity_id.as_bytes(), &u, None, &headers)
+        io.send_with(topic, key, Some(payload), None, &headers)
             .await?;
         c.usage.inc();
     }
