@@ -26,7 +26,9 @@ use meterflow_kafka::{ensure_topics, partition_count, KafkaConfig, Message, Stag
 use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
 use meterflow_types::watermark::SourceTimes;
 use meterflow_types::window::Tumbling;
-use meterflow_types::{Dec, Millis, RatedEvent, RaterCheckpoint, Usage, Watermark};
+use meterflow_types::{
+    Dec, FastMap, FastSet, Millis, RatedEvent, RaterCheckpoint, Usage, Watermark,
+};
 use rules::Engine;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -144,11 +146,11 @@ struct Win {
     /// piece (the window's resume point stays the lowest offset it holds).
     rows: Vec<(i64, std::sync::Arc<Usage>)>,
     /// Merged rows by their merge key (index into `rows`).
-    slots: HashMap<Vec<u8>, usize>,
+    slots: FastMap<Vec<u8>, usize>,
     /// Usage pieces taken into the window (each event's `usage_records`).
     records: i64,
     /// Usage ids in the window as 128-bit keys (`id_key`), as closed windows keep them.
-    ids: HashSet<u128>,
+    ids: FastSet<u128>,
     /// The probe trail of the last usage record that carried one (`rater.rate`): its
     /// revenue events forward it.
     trace: Option<std::sync::Arc<Trace>>,
@@ -160,7 +162,7 @@ struct PartState {
     windows: Vec<BTreeMap<Millis, Win>>,
     /// Usage ids of recently closed windows per rule (window start → ids), so a duplicate
     /// arriving after its window closed is dropped instead of becoming an adjustment.
-    closed_ids: Vec<BTreeMap<Millis, HashSet<u128>>>,
+    closed_ids: Vec<BTreeMap<Millis, FastSet<u128>>>,
     position: Option<i64>,
     /// From the checkpoint: records before this offset were already handled.
     replay_until: i64,
@@ -195,10 +197,17 @@ impl PartState {
 }
 
 /// Take a piece into a window whose rule merges rows: added to the row with its merge
-/// key, or a row of its own.
-fn merge_into(win: &mut Win, m: &rules::Merge, off: i64, piece: &std::sync::Arc<Usage>) {
-    let key = m.key(piece);
-    if let Some(&i) = win.slots.get(&key) {
+/// key, or a row of its own. `key` is a scratch buffer (reused: only a new row's key
+/// is allocated).
+fn merge_into(
+    win: &mut Win,
+    m: &rules::Merge,
+    off: i64,
+    piece: &std::sync::Arc<Usage>,
+    key: &mut Vec<u8>,
+) {
+    m.key_into(piece, key);
+    if let Some(&i) = win.slots.get(key.as_slice()) {
         let (first, row) = &mut win.rows[i];
         // copied from the shared piece on the first merge, then owned by this window
         if rules::add_quantities(std::sync::Arc::make_mut(row), piece) {
@@ -206,7 +215,7 @@ fn merge_into(win: &mut Win, m: &rules::Merge, off: i64, piece: &std::sync::Arc<
             return;
         }
     }
-    win.slots.insert(key, win.rows.len());
+    win.slots.insert(key.clone(), win.rows.len());
     win.rows.push((off, piece.clone()));
 }
 
@@ -516,7 +525,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     let Some(r) = (0..nrules).find(|r| rule_tag(engine, *r) == c.rule) else {
                         continue;
                     };
-                    let ids: HashSet<u128> = c
+                    let ids: FastSet<u128> = c
                         .ids
                         .chunks_exact(16)
                         .filter_map(|k| k.try_into().ok().map(u128::from_be_bytes))
@@ -545,7 +554,11 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         }
         // revenue events, each with the probe trail it forwards
         let mut out: Vec<(RatedEvent, Option<Forward>)> = Vec::new();
-        for msg in &batch.messages {
+        let distinct = Distinct::of(panes);
+        let prepared = prepare_batch(&batch.messages, &distinct, keep_labels);
+        // a merge key per piece and rule, built here (only a new row keeps one)
+        let mut merge_key = Vec::with_capacity(64);
+        for (msg, prepared) in batch.messages.iter().zip(prepared) {
             let p = msg.partition();
             let Some(st) = parts.get_mut(&p) else {
                 continue;
@@ -553,14 +566,14 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             let off = msg.offset();
             st.position = Some(st.position.map_or(off + 1, |x| x.max(off + 1)));
             let replaying = off < st.replay_until;
-            match meterflow_avro::decode_usage_msg(msg.payload().unwrap_or_default()) {
-                Err(e) => {
+            match prepared {
+                Prepared::Undecodable(e) => {
                     if !replaying {
                         io.dead_letter(msg, e.reason_code(), &e.to_string()).await?;
                         dlq_total.inc();
                     }
                 }
-                Ok(UsageMsg::Watermark(w)) => {
+                Prepared::Watermark(w) => {
                     if !replaying {
                         st.sources.observe(
                             w.source_partition as usize,
@@ -569,45 +582,33 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         );
                     }
                 }
-                Ok(UsageMsg::Usage(mut u)) => {
+                Prepared::Usage { at, id, split } => {
                     let trace = match probes.begin("rater.rate", msg) {
                         Trace::None => None,
                         t => Some(std::sync::Arc::new(t)),
                     };
                     if !replaying {
-                        io.audit(&topics.usage, "in", meterflow_kafka::audit::of_usage(&u));
-                    }
-                    if !keep_labels {
-                        u.labels.clear(); // no rule reads them: do not hold them in windows
+                        io.audit(&topics.usage, "in", at);
                     }
                     let wm = st.sources.min();
-                    let mut split: Vec<(Tumbling, Pieces)> = Vec::new();
                     for r in 0..nrules {
                         if quarantined.contains(&r) {
                             continue;
                         }
-                        if !split.iter().any(|(w, _)| *w == panes[r]) {
-                            let pieces = split_usage(&u, panes[r])
-                                .into_iter()
-                                .map(|(ws, piece)| (ws, std::sync::Arc::new(piece)))
-                                .collect();
-                            split.push((panes[r], pieces));
-                        }
-                        let pieces = split
-                            .iter()
-                            .find(|(w, _)| *w == panes[r])
-                            .map(|(_, p)| p.clone())
-                            .unwrap_or_default();
+                        let pieces = &split[distinct.of_rule[r]];
                         let header = &engine.rules[r].source.header;
                         let hops = header.hops();
                         for (ps, piece) in pieces {
                             // a pane piece counts once in each window it lies in; its key
                             // in a window is the usage id (and the pane, when hopping)
-                            let key = if hops == 1 {
-                                u.id.clone()
-                            } else {
-                                format!("{}@{ps}", u.id)
+                            let key = || {
+                                if hops == 1 {
+                                    piece.id.clone()
+                                } else {
+                                    format!("{}@{ps}", piece.id)
+                                }
                             };
+                            let k = if hops == 1 { id } else { id_key(&key()) };
                             for j in 0..hops {
                                 let ws = ps - j * panes[r].size;
                                 if !header.applies(ws) {
@@ -618,7 +619,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                         continue; // handled before the checkpoint
                                     }
                                     let seen = st.closed_ids[r].entry(ws).or_default();
-                                    if !seen.insert(id_key(&key)) {
+                                    if !seen.insert(k) {
                                         dup_total.inc(); // counted in the window already
                                         continue;
                                     }
@@ -632,7 +633,14 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                         Vec::new()
                                     };
                                     match engine
-                                        .evaluate_with(r, ws, &[&piece], p, Some(&key), &to_date)
+                                        .evaluate_with(
+                                            r,
+                                            ws,
+                                            &[piece.as_ref()],
+                                            p,
+                                            Some(&key()),
+                                            &to_date,
+                                        )
                                         .await
                                     {
                                         Ok(ev) => {
@@ -658,10 +666,10 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                     continue;
                                 }
                                 let win = st.windows[r].entry(ws).or_default();
-                                if win.ids.insert(id_key(&key)) {
+                                if win.ids.insert(k) {
                                     win.records += 1;
                                     if let Some(m) = &engine.rules[r].merge {
-                                        merge_into(win, m, off, &piece);
+                                        merge_into(win, m, off, piece, &mut merge_key);
                                     } else {
                                         win.rows.push((off, piece.clone()));
                                     }
@@ -947,7 +955,7 @@ fn rule_tag(engine: &Engine, r: usize) -> String {
 
 /// Keep the ids of the last `horizon` (event time, by window start) of closed windows;
 /// the window starts dropped.
-fn prune_closed(closed: &mut BTreeMap<Millis, HashSet<u128>>, horizon: Millis) -> Vec<Millis> {
+fn prune_closed(closed: &mut BTreeMap<Millis, FastSet<u128>>, horizon: Millis) -> Vec<Millis> {
     let Some(newest) = closed.keys().next_back().copied() else {
         return Vec::new();
     };
@@ -974,11 +982,98 @@ fn closed_key(rule: &str, partition: i32, window_start: Millis) -> String {
 
 /// A window's id keys as `RaterClosedWindow::ids` holds them (sorted, so the same
 /// window always gives the same bytes).
-fn id_bytes(ids: &HashSet<u128>) -> Vec<u8> {
+fn id_bytes(ids: &FastSet<u128>) -> Vec<u8> {
     let mut v: Vec<u128> = ids.iter().copied().collect();
     v.sort_unstable();
     v.iter().flat_map(|k| k.to_be_bytes()).collect()
 }
+
+/// The rules' distinct panes, and each rule's index among them: a record is split once
+/// per pane, not once per rule.
+struct Distinct {
+    panes: Vec<Tumbling>,
+    of_rule: Vec<usize>,
+}
+
+impl Distinct {
+    fn of(rule_panes: &[Tumbling]) -> Distinct {
+        let mut panes: Vec<Tumbling> = Vec::new();
+        let of_rule = rule_panes
+            .iter()
+            .map(|p| match panes.iter().position(|q| q == p) {
+                Some(i) => i,
+                None => {
+                    panes.push(*p);
+                    panes.len() - 1
+                }
+            })
+            .collect();
+        Distinct { panes, of_rule }
+    }
+}
+
+/// A usage message as the batch's threads leave it for the main loop.
+enum Prepared {
+    Undecodable(meterflow_avro::DecodeError),
+    Watermark(Watermark),
+    Usage {
+        /// What the audit counts of it.
+        at: (Millis, Dec),
+        /// Its id as a key (`id_key`).
+        id: u128,
+        /// Its pieces in each distinct pane (`Distinct::panes`).
+        split: Vec<Pieces>,
+    },
+}
+
+/// Decode one usage message and split it into its panes' pieces (pure: everything that
+/// does not depend on the records before it).
+fn prepare(m: &meterflow_kafka::OwnedMessage, d: &Distinct, keep_labels: bool) -> Prepared {
+    let mut u = match meterflow_avro::decode_usage_msg(m.payload().unwrap_or_default()) {
+        Err(e) => return Prepared::Undecodable(e),
+        Ok(UsageMsg::Watermark(w)) => return Prepared::Watermark(w),
+        Ok(UsageMsg::Usage(u)) => u,
+    };
+    if !keep_labels {
+        u.labels.clear(); // no rule reads them: do not hold them in windows
+    }
+    let at = meterflow_kafka::audit::of_usage(&u);
+    let id = id_key(&u.id);
+    let (start, end) = (u.interval_start, u.interval_end);
+    let whole = std::sync::Arc::new(u);
+    let split = d
+        .panes
+        .iter()
+        .map(|pane| {
+            // a record inside one pane is shared as it is; others are split pro rata
+            if end <= start || pane.start_of(start) == pane.start_of(end - 1) {
+                vec![(pane.start_of(start), whole.clone())]
+            } else {
+                split_usage(&whole, *pane)
+                    .into_iter()
+                    .map(|(ws, piece)| (ws, std::sync::Arc::new(piece)))
+                    .collect()
+            }
+        })
+        .collect();
+    Prepared::Usage { at, id, split }
+}
+
+/// Every message of a batch prepared, in order; a large batch's second half on a thread
+/// of its own (decoding and splitting are pure and were a large part of the main loop's
+/// time; windows, duplicates and closing depend on the order).
+fn prepare_batch(
+    messages: &[meterflow_kafka::OwnedMessage],
+    d: &Distinct,
+    keep_labels: bool,
+) -> Vec<Prepared> {
+    // the decoder never panics on input (fuzzed); were it to, as on the main loop
+    meterflow_runtime::map_in_halves(messages, PARALLEL_FROM, |m| prepare(m, d, keep_labels))
+}
+
+/// Batches smaller than this are prepared on the main loop alone (a thread's start costs
+/// more than a few hundred records).
+const PARALLEL_FROM: usize = 512;
 
 /// A usage record's pieces, one per window it overlaps: (window start, piece).
 pub(crate) type Pieces = Vec<(Millis, std::sync::Arc<Usage>)>;
@@ -1034,8 +1129,8 @@ mod tests {
 
     #[test]
     fn closed_window_ids_are_kept_for_the_horizon_behind_the_newest() {
-        let mut closed: BTreeMap<Millis, HashSet<u128>> = [0, 3_600, 7_200, 10_800]
-            .map(|k| (k, HashSet::from([k as u128])))
+        let mut closed: BTreeMap<Millis, FastSet<u128>> = [0, 3_600, 7_200, 10_800]
+            .map(|k| (k, FastSet::from_iter([k as u128])))
             .into();
         assert_eq!(prune_closed(&mut closed, 7_200), vec![0]);
         assert_eq!(

@@ -563,6 +563,14 @@ impl Merge {
     /// sign column.
     pub fn key(&self, u: &Usage) -> Vec<u8> {
         let mut k = Vec::with_capacity(64);
+        self.key_into(u, &mut k);
+        k
+    }
+
+    /// `key`, written into `k` (cleared first): a buffer reused across rows allocates
+    /// nothing for the rows that merge into an existing one.
+    pub fn key_into(&self, u: &Usage, k: &mut Vec<u8>) {
+        k.clear();
         let mut s = |v: Option<&[u8]>| match v {
             None => k.push(0),
             Some(v) => {
@@ -596,7 +604,6 @@ impl Merge {
                 Some(_) => 3,
             });
         }
-        k
     }
 }
 
