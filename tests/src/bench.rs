@@ -72,13 +72,13 @@ fn stage_proc<'a>(p: &'a mut Pipeline, stage: &str) -> &'a mut Proc {
 
 /// One stage alone on input that is all on its topic: launched, the clock runs from its
 /// partition assignment until it has committed its whole input and `done` holds.
-/// Returns (seconds, peak RSS in KiB).
+/// Returns (seconds, CPU seconds the stage's process used meanwhile, peak RSS in KiB).
 pub fn stage_alone(
     p: &mut Pipeline,
     stage: &str,
     input: &str,
     done: impl Fn(&Pipeline) -> bool,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<(f64, f64, u64)> {
     // The input is all on its topic: its end is read once, before the clock (a read of
     // the end takes a few hundred milliseconds on Tansu; checked on every poll, it added
     // up to that to the stage's time, a delay the relay, stopping its own clock, never had)
@@ -112,14 +112,16 @@ pub fn stage_alone(
         std::thread::sleep(Duration::from_millis(5));
     }
     let t0 = Instant::now();
+    let cpu0 = stage_proc(p, stage).cpu_secs().unwrap_or(0.0);
     while !(all_committed() && done(p)) {
         p.assert_services_alive();
         anyhow::ensure!(t0.elapsed() < LIMIT, "{stage} did not drain");
         std::thread::sleep(Duration::from_millis(5));
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = stage_proc(p, stage).cpu_secs().unwrap_or(0.0) - cpu0;
     // VmHWM: the process's peak over its whole life
-    Ok((secs, stage_proc(p, stage).peak_rss_kib().unwrap_or(0)))
+    Ok((secs, cpu, stage_proc(p, stage).peak_rss_kib().unwrap_or(0)))
 }
 
 /// Every stage has committed everything it was given and every expected file set exists.
@@ -155,50 +157,51 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
     let expected_sets = run.totals(DAY).len();
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
-    println!("| stage | messages in | stage s | stage msg/s | relay s | relay msg/s | vs relay | peak RSS MiB |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    let row = |stage: &str, what: String, n: usize, secs: f64, relay: f64, rss: u64| {
+    println!("| stage | messages in | stage s | stage msg/s | relay s | relay msg/s | vs relay | stage CPU s | relay CPU s | peak RSS MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let row = |stage: &str,
+               what: String,
+               n: usize,
+               (secs, cpu, rss): (f64, f64, u64),
+               (relay, relay_cpu): (f64, f64)| {
         let (s, r) = (n as f64 / secs, n as f64 / relay);
         println!(
-            "| {stage} ({what}) | {n} | {secs:.2} | {s:.0} | {relay:.2} | {r:.0} | {:.2} | {:.0} |",
+            "| {stage} ({what}) | {n} | {secs:.2} | {s:.0} | {relay:.2} | {r:.0} | {:.2} | {cpu:.2} | {relay_cpu:.2} | {:.0} |",
             s / r,
             rss as f64 / 1024.0
         );
     };
     let (n, relay) = relay_topic(&p, &t.samples, "samples")?;
-    let (secs, rss) = stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
+    let stage = stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
     let usage = p.messages(&t.usage);
     row(
         "enricher",
         format!("samples + poll markers → {usage} usage + markers"),
         n,
-        secs,
+        stage,
         relay,
-        rss,
     );
     let (n, relay) = relay_topic(&p, &t.usage, "usage")?;
-    let (secs, rss) = stage_alone(&mut p, "rater", &t.usage, |_| true)?;
+    let stage = stage_alone(&mut p, "rater", &t.usage, |_| true)?;
     let rated = p.messages(&t.rated);
     row(
         "rater",
         format!("usage + markers → windows, 3 rules, {rated} revenue events + markers"),
         n,
-        secs,
+        stage,
         relay,
-        rss,
     );
     let (n, relay) = relay_topic(&p, &t.rated, "rated")?;
     let out = p.out.clone();
-    let (secs, rss) = stage_alone(&mut p, "settler", &t.rated, move |_| {
+    let stage = stage_alone(&mut p, "settler", &t.rated, move |_| {
         meterflow_settler::files::all_manifests(&out).is_ok_and(|m| m.len() >= expected_sets)
     })?;
     row(
         "settler",
         format!("revenue events + markers → {expected_sets} file sets"),
         n,
-        secs,
+        stage,
         relay,
-        rss,
     );
     // the bill must be exact, or the figures mean nothing
     crate::settled::Settled::read(&p.out).assert_matches(&p.run, DAY);
@@ -214,7 +217,7 @@ pub fn chain(run: FleetRun) -> anyhow::Result<()> {
     let expected_sets = run.totals(DAY).len();
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
-    let (n, relay) = relay_topic(&p, &t.samples, "samples")?;
+    let (n, (relay, _)) = relay_topic(&p, &t.samples, "samples")?;
     p.enricher.launch();
     p.rater.launch();
     p.settler.launch();
@@ -243,13 +246,15 @@ pub fn chain(run: FleetRun) -> anyhow::Result<()> {
 }
 
 /// The messages of `topic` relayed through the same broker by the stages' own Kafka I/O,
-/// with all of them on the relay's input topic before its clock starts: (count, seconds).
-pub fn relay_topic(p: &Pipeline, topic: &str, name: &str) -> anyhow::Result<(usize, f64)> {
+/// with all of them on the relay's input topic before its clock starts: (count,
+/// (seconds, CPU seconds of this process meanwhile — the relay, and the harness's idle
+/// threads)).
+pub fn relay_topic(p: &Pipeline, topic: &str, name: &str) -> anyhow::Result<(usize, (f64, f64))> {
     let msgs = topic_messages(&p.kafka, topic)?;
     let n = msgs.len();
-    let secs = block_on(relay(&p.kafka, msgs, true, name))?;
+    let (secs, cpu) = block_on(relay(&p.kafka, msgs, true, name))?;
     relayed_all(p, name, n)?;
-    Ok((n, secs))
+    Ok((n, (secs, cpu)))
 }
 
 /// The relay's output topic holds every message it was given, or its figure is void.
@@ -280,7 +285,7 @@ pub async fn relay(
     msgs: Vec<KeyPayload>,
     prefill: bool,
     name: &str,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, f64)> {
     let src = format!("bench.relay-{name}-in");
     let dst = format!("bench.relay-{name}-out");
     let admin: AdminClient<DefaultClientContext> =
@@ -337,6 +342,7 @@ pub async fn relay(
         }
     }
     let t0 = Instant::now();
+    let cpu0 = crate::cpu_secs_of("/proc/self/stat").unwrap_or(0.0);
     let feed = feed.take().map(tokio::spawn);
     let mut done = 0usize;
     while done < n {
@@ -364,10 +370,11 @@ pub async fn relay(
         anyhow::ensure!(t0.elapsed() < LIMIT, "relay stalled at {done}/{n}");
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = crate::cpu_secs_of("/proc/self/stat").unwrap_or(0.0) - cpu0;
     if let Some(f) = feed {
         f.await??;
     }
-    Ok(secs)
+    Ok((secs, cpu))
 }
 
 fn now_ms() -> i64 {

@@ -264,6 +264,11 @@ impl Proc {
         self.child.as_ref().map(Child::id)
     }
 
+    /// CPU time (user + system, all threads) the process has used so far, in seconds.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        cpu_secs_of(&format!("/proc/{}/stat", self.pid()?))
+    }
+
     /// Peak resident memory (VmHWM) in KiB, while the process runs.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
@@ -491,4 +496,15 @@ pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool, what: impl Fn()
         assert!(Instant::now() < end, "gave up waiting: {}", what());
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// User + system CPU seconds of a process from its `/proc/<pid>/stat` (or
+/// `/proc/self/stat`): fields 14 and 15, in clock ticks (100 per second on Linux).
+pub fn cpu_secs_of(stat_path: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(stat_path).ok()?;
+    // the command name (field 2) may hold spaces: count from the closing parenthesis
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
+    Some((utime + stime) as f64 / 100.0)
 }

@@ -20,6 +20,12 @@
 //! `bench-pipeline rater-memory [instances] [hours] [speed]`: the rater's peak RSS with
 //! the same open windows and 1× / 10× the events in them.
 
+/// The relays (the baselines) run in this process: they allocate as the enricher does
+/// (mimalloc, see its `main.rs`). The rater and settler run on glibc's malloc, so their
+/// relays have the faster allocator of the two.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use meterflow_kafka::read_table;
 use meterflow_tests::bench::{
     drained, fleet, joined, prefilled, relay, relay_topic, topic_messages,
@@ -126,7 +132,7 @@ fn enricher(run: FleetRun, samples: i64) -> anyhow::Result<()> {
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
     let (n, relay_secs) = relay_samples(&p, true)?;
-    let (secs, peak) =
+    let (secs, _, peak) =
         meterflow_tests::bench::stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
     let usage = p.messages(&t.usage);
     p.stop();
@@ -252,11 +258,12 @@ fn probes(run: FleetRun) -> anyhow::Result<()> {
 /// The samples topic's messages relayed through the same broker: (count, seconds).
 fn relay_samples(p: &Pipeline, prefill: bool) -> anyhow::Result<(usize, f64)> {
     if prefill {
-        return relay_topic(p, &p.kafka.topics.samples, "samples");
+        let (n, (secs, _)) = relay_topic(p, &p.kafka.topics.samples, "samples")?;
+        return Ok((n, secs));
     }
     let msgs = topic_messages(&p.kafka, &p.kafka.topics.samples)?;
     let n = msgs.len();
-    let secs = block_on(relay(&p.kafka, msgs, false, "samples"))?;
+    let (secs, _) = block_on(relay(&p.kafka, msgs, false, "samples"))?;
     meterflow_tests::bench::relayed_all(p, "samples", n)?;
     Ok((n, secs))
 }
