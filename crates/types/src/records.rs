@@ -218,34 +218,6 @@ pub struct UsageView<'a> {
     pub labels: &'a Labels,
 }
 
-impl UsageView<'_> {
-    pub fn to_usage(&self) -> Usage {
-        Usage {
-            id: self.id.to_string(),
-            sample_id: self.sample_id.into(),
-            instance_id: self.instance_id.into(),
-            entity_id: self.entity_id.into(),
-            user_id: self.user_id.into(),
-            project: self.project.map(Into::into),
-            node_id: self.node_id.into(),
-            site: self.site.into(),
-            kind: self.kind.into(),
-            flavor: self.flavor.map(Into::into),
-            interval_start: self.interval_start,
-            interval_end: self.interval_end,
-            vcpu_seconds: self.vcpu_seconds,
-            cpu_seconds: self.cpu_seconds,
-            memory_byte_seconds: self.memory_byte_seconds,
-            memory_used_byte_seconds: self.memory_used_byte_seconds,
-            net_rx_bytes: self.net_rx_bytes,
-            net_tx_bytes: self.net_tx_bytes,
-            disk_read_bytes: self.disk_read_bytes,
-            disk_write_bytes: self.disk_write_bytes,
-            labels: self.labels.clone(),
-        }
-    }
-}
-
 /// No labels (an instance whose registration is not used).
 pub static NO_LABELS: Labels = Labels::new();
 

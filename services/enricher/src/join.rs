@@ -275,20 +275,9 @@ pub fn validate(
 }
 
 /// Usage records for one sample, one per owner segment, quantities split pro rata by
-/// time so the parts add up to the sample exactly.
-pub fn usage_for(
-    s: &Sample,
-    segments: &[(Millis, Millis, &Ownership)],
-    state: Option<&InstanceState>,
-) -> Vec<Usage> {
-    usage_views(s, segments, state)
-        .iter()
-        .map(UsageView::to_usage)
-        .collect()
-}
-
-/// `usage_for` as views borrowing from the sample, its owners and its instance state
-/// (what the enricher encodes, with no `Usage` in between).
+/// time so the parts add up to the sample exactly: as views borrowing from the sample,
+/// its owners and its instance state (what the enricher encodes, with no `Usage` in
+/// between).
 pub fn usage_views<'a>(
     s: &'a Sample,
     segments: &[(Millis, Millis, &'a Ownership)],
@@ -359,6 +348,22 @@ mod tests {
             valid_from: from,
             source: "cli".into(),
         }
+    }
+    /// The usage records of a sample as the rater reads them: each view encoded as the
+    /// enricher sends it, then decoded.
+    fn usage_for(
+        s: &Sample,
+        segments: &[(Millis, Millis, &Ownership)],
+        state: Option<&InstanceState>,
+    ) -> Vec<Usage> {
+        usage_views(s, segments, state)
+            .iter()
+            .map(|v| {
+                let mut bytes = Vec::new();
+                meterflow_avro::encode_usage_into(v, &mut bytes);
+                meterflow_avro::decode::<Usage>(&bytes).expect("usage decodes")
+            })
+            .collect()
     }
     fn sample(start: Millis, end: Millis) -> Sample {
         Sample {
@@ -467,6 +472,7 @@ mod tests {
         assert_eq!(u.labels, state.labels);
         assert_eq!((u.interval_start, u.interval_end), (10_000, 20_000));
         // the bytes the enricher sends (from the view) are the record's own encoding
+        // (`u` was read back from them)
         let mut from_view = Vec::new();
         meterflow_avro::encode_usage_into(&views[0], &mut from_view);
         assert_eq!(from_view, meterflow_avro::encode(u));

@@ -786,12 +786,8 @@ fn prepare_batch(
 ) -> Vec<Prepared> {
     // nothing here panics on input (the decoders are fuzzed, the join is checked by the
     // hostile corpus); were it to, as on the main loop: the main loop's panic
-    meterflow_runtime::map_in_halves(messages, PARALLEL_FROM, |m| prepare(m, tables, limits))
+    meterflow_runtime::map_in_halves(messages, |m| prepare(m, tables, limits))
 }
-
-/// Batches smaller than this are prepared on the main loop alone (a thread's start costs
-/// more than a few hundred samples).
-const PARALLEL_FROM: usize = 512;
 
 /// How far a samples partition is complete: every node's marker, held back by the
 /// oldest parked sample's snapshot.
