@@ -14,6 +14,7 @@
 //! checkpointed position, and so rebuilds exactly the open windows.
 
 pub mod batch;
+mod live;
 pub mod rules;
 pub mod ruleset;
 pub mod tables;
@@ -132,6 +133,50 @@ pub fn split_usage(u: &Usage, w: Tumbling) -> Vec<(Millis, Usage)> {
 /// A set of usage ids as 128-bit keys (foldhash: SipHash was a tenth of the rater's time).
 type Ids = FastSet<u128>;
 
+/// The ids a closed window counted: one sorted array, shared by the rules whose windows
+/// closed with the same ids (rules with the same panes see the same records), and the
+/// ids this rule took late, after the window closed. 16 bytes a key and no hash slack:
+/// at ten times the events, per-rule hash sets of closed windows were most of the
+/// rater's growth in memory (BENCHMARKS.md).
+#[derive(Default)]
+struct ClosedIds {
+    counted: std::sync::Arc<[u128]>,
+    late: Ids,
+}
+
+impl ClosedIds {
+    /// Ids already sorted, shared with an equal array of another rule's window if
+    /// `others` holds one.
+    fn new<'a>(sorted: Vec<u128>, others: impl IntoIterator<Item = &'a ClosedIds>) -> ClosedIds {
+        debug_assert!(sorted.windows(2).all(|w| w[0] < w[1]));
+        let counted = others
+            .into_iter()
+            .find(|o| *o.counted == *sorted)
+            .map(|o| o.counted.clone())
+            .unwrap_or_else(|| sorted.into());
+        ClosedIds {
+            counted,
+            late: Ids::default(),
+        }
+    }
+    /// Take an id late: false if the window already has it.
+    fn insert(&mut self, k: u128) -> bool {
+        self.counted.binary_search(&k).is_err() && self.late.insert(k)
+    }
+    #[cfg(test)]
+    fn contains(&self, k: u128) -> bool {
+        self.counted.binary_search(&k).is_ok() || self.late.contains(&k)
+    }
+}
+
+/// A set of ids, sorted (and without repeats).
+fn sorted_ids(ids: impl IntoIterator<Item = u128>) -> Vec<u128> {
+    let mut v: Vec<u128> = ids.into_iter().collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 /// A usage id as 128 bits (ids are 32 hex digits; anything else is hashed).
 pub(crate) fn id_key(id: &str) -> u128 {
     u128::from_str_radix(id, 16).unwrap_or_else(|_| {
@@ -165,7 +210,7 @@ struct PartState {
     windows: Vec<BTreeMap<Millis, Win>>,
     /// Usage ids of recently closed windows per rule (window start → ids), so a duplicate
     /// arriving after its window closed is dropped instead of becoming an adjustment.
-    closed_ids: Vec<BTreeMap<Millis, Ids>>,
+    closed_ids: Vec<BTreeMap<Millis, ClosedIds>>,
     position: Option<i64>,
     /// From the checkpoint: records before this offset were already handled.
     replay_until: i64,
@@ -533,11 +578,15 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     let Some(r) = (0..nrules).find(|r| rule_tag(engine, *r) == c.rule) else {
                         continue;
                     };
-                    let ids: Ids = c
-                        .ids
-                        .chunks_exact(16)
-                        .filter_map(|k| k.try_into().ok().map(u128::from_be_bytes))
-                        .collect();
+                    let ids = sorted_ids(
+                        c.ids
+                            .chunks_exact(16)
+                            .filter_map(|k| k.try_into().ok().map(u128::from_be_bytes)),
+                    );
+                    let ids = ClosedIds::new(
+                        ids,
+                        st.closed_ids.iter().filter_map(|m| m.get(&c.window_start)),
+                    );
                     st.closed_ids[r].insert(c.window_start, ids);
                 }
                 // past the horizon already (their tombstones were lost to a crash)
@@ -695,7 +744,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         // close the windows the watermark has passed
         let mut markers: Vec<(i32, Millis)> = Vec::new();
         // windows closed in this batch (their ids) and windows past the dedup horizon
-        let mut closed_now: Vec<(i32, usize, Millis, Vec<u8>)> = Vec::new();
+        let mut closed_now: Vec<(i32, usize, Millis, std::sync::Arc<[u128]>)> = Vec::new();
         let mut closed_gone: Vec<(i32, usize, Millis)> = Vec::new();
         for (p, st) in parts.iter_mut() {
             let Some(wm) = st.sources.min() else { continue };
@@ -709,8 +758,11 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     let Some(mut win) = st.windows[r].remove(&ws) else {
                         continue;
                     };
-                    let ids = std::mem::take(&mut win.ids);
-                    closed_now.push((*p, r, ws, id_bytes(&ids)));
+                    let ids = ClosedIds::new(
+                        sorted_ids(std::mem::take(&mut win.ids)),
+                        st.closed_ids.iter().filter_map(|m| m.get(&ws)),
+                    );
+                    closed_now.push((*p, r, ws, ids.counted.clone()));
                     st.closed_ids[r].insert(ws, ids);
                     closed_gone.extend(
                         prune_closed(&mut st.closed_ids[r], horizon)
@@ -782,7 +834,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                 partition: p,
                 rule: rule_tag(engine, r),
                 window_start: ws,
-                ids,
+                ids: id_bytes(&ids),
             };
             io.send(
                 &topics.rater_state,
@@ -962,7 +1014,7 @@ fn rule_tag(engine: &Engine, r: usize) -> String {
 
 /// Keep the ids of the last `horizon` (event time, by window start) of closed windows;
 /// the window starts dropped.
-fn prune_closed(closed: &mut BTreeMap<Millis, Ids>, horizon: Millis) -> Vec<Millis> {
+fn prune_closed<T>(closed: &mut BTreeMap<Millis, T>, horizon: Millis) -> Vec<Millis> {
     let Some(newest) = closed.keys().next_back().copied() else {
         return Vec::new();
     };
@@ -987,12 +1039,10 @@ fn closed_key(rule: &str, partition: i32, window_start: Millis) -> String {
     format!("closed|{partition}|{rule}|{window_start}")
 }
 
-/// A window's id keys as `RaterClosedWindow::ids` holds them (sorted, so the same
-/// window always gives the same bytes).
-fn id_bytes(ids: &Ids) -> Vec<u8> {
-    let mut v: Vec<u128> = ids.iter().copied().collect();
-    v.sort_unstable();
-    v.iter().flat_map(|k| k.to_be_bytes()).collect()
+/// A window's id keys (sorted) as `RaterClosedWindow::ids` holds them: the same window
+/// always gives the same bytes.
+fn id_bytes(sorted: &[u128]) -> Vec<u8> {
+    sorted.iter().flat_map(|k| k.to_be_bytes()).collect()
 }
 
 /// The rules' distinct panes, and each rule's index among them: a record is split once
@@ -1132,16 +1182,36 @@ mod tests {
 
     #[test]
     fn closed_window_ids_are_kept_for_the_horizon_behind_the_newest() {
-        let mut closed: BTreeMap<Millis, Ids> = [0, 3_600, 7_200, 10_800]
-            .map(|k| (k, Ids::from_iter([k as u128])))
+        let mut closed: BTreeMap<Millis, ClosedIds> = [0, 3_600, 7_200, 10_800]
+            .map(|k| (k, ClosedIds::new(vec![k as u128], [])))
             .into();
         assert_eq!(prune_closed(&mut closed, 7_200), vec![0]);
         assert_eq!(
             closed.keys().copied().collect::<Vec<_>>(),
             vec![3_600, 7_200, 10_800]
         );
-        assert!(closed[&3_600].contains(&3_600));
-        assert!(prune_closed(&mut BTreeMap::new(), 7_200).is_empty());
+        assert!(closed[&3_600].contains(3_600));
+        assert!(prune_closed(&mut BTreeMap::<Millis, ClosedIds>::new(), 7_200).is_empty());
+    }
+
+    #[test]
+    fn closed_windows_with_the_same_ids_share_them_and_keep_late_ids_apart() {
+        let a = ClosedIds::new(sorted_ids([9, 3, 5, 3]), []);
+        assert_eq!(*a.counted, [3, 5, 9]);
+        let mut b = ClosedIds::new(vec![3, 5, 9], [&a]);
+        assert!(std::sync::Arc::ptr_eq(&a.counted, &b.counted));
+        let c = ClosedIds::new(vec![3, 5], [&a, &b]);
+        assert!(!std::sync::Arc::ptr_eq(&a.counted, &c.counted));
+        // a copy of a counted id is refused; a new one is taken once, by this rule only
+        assert!(!b.insert(5));
+        assert!(b.insert(7));
+        assert!(!b.insert(7));
+        assert!(b.contains(7) && !a.contains(7));
+        assert_eq!(
+            id_bytes(&c.counted),
+            [3u128.to_be_bytes(), 5u128.to_be_bytes()].concat()
+        );
+        assert!(ClosedIds::default().insert(1));
     }
 
     #[test]

@@ -12,7 +12,6 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::Session;
-use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::{Expr, LogicalPlan};
@@ -410,31 +409,31 @@ impl TableProvider for SwapTable {
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
         let all: Vec<usize> = (0..self.schema.fields().len()).collect();
         let want = projection.cloned().unwrap_or(all);
-        let (batches, columns) = self
-            .batches
-            .lock()
-            .map(|c| (c.batches.clone(), c.columns.clone()))
-            .unwrap_or_default();
-        // the plan reads only columns that were built for it (its projection, found at load)
-        let pos = want
-            .iter()
-            .map(|i| columns.iter().position(|c| c == i))
-            .collect::<Option<Vec<usize>>>()
-            .ok_or_else(|| {
-                datafusion::error::DataFusionError::Internal(format!(
-                    "usage columns {want:?} requested, {columns:?} built"
-                ))
-            })?;
         let schema = Arc::new(self.schema.project(&want)?);
-        let projected = batches
-            .iter()
-            .map(|b| b.project(&pos))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(MemorySourceConfig::try_new_exec(
-            &[projected],
-            schema,
-            None,
-        )?)
+        let current = self.batches.clone();
+        // read when the plan runs: the window being evaluated, not the one planned with
+        let read: crate::live::Read = Arc::new(move || {
+            let (batches, columns) = current
+                .lock()
+                .map(|c| (c.batches.clone(), c.columns.clone()))
+                .unwrap_or_default();
+            // the plan reads only columns that were built for it (its projection, found
+            // at load)
+            let pos = want
+                .iter()
+                .map(|i| columns.iter().position(|c| c == i))
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| {
+                    datafusion::error::DataFusionError::Internal(format!(
+                        "usage columns {want:?} requested, {columns:?} built"
+                    ))
+                })?;
+            Ok(batches
+                .iter()
+                .map(|b| b.project(&pos))
+                .collect::<Result<Vec<_>, _>>()?)
+        });
+        Ok(Arc::new(crate::live::LiveScan::new("usage", schema, read)))
     }
 }
 
@@ -453,6 +452,9 @@ pub struct Rule {
     pub reads_to_date: bool,
     /// How its window's rows may be merged as they arrive (`None`: kept one by one).
     pub merge: Option<Merge>,
+    /// The physical plan of `optimized`, made at its first window and run (reset) for
+    /// every later one: its scans read the window when they run (`live`).
+    physical: std::sync::OnceLock<Arc<dyn ExecutionPlan>>,
 }
 
 impl Rule {
@@ -968,6 +970,14 @@ impl Engine {
             .with_information_schema(false);
         config.options_mut().sql_parser.parse_float_as_decimal = true;
         config.options_mut().execution.enable_recursive_ctes = false;
+        // a rule's physical plan is run again for every window, and a dynamic filter
+        // pushed into its scan would carry one run's bounds into the next
+        // (`reset_plan_states` does not support them); windows are small enough
+        let o = &mut config.options_mut().optimizer;
+        o.enable_dynamic_filter_pushdown = false;
+        o.enable_topk_dynamic_filter_pushdown = false;
+        o.enable_join_dynamic_filter_pushdown = false;
+        o.enable_aggregate_dynamic_filter_pushdown = false;
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(memory_limit, 1.0)
             .build_arc()
@@ -1083,6 +1093,7 @@ impl Engine {
                 merge: merge_spec(&optimized, &columns),
                 columns,
                 optimized: only_immutable(&plan).then_some(optimized),
+                physical: std::sync::OnceLock::new(),
                 plan,
                 has_resource,
                 reads_to_date,
@@ -1194,15 +1205,24 @@ impl Engine {
             let state = self.ctx.state();
             let planned = match &rule.optimized {
                 Some(optimized) => {
-                    state
-                        .query_planner()
-                        .create_physical_plan(optimized, &state)
-                        .await?
+                    let made = match rule.physical.get() {
+                        Some(p) => p.clone(),
+                        None => {
+                            let p = state
+                                .query_planner()
+                                .create_physical_plan(optimized, &state)
+                                .await?;
+                            let p = cooperative_everywhere(p)?;
+                            rule.physical.get_or_init(|| p).clone()
+                        }
+                    };
+                    // fresh state for this run (a join's built side, a sort's filter)
+                    datafusion::physical_plan::execution_plan::reset_plan_states(made)?
                 }
-                None => state.create_physical_plan(&rule.plan).await?,
+                None => cooperative_everywhere(state.create_physical_plan(&rule.plan).await?)?,
             };
             let task = Arc::new(datafusion::execution::TaskContext::from(&state));
-            datafusion::physical_plan::collect(cooperative_everywhere(planned)?, task).await
+            datafusion::physical_plan::collect(planned, task).await
         };
         let out = tokio::time::timeout(self.eval_timeout, run)
             .await
@@ -1540,6 +1560,60 @@ mod tests {
         .err()
         .expect("overlapping versions refused");
         assert!(err.to_string().contains("rules/v1.sql"), "{err}");
+    }
+
+    /// One entity's (quantity, amount) from rule 0 over `rows`.
+    async fn count_and_amount(e: &Engine, rows: Vec<Usage>) -> (String, String) {
+        let refs: Vec<&Usage> = rows.iter().collect();
+        let v = e.evaluate(0, 0, &refs, 0, None).await.expect("eval");
+        assert_eq!(v.len(), 1);
+        (v[0].quantity.to_string(), v[0].amount.to_string())
+    }
+
+    /// A rule's physical plan is made once and run for every window: each run reads its
+    /// own window and the reference table's current contents (no count or maximum of an
+    /// earlier window folded into the plan, no join side kept from an earlier run).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_plan_made_once_reads_each_window_and_the_current_table() {
+        let dir = tempfile::tempdir().expect("dir");
+        let prices = dir.path().join("prices.csv");
+        std::fs::write(&prices, "kind,price\nvm,0.5\n").expect("write");
+        let rule = parse_rule(
+            Path::new("rules/c.sql"),
+            "-- name: c\n-- version: 1\n-- window: 1h\n-- currency: USD\n\
+             SELECT u.entity_id, 'row' AS unit, COUNT(*) AS quantity, MAX(p.price) AS unit_price, \
+             MAX(u.vcpu_seconds) * MAX(p.price) AS amount \
+             FROM usage u JOIN prices p ON p.kind = u.kind GROUP BY u.entity_id",
+        )
+        .expect("parses");
+        let tables = vec![crate::tables::TableSource {
+            name: "prices".into(),
+            path: prices.clone(),
+        }];
+        let mut e = Engine::with_tables(vec![rule], tables, 64 << 20, Duration::from_secs(10))
+            .await
+            .expect("loads");
+        let three = vec![
+            usage("acme", "4", 0, 0),
+            usage("acme", "8", 0, 0),
+            usage("acme", "2", 0, 0),
+        ];
+        assert_eq!(
+            count_and_amount(&e, three).await,
+            ("3".to_string(), "4".to_string())
+        );
+        assert!(e.rules[0].physical.get().is_some(), "the plan is kept");
+        assert_eq!(
+            count_and_amount(&e, vec![usage("acme", "6", 0, 0)]).await,
+            ("1".to_string(), "3".to_string())
+        );
+        std::fs::write(&prices, "kind,price\nvm,2.0\n").expect("write");
+        let (reloaded, refused) = e.reload_tables();
+        assert!(refused.is_empty() && reloaded == ["prices"], "{reloaded:?}");
+        assert_eq!(
+            count_and_amount(&e, vec![usage("acme", "6", 0, 0), usage("acme", "1", 0, 0)]).await,
+            ("2".to_string(), "12".to_string())
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

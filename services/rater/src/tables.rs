@@ -12,7 +12,6 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::Session;
-use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
@@ -201,7 +200,7 @@ fn is_plain_decimal(v: &str) -> bool {
 #[derive(Debug)]
 pub struct RefTable {
     schema: SchemaRef,
-    batch: Mutex<RecordBatch>,
+    batch: Arc<Mutex<RecordBatch>>,
 }
 
 impl RefTable {
@@ -218,7 +217,7 @@ impl RefTable {
     pub fn new(batch: RecordBatch) -> RefTable {
         RefTable {
             schema: batch.schema(),
-            batch: Mutex::new(batch),
+            batch: Arc::new(Mutex::new(batch)),
         }
     }
 }
@@ -238,16 +237,27 @@ impl TableProvider for RefTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let b = self
-            .batch
-            .lock()
-            .map(|b| b.clone())
-            .map_err(|_| datafusion::error::DataFusionError::Internal("table lock".into()))?;
-        Ok(MemorySourceConfig::try_new_exec(
-            &[vec![b]],
-            self.schema.clone(),
-            projection.cloned(),
-        )?)
+        let schema = match projection {
+            Some(p) => Arc::new(self.schema.project(p)?),
+            None => self.schema.clone(),
+        };
+        let (batch, projection) = (self.batch.clone(), projection.cloned());
+        // read when the plan runs: the contents current when the window closes
+        let read: crate::live::Read = Arc::new(move || {
+            let b = batch
+                .lock()
+                .map(|b| b.clone())
+                .map_err(|_| datafusion::error::DataFusionError::Internal("table lock".into()))?;
+            Ok(vec![match &projection {
+                Some(p) => b.project(p)?,
+                None => b,
+            }])
+        });
+        Ok(Arc::new(crate::live::LiveScan::new(
+            "reference table",
+            schema,
+            read,
+        )))
     }
 }
 
