@@ -881,6 +881,9 @@ fn agg_ok(e: &Expr, q: &Quantities) -> Option<()> {
 /// One DataFusion session per rater worker, with the rules compiled against it.
 pub struct Engine {
     ctx: SessionContext,
+    /// What every run of a plan executes with (the session's configuration, functions
+    /// and memory pool), made once rather than from a copy of the session per window.
+    task: Arc<datafusion::execution::TaskContext>,
     table: Arc<Mutex<Current>>,
     /// `usage_to_date` of the evaluation in progress.
     to_date: Arc<crate::tables::RefTable>,
@@ -1099,8 +1102,10 @@ impl Engine {
                 reads_to_date,
             });
         }
+        let task = Arc::new(datafusion::execution::TaskContext::from(&ctx.state()));
         Ok(Engine {
             ctx,
+            task,
             table,
             to_date,
             tables: loaded,
@@ -1202,12 +1207,12 @@ impl Engine {
             msg,
         };
         let run = async {
-            let state = self.ctx.state();
             let planned = match &rule.optimized {
                 Some(optimized) => {
                     let made = match rule.physical.get() {
                         Some(p) => p.clone(),
                         None => {
+                            let state = self.ctx.state();
                             let p = state
                                 .query_planner()
                                 .create_physical_plan(optimized, &state)
@@ -1219,10 +1224,11 @@ impl Engine {
                     // fresh state for this run (a join's built side, a sort's filter)
                     datafusion::physical_plan::execution_plan::reset_plan_states(made)?
                 }
-                None => cooperative_everywhere(state.create_physical_plan(&rule.plan).await?)?,
+                None => cooperative_everywhere(
+                    self.ctx.state().create_physical_plan(&rule.plan).await?,
+                )?,
             };
-            let task = Arc::new(datafusion::execution::TaskContext::from(&state));
-            datafusion::physical_plan::collect(planned, task).await
+            datafusion::physical_plan::collect(planned, self.task.clone()).await
         };
         let out = tokio::time::timeout(self.eval_timeout, run)
             .await
