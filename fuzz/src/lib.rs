@@ -14,7 +14,7 @@
 //! decode the same way from either encoder's bytes.
 
 use meterflow_avro::{decode, encode, generic, header_of, DecodeError, Record};
-use meterflow_avro::{InstancesMsg, RatedMsg, SamplesMsg, UsageMsg};
+use meterflow_avro::{InstancesMsg, RatedMsg, SamplesMsg, UsageMsg, UsageViewMsg};
 use meterflow_types::{InstanceState, NodeHeartbeat, RatedEvent, Sample, Usage, Watermark};
 use std::fmt::Debug;
 
@@ -80,11 +80,32 @@ pub fn usage(data: &[u8]) {
     both(data, &h, |m| {
         agree::<Usage>(m);
         agree::<Watermark>(m);
+        views_agree(m);
         check(meterflow_avro::decode_usage_msg(m), |r| match r {
             UsageMsg::Usage(r) => roundtrip(&r),
             UsageMsg::Watermark(r) => roundtrip(&r),
         })
     });
+}
+
+/// The rater's decoder (usage as a view of the bytes) reads what the owned decoder
+/// reads, or fails the same way; labels only when kept.
+fn views_agree(m: &[u8]) {
+    let owned = meterflow_avro::decode_usage_msg(m);
+    for keep in [true, false] {
+        match (&owned, meterflow_avro::decode_usage_view(m, keep)) {
+            (Ok(UsageMsg::Usage(a)), Ok(UsageViewMsg::Usage(v))) => {
+                let mut a = a.clone();
+                if !keep {
+                    a.labels.clear();
+                }
+                assert_eq!(v.into_usage(), a, "the view reads a different record");
+            }
+            (Ok(UsageMsg::Watermark(a)), Ok(UsageViewMsg::Watermark(b))) => assert_eq!(a, &b),
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+            (a, b) => panic!("owned {a:?} / view {b:?}"),
+        }
+    }
 }
 
 /// The instances topic (instance state and node rows).

@@ -459,7 +459,43 @@ pub(crate) fn write_usage(u: &meterflow_types::UsageView<'_>, w: &mut Writer<'_>
     w.dec(u.net_tx_bytes);
     w.dec(u.disk_read_bytes);
     w.dec(u.disk_write_bytes);
-    w.labels(u.labels);
+    w.labels(&u.labels);
+}
+
+/// A usage record's datum as a view of the bytes it is read from; its labels read and
+/// checked, and kept only if `keep_labels` (else none).
+pub(crate) fn read_usage<'a>(
+    r: &mut Reader<'a>,
+    keep_labels: bool,
+) -> Result<UsageView<'a>, DecodeError> {
+    Ok(UsageView {
+        id: std::borrow::Cow::Borrowed(r.str()?),
+        sample_id: r.str()?,
+        instance_id: r.str()?,
+        entity_id: r.str()?,
+        user_id: r.str()?,
+        project: r.opt_str()?,
+        node_id: r.str()?,
+        site: r.str()?,
+        kind: r.str()?,
+        flavor: r.opt_str()?,
+        interval_start: r.long()?,
+        interval_end: r.long()?,
+        vcpu_seconds: r.dec("vcpu_seconds")?,
+        cpu_seconds: r.dec("cpu_seconds")?,
+        memory_byte_seconds: r.dec("memory_byte_seconds")?,
+        memory_used_byte_seconds: r.opt_dec("memory_used_byte_seconds")?,
+        net_rx_bytes: r.dec("net_rx_bytes")?,
+        net_tx_bytes: r.dec("net_tx_bytes")?,
+        disk_read_bytes: r.dec("disk_read_bytes")?,
+        disk_write_bytes: r.dec("disk_write_bytes")?,
+        labels: if keep_labels {
+            std::borrow::Cow::Owned(r.labels()?)
+        } else {
+            r.skip_labels()?;
+            std::borrow::Cow::Borrowed(&meterflow_types::NO_LABELS)
+        },
+    })
 }
 
 impl Record for Usage {
@@ -472,31 +508,7 @@ impl Record for Usage {
         true
     }
     fn read_datum(r: &mut Reader<'_>) -> Option<Result<Self, DecodeError>> {
-        Some((|| {
-            Ok(Usage {
-                id: r.string()?,
-                sample_id: r.string()?,
-                instance_id: r.string()?,
-                entity_id: r.string()?,
-                user_id: r.string()?,
-                project: r.opt_string()?,
-                node_id: r.string()?,
-                site: r.string()?,
-                kind: r.string()?,
-                flavor: r.opt_string()?,
-                interval_start: r.long()?,
-                interval_end: r.long()?,
-                vcpu_seconds: r.dec("vcpu_seconds")?,
-                cpu_seconds: r.dec("cpu_seconds")?,
-                memory_byte_seconds: r.dec("memory_byte_seconds")?,
-                memory_used_byte_seconds: r.opt_dec("memory_used_byte_seconds")?,
-                net_rx_bytes: r.dec("net_rx_bytes")?,
-                net_tx_bytes: r.dec("net_tx_bytes")?,
-                disk_read_bytes: r.dec("disk_read_bytes")?,
-                disk_write_bytes: r.dec("disk_write_bytes")?,
-                labels: r.labels()?,
-            })
-        })())
+        Some(read_usage(r, true).map(UsageView::into_usage))
     }
     fn to_value(&self) -> Value {
         rec(vec![
@@ -1573,8 +1585,28 @@ mod tests {
             let bytes = encode(r);
             assert_eq!(bytes, crate::generic::encode(r), "{} bytes differ", R::NAME);
             assert!(agree::<R>(&bytes));
-            for _ in 0..20_000 / records.len() {
-                let mut m = bytes.clone();
+            for m in mutants(&bytes, &mut rng, 20_000 / records.len()) {
+                if agree::<R>(&m) {
+                    ok += 1;
+                } else {
+                    bad += 1;
+                }
+            }
+        }
+        // both sides of the comparison were exercised
+        assert!(
+            ok > 100 && bad > 1000,
+            "{}: {ok} decoded, {bad} refused",
+            R::NAME
+        );
+    }
+
+    /// `n` mutations of a message (past its header): bytes changed, inserted, removed,
+    /// cut; varints and lengths stretched.
+    fn mutants(bytes: &[u8], rng: &mut Rng, n: usize) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|_| {
+                let mut m = bytes.to_vec();
                 for _ in 0..1 + rng.below(3) {
                     let at = 10 + rng.below(m.len().saturating_sub(10));
                     match rng.below(7) {
@@ -1593,19 +1625,53 @@ mod tests {
                         _ => {}
                     }
                 }
-                if agree::<R>(&m) {
-                    ok += 1;
-                } else {
-                    bad += 1;
+                m
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_usage_view_reads_what_a_usage_record_reads() {
+        let mut u2 = usage();
+        u2.labels.insert("zone".into(), "b".into());
+        u2.project = None;
+        let w = Watermark {
+            stage: "enricher".into(),
+            source_partition: 0,
+            source_partitions: 1,
+            time: 7,
+        };
+        let mut rng = Rng(6);
+        let (mut ok, mut bad) = (0, 0);
+        for bytes in [encode(&usage()), encode(&u2), encode(&w)] {
+            for m in mutants(&bytes, &mut rng, 5_000).into_iter().chain([bytes]) {
+                let owned = crate::decode_usage_msg(&m);
+                for keep in [true, false] {
+                    match (&owned, crate::decode_usage_view(&m, keep)) {
+                        (Ok(crate::UsageMsg::Usage(a)), Ok(crate::UsageViewMsg::Usage(v))) => {
+                            let mut a = a.clone();
+                            if !keep {
+                                a.labels.clear();
+                            }
+                            assert_eq!(v.into_usage(), a);
+                            ok += 1;
+                        }
+                        (
+                            Ok(crate::UsageMsg::Watermark(a)),
+                            Ok(crate::UsageViewMsg::Watermark(b)),
+                        ) => {
+                            assert_eq!(a, &b)
+                        }
+                        (Err(a), Err(b)) => {
+                            assert_eq!(a.to_string(), b.to_string());
+                            bad += 1;
+                        }
+                        (a, b) => panic!("owned {a:?} / view {b:?} on {m:02x?}"),
+                    }
                 }
             }
         }
-        // both sides of the comparison were exercised
-        assert!(
-            ok > 100 && bad > 1000,
-            "{}: {ok} decoded, {bad} refused",
-            R::NAME
-        );
+        assert!(ok > 100 && bad > 1000, "{ok} decoded, {bad} refused");
     }
 
     #[test]

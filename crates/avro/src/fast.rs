@@ -162,11 +162,15 @@ impl<'a> Reader<'a> {
         }
     }
 
-    pub fn opt_string(&mut self) -> Res<Option<String>> {
+    pub fn opt_str(&mut self) -> Res<Option<&'a str>> {
         Ok(match self.union(2)? {
             0 => None,
-            _ => Some(self.string()?),
+            _ => Some(self.str()?),
         })
+    }
+
+    pub fn opt_string(&mut self) -> Res<Option<String>> {
+        Ok(self.opt_str()?.map(str::to_string))
     }
 
     pub fn opt_long(&mut self) -> Res<Option<i64>> {
@@ -187,10 +191,22 @@ impl<'a> Reader<'a> {
     /// followed by the block's size in bytes). A key given twice keeps its last value.
     pub fn labels(&mut self) -> Res<Labels> {
         let mut out = Labels::new();
+        self.map_entries(|k, v| {
+            out.insert(k.to_string(), v.to_string());
+        })?;
+        Ok(out)
+    }
+
+    /// A map of strings read and checked as `labels` reads it, and not kept.
+    pub fn skip_labels(&mut self) -> Res<()> {
+        self.map_entries(|_, _| {})
+    }
+
+    fn map_entries(&mut self, mut entry: impl FnMut(&'a str, &'a str)) -> Res<()> {
         loop {
             let count = self.long()?;
             let n = match count {
-                0 => return Ok(out),
+                0 => return Ok(()),
                 c if c < 0 => {
                     self.long()?; // the block's size in bytes
                     c.checked_neg()
@@ -204,9 +220,9 @@ impl<'a> Reader<'a> {
                 );
             }
             for _ in 0..n {
-                let k = self.string()?;
-                let v = self.string()?;
-                out.insert(k, v);
+                let k = self.str()?;
+                let v = self.str()?;
+                entry(k, v);
             }
         }
     }

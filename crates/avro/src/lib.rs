@@ -296,6 +296,13 @@ pub enum UsageMsg {
     Usage(Usage),
     Watermark(Watermark),
 }
+/// `UsageMsg`, its usage a view of the message's bytes (`decode_usage_view`).
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
+pub enum UsageViewMsg<'a> {
+    Usage(UsageView<'a>),
+    Watermark(Watermark),
+}
 /// What may appear on the instances topic: instance state, and node rows.
 #[derive(Debug, Clone, PartialEq)]
 pub enum InstancesMsg {
@@ -328,6 +335,21 @@ pub fn decode_usage_msg(bytes: &[u8]) -> Result<UsageMsg, DecodeError> {
         Err(w) => UsageMsg::Watermark(w),
     })
 }
+/// A usage-topic message as `decode_usage_msg` reads it, with the usage record a view of
+/// `bytes` (text fields borrowed; labels kept only if `keep_labels`): what a reader that
+/// keeps few records whole decodes, allocating nothing for the rest. The same checks,
+/// the same errors.
+pub fn decode_usage_view(bytes: &[u8], keep_labels: bool) -> Result<UsageViewMsg<'_>, DecodeError> {
+    if bytes.len() >= 10 && bytes[..10] == Watermark::compiled().header {
+        return decode::<Watermark>(bytes).map(UsageViewMsg::Watermark);
+    }
+    let body = check_header(bytes, Usage::compiled())?;
+    let mut r = fast::Reader::new(Usage::NAME, body);
+    let u = convert::read_usage(&mut r, keep_labels)?;
+    r.finish()?;
+    Ok(UsageViewMsg::Usage(u))
+}
+
 pub fn decode_instances_msg(bytes: &[u8]) -> Result<InstancesMsg, DecodeError> {
     Ok(match dispatch2::<InstanceState, NodeHeartbeat>(bytes)? {
         Ok(s) => InstancesMsg::Instance(s),

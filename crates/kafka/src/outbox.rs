@@ -92,6 +92,12 @@ impl Outbox {
 
     /// Wait for every queued record's acknowledgement.
     pub async fn flush(&mut self) -> Result<()> {
+        if !self.pending.is_empty() {
+            // The caller waits from here on: what lingers (`linger.ms`, there to batch
+            // records while the stage goes on producing) goes out now.
+            let p = self.producer.clone();
+            let _ = tokio::task::spawn_blocking(move || send_lingering(&p)).await;
+        }
         for f in self.pending.drain(..) {
             match f.await {
                 Ok(Ok(_)) => {}
@@ -113,5 +119,21 @@ impl Outbox {
 
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+}
+
+/// librdkafka's `rd_kafka_flush`: while it runs, queued records are sent without waiting
+/// out `linger.ms`; it returns once every record of the producer is acknowledged (their
+/// delivery reports served by the producer's polling thread) or after a second, whichever
+/// is first. (rdkafka's `flush` calls it with no wait in a loop, so the broker threads may
+/// wake after it returned and linger anyway.) Blocking: run it off the async threads.
+#[allow(unsafe_code)]
+fn send_lingering(p: &FutureProducer) {
+    use rdkafka::producer::Producer;
+    // SAFETY: the client handle is valid while `p` lives (it is borrowed for the call);
+    // librdkafka's producer calls are thread-safe, and with delivery reports as events
+    // (as rdkafka sets them) `rd_kafka_flush` only waits for the in-flight count to fall.
+    unsafe {
+        rdkafka::bindings::rd_kafka_flush(p.client().native_ptr(), 1000);
     }
 }

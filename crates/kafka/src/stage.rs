@@ -35,6 +35,8 @@ pub enum Assignment {
 /// exactly the records after it, as it would on Kafka.
 pub struct Ctx {
     events: Mutex<Vec<Assignment>>,
+    /// Told of every assignment change (`next_batch` returns to the stage at once).
+    changed: tokio::sync::Notify,
     /// The partitions this member owns now → the committed offset at assignment (records
     /// below it are dropped; 0 when none). Records of other partitions (fetched before a
     /// revoke) are dropped and their offsets never committed: a member that lost a
@@ -105,6 +107,7 @@ impl ConsumerContext for Ctx {
                 if let Ok(mut ev) = self.events.lock() {
                     ev.push(Assignment::Assigned(parts(tpl)));
                 }
+                self.changed.notify_one();
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(partitions = ?parts(tpl), "partitions revoked");
@@ -116,6 +119,7 @@ impl ConsumerContext for Ctx {
                 if let Ok(mut ev) = self.events.lock() {
                     ev.push(Assignment::Revoked(parts(tpl)));
                 }
+                self.changed.notify_one();
                 if let Err(e) = c.unassign() {
                     tracing::error!(error = %e, "unassigning partitions");
                 }
@@ -214,6 +218,7 @@ impl StageIo {
         let consumer: StreamConsumer<Ctx> = c
             .create_with_context(Ctx {
                 events: Mutex::new(Vec::new()),
+                changed: tokio::sync::Notify::new(),
                 owned: Mutex::new(HashMap::new()),
                 rewind: cfg.resume_rewind,
                 ends: Default::default(),
@@ -246,7 +251,9 @@ impl StageIo {
     /// Up to `max` messages: waits at most `max_wait` for the first one, then takes what
     /// keeps arriving — a backlog fills the batch, a trickle ends it after a gap of
     /// `BATCH_GAP` (so a lone message, a window-closing marker say, is not held back for
-    /// the whole `max_wait`). Returns early, empty, on shutdown.
+    /// the whole `max_wait`). Returns early, empty, on shutdown, and on an assignment
+    /// change while it has no message yet (the stage takes up its new partitions, reading
+    /// their state, while the client fetches their first records).
     pub async fn next_batch(
         &mut self,
         max: usize,
@@ -265,6 +272,7 @@ impl StageIo {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = self.consumer.context().changed.notified(), if messages.is_empty() => break,
                 r = tokio::time::timeout(left, self.consumer.recv()) => match r {
                     Err(_) => break,
                     Ok(Ok(m)) => messages.push(m.detach()),

@@ -127,7 +127,11 @@ pub trait HasHttp {
 /// scoped thread of its own (for work that depends on no other item: a stage prepares
 /// its batch this way while what depends on the order stays on its main loop). A panic
 /// in `f` is the caller's panic, as it would be on one thread.
-pub fn map_in_halves<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+/// `R` may borrow from the items.
+pub fn map_in_halves<'a, T: Sync, R: Send>(
+    items: &'a [T],
+    f: impl Fn(&'a T) -> R + Sync,
+) -> Vec<R> {
     if items.len() < HALVES_FROM {
         return items.iter().map(&f).collect();
     }

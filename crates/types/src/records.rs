@@ -184,14 +184,16 @@ impl Usage {
             net_tx_bytes: self.net_tx_bytes,
             disk_read_bytes: self.disk_read_bytes,
             disk_write_bytes: self.disk_write_bytes,
-            labels: &self.labels,
+            labels: std::borrow::Cow::Borrowed(&self.labels),
         }
     }
 }
 
 /// A usage record whose text fields borrow from the sample, owner and instance state it
 /// was joined from: the enricher encodes it straight to the wire, with no `Usage` (about
-/// twenty allocations and frees per record) in between. Field for field a `Usage`.
+/// twenty allocations and frees per record) in between; and the rater decodes it from
+/// the message's bytes, making a `Usage` only for a record a window keeps as a row of
+/// its own. Field for field a `Usage`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageView<'a> {
     /// Made by the join (`Usage::make_id`), or borrowed from a `Usage`.
@@ -215,7 +217,36 @@ pub struct UsageView<'a> {
     pub net_tx_bytes: Dec,
     pub disk_read_bytes: Dec,
     pub disk_write_bytes: Dec,
-    pub labels: &'a Labels,
+    pub labels: std::borrow::Cow<'a, Labels>,
+}
+
+impl UsageView<'_> {
+    /// The record, owned.
+    pub fn into_usage(self) -> Usage {
+        Usage {
+            id: self.id.into_owned(),
+            sample_id: self.sample_id.to_string(),
+            instance_id: self.instance_id.to_string(),
+            entity_id: self.entity_id.to_string(),
+            user_id: self.user_id.to_string(),
+            project: self.project.map(str::to_string),
+            node_id: self.node_id.to_string(),
+            site: self.site.to_string(),
+            kind: self.kind.to_string(),
+            flavor: self.flavor.map(str::to_string),
+            interval_start: self.interval_start,
+            interval_end: self.interval_end,
+            vcpu_seconds: self.vcpu_seconds,
+            cpu_seconds: self.cpu_seconds,
+            memory_byte_seconds: self.memory_byte_seconds,
+            memory_used_byte_seconds: self.memory_used_byte_seconds,
+            net_rx_bytes: self.net_rx_bytes,
+            net_tx_bytes: self.net_tx_bytes,
+            disk_read_bytes: self.disk_read_bytes,
+            disk_write_bytes: self.disk_write_bytes,
+            labels: self.labels.into_owned(),
+        }
+    }
 }
 
 /// No labels (an instance whose registration is not used).

@@ -330,7 +330,7 @@ fn usage_part<'a>(
         net_tx_bytes: or_zero(5),
         disk_read_bytes: or_zero(6),
         disk_write_bytes: or_zero(7),
-        labels: state.map_or(&NO_LABELS, |st| &st.labels),
+        labels: std::borrow::Cow::Borrowed(state.map_or(&NO_LABELS, |st| &st.labels)),
     }
 }
 

@@ -21,14 +21,14 @@ pub mod tables;
 pub mod todate;
 
 use anyhow::{Context, Result};
-use meterflow_avro::UsageMsg;
+use meterflow_avro::UsageViewMsg;
 use meterflow_kafka::probe::{as_refs, Forward, Probes, Trace};
 use meterflow_kafka::{ensure_topics, partition_count, KafkaConfig, Message, StageIo};
 use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
 use meterflow_types::watermark::SourceTimes;
 use meterflow_types::window::Tumbling;
 use meterflow_types::{
-    Dec, FastMap, FastSet, Millis, RatedEvent, RaterCheckpoint, Usage, Watermark,
+    Dec, FastMap, FastSet, Millis, RatedEvent, RaterCheckpoint, Usage, UsageView, Watermark,
 };
 use rules::Engine;
 use serde::{Deserialize, Serialize};
@@ -245,13 +245,14 @@ impl PartState {
 }
 
 /// Take a piece into a window whose rule merges rows: added to the row with its merge
-/// key, or a row of its own. `key` is a scratch buffer (reused: only a new row's key
-/// is allocated).
+/// key, or a row of its own (`own` makes it). `key` is a scratch buffer (reused: only a
+/// new row's key is allocated).
 fn merge_into(
     win: &mut Win,
     m: &rules::Merge,
     off: i64,
-    piece: &std::sync::Arc<Usage>,
+    piece: &UsageView<'_>,
+    own: impl FnOnce() -> std::sync::Arc<Usage>,
     key: &mut Vec<u8>,
 ) {
     m.key_into(piece, key);
@@ -264,7 +265,7 @@ fn merge_into(
         }
     }
     win.slots.insert(key.clone(), win.rows.len());
-    win.rows.push((off, piece.clone()));
+    win.rows.push((off, own()));
 }
 
 fn closed(w_end: Millis, lateness: Millis, watermark: Option<Millis>) -> bool {
@@ -638,7 +639,12 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         );
                     }
                 }
-                Prepared::Usage { at, id, split } => {
+                Prepared::Usage {
+                    at,
+                    id,
+                    view,
+                    split,
+                } => {
                     let trace = match probes.begin("rater.rate", msg) {
                         Trace::None => None,
                         t => Some(std::sync::Arc::new(t)),
@@ -647,19 +653,37 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         io.audit(&topics.usage, "in", at);
                     }
                     let wm = st.sources.min();
+                    // the record owned, made once when a window first keeps it as a row
+                    // (then shared by every rule that does)
+                    let mut owned: Option<std::sync::Arc<Usage>> = None;
                     for r in 0..nrules {
                         if quarantined.contains(&r) {
                             continue;
                         }
-                        let pieces = &split[distinct.of_rule[r]];
                         let header = &engine.rules[r].source.header;
                         let hops = header.hops();
-                        for (ps, piece) in pieces {
+                        let n = split.get(distinct.of_rule[r]).map_or(1, Vec::len);
+                        for i in 0..n {
+                            // the record whole in its pane, or a piece split from it
+                            let (ps, part) = match split.get(distinct.of_rule[r]) {
+                                None => (panes[r].start_of(view.interval_start), None),
+                                Some(pieces) => (pieces[i].0, Some(&pieces[i].1)),
+                            };
+                            let part_view = part.map(|p| p.view());
+                            let piece = part_view.as_ref().unwrap_or(&view);
+                            let own = |owned: &mut Option<std::sync::Arc<Usage>>| match part {
+                                Some(p) => p.clone(),
+                                None => owned
+                                    .get_or_insert_with(|| {
+                                        std::sync::Arc::new(view.clone().into_usage())
+                                    })
+                                    .clone(),
+                            };
                             // a pane piece counts once in each window it lies in; its key
                             // in a window is the usage id (and the pane, when hopping)
                             let key = || {
                                 if hops == 1 {
-                                    piece.id.clone()
+                                    piece.id.to_string()
                                 } else {
                                     format!("{}@{ps}", piece.id)
                                 }
@@ -682,8 +706,8 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                     let to_date = if engine.rules[r].reads_to_date {
                                         let ps = period.bounds(ws).0;
                                         vec![(
-                                            piece.entity_id.clone(),
-                                            st.to_date[r].current(ps, &piece.entity_id),
+                                            piece.entity_id.to_string(),
+                                            st.to_date[r].current(ps, piece.entity_id),
                                         )]
                                     } else {
                                         Vec::new()
@@ -692,7 +716,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                         .evaluate_with(
                                             r,
                                             ws,
-                                            &[piece.as_ref()],
+                                            &[own(&mut owned).as_ref()],
                                             p,
                                             Some(&key()),
                                             &to_date,
@@ -725,9 +749,10 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                 if win.ids.insert(k) {
                                     win.records += 1;
                                     if let Some(m) = &engine.rules[r].merge {
-                                        merge_into(win, m, off, piece, &mut merge_key);
+                                        let own = || own(&mut owned);
+                                        merge_into(win, m, off, piece, own, &mut merge_key);
                                     } else {
-                                        win.rows.push((off, piece.clone()));
+                                        win.rows.push((off, own(&mut owned)));
                                     }
                                     if trace.is_some() {
                                         win.trace.clone_from(&trace);
@@ -1070,7 +1095,7 @@ impl Distinct {
 }
 
 /// A usage message as the batch's threads leave it for the main loop.
-enum Prepared {
+enum Prepared<'a> {
     Undecodable(meterflow_avro::DecodeError),
     Watermark(Watermark),
     Usage {
@@ -1078,52 +1103,68 @@ enum Prepared {
         at: (Millis, Dec),
         /// Its id as a key (`id_key`).
         id: u128,
-        /// Its pieces in each distinct pane (`Distinct::panes`).
+        /// The record, a view of the message's bytes.
+        view: UsageView<'a>,
+        /// Its pieces in each distinct pane (`Distinct::panes`); empty when it lies in
+        /// one window of every pane, the usual case (then it is owned only if a window
+        /// keeps it as a row of its own).
         split: Vec<Pieces>,
     },
 }
 
 /// Decode one usage message and split it into its panes' pieces (pure: everything that
 /// does not depend on the records before it).
-fn prepare(m: &meterflow_kafka::OwnedMessage, d: &Distinct, keep_labels: bool) -> Prepared {
-    let mut u = match meterflow_avro::decode_usage_msg(m.payload().unwrap_or_default()) {
+fn prepare<'a>(
+    m: &'a meterflow_kafka::OwnedMessage,
+    d: &Distinct,
+    keep_labels: bool,
+) -> Prepared<'a> {
+    // labels only if a rule reads them: windows do not hold them otherwise
+    let view = match meterflow_avro::decode_usage_view(m.payload().unwrap_or_default(), keep_labels)
+    {
         Err(e) => return Prepared::Undecodable(e),
-        Ok(UsageMsg::Watermark(w)) => return Prepared::Watermark(w),
-        Ok(UsageMsg::Usage(u)) => u,
+        Ok(UsageViewMsg::Watermark(w)) => return Prepared::Watermark(w),
+        Ok(UsageViewMsg::Usage(u)) => u,
     };
-    if !keep_labels {
-        u.labels.clear(); // no rule reads them: do not hold them in windows
+    let at = meterflow_kafka::audit::of_usage_view(&view);
+    let id = id_key(&view.id);
+    let (start, end) = (view.interval_start, view.interval_end);
+    let whole = |pane: &Tumbling| end <= start || pane.start_of(start) == pane.start_of(end - 1);
+    let split = if d.panes.iter().all(whole) {
+        Vec::new()
+    } else {
+        let u = std::sync::Arc::new(view.clone().into_usage());
+        d.panes
+            .iter()
+            .map(|pane| {
+                // a record inside one pane is shared as it is; others are split pro rata
+                if whole(pane) {
+                    vec![(pane.start_of(start), u.clone())]
+                } else {
+                    split_usage(&u, *pane)
+                        .into_iter()
+                        .map(|(ws, piece)| (ws, std::sync::Arc::new(piece)))
+                        .collect()
+                }
+            })
+            .collect()
+    };
+    Prepared::Usage {
+        at,
+        id,
+        view,
+        split,
     }
-    let at = meterflow_kafka::audit::of_usage(&u);
-    let id = id_key(&u.id);
-    let (start, end) = (u.interval_start, u.interval_end);
-    let whole = std::sync::Arc::new(u);
-    let split = d
-        .panes
-        .iter()
-        .map(|pane| {
-            // a record inside one pane is shared as it is; others are split pro rata
-            if end <= start || pane.start_of(start) == pane.start_of(end - 1) {
-                vec![(pane.start_of(start), whole.clone())]
-            } else {
-                split_usage(&whole, *pane)
-                    .into_iter()
-                    .map(|(ws, piece)| (ws, std::sync::Arc::new(piece)))
-                    .collect()
-            }
-        })
-        .collect();
-    Prepared::Usage { at, id, split }
 }
 
 /// Every message of a batch prepared, in order; a large batch's second half on a thread
 /// of its own (decoding and splitting are pure and were a large part of the main loop's
 /// time; windows, duplicates and closing depend on the order).
-fn prepare_batch(
-    messages: &[meterflow_kafka::OwnedMessage],
+fn prepare_batch<'a>(
+    messages: &'a [meterflow_kafka::OwnedMessage],
     d: &Distinct,
     keep_labels: bool,
-) -> Vec<Prepared> {
+) -> Vec<Prepared<'a>> {
     // the decoder never panics on input (fuzzed); were it to, as on the main loop
     meterflow_runtime::map_in_halves(messages, |m| prepare(m, d, keep_labels))
 }

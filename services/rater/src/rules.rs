@@ -18,7 +18,7 @@ use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use meterflow_types::window::humantime_ms;
-use meterflow_types::{id, Dec, Millis, RatedEvent, Usage};
+use meterflow_types::{id, Dec, Millis, RatedEvent, Usage, UsageView};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -563,7 +563,7 @@ pub struct Merge {
 impl Merge {
     /// The bytes that rows to be merged share: their key columns, and the sign of each
     /// sign column.
-    pub fn key(&self, u: &Usage) -> Vec<u8> {
+    pub fn key(&self, u: &UsageView<'_>) -> Vec<u8> {
         let mut k = Vec::with_capacity(64);
         self.key_into(u, &mut k);
         k
@@ -571,7 +571,7 @@ impl Merge {
 
     /// `key`, written into `k` (cleared first): a buffer reused across rows allocates
     /// nothing for the rows that merge into an existing one.
-    pub fn key_into(&self, u: &Usage, k: &mut Vec<u8>) {
+    pub fn key_into(&self, u: &UsageView<'_>, k: &mut Vec<u8>) {
         k.clear();
         let mut s = |v: Option<&[u8]>| match v {
             None => k.push(0),
@@ -585,12 +585,12 @@ impl Merge {
             match c {
                 2 => s(Some(u.entity_id.as_bytes())),
                 3 => s(Some(u.user_id.as_bytes())),
-                4 => s(u.project.as_deref().map(str::as_bytes)),
+                4 => s(u.project.map(str::as_bytes)),
                 5 => s(Some(u.instance_id.as_bytes())),
                 6 => s(Some(u.node_id.as_bytes())),
                 7 => s(Some(u.site.as_bytes())),
                 8 => s(Some(u.kind.as_bytes())),
-                9 => s(u.flavor.as_deref().map(str::as_bytes)),
+                9 => s(u.flavor.map(str::as_bytes)),
                 10 => s(Some(&u.interval_start.to_le_bytes())),
                 11 => s(Some(&u.interval_end.to_le_bytes())),
                 // not a key column (`merge_spec` never makes one)
@@ -610,7 +610,7 @@ impl Merge {
 }
 
 /// Quantity column `c` of a usage row.
-fn quantity(u: &Usage, c: usize) -> Option<Dec> {
+fn quantity(u: &UsageView<'_>, c: usize) -> Option<Dec> {
     match c {
         12 => Some(u.vcpu_seconds),
         13 => Some(u.cpu_seconds),
@@ -627,7 +627,7 @@ fn quantity(u: &Usage, c: usize) -> Option<Dec> {
 /// Add `from`'s quantities to `into` (a merged row). `false`, and `into` unchanged, on
 /// overflow: then the rows stay apart (and the rule's SUM reports the overflow as it
 /// would have).
-pub fn add_quantities(into: &mut Usage, from: &Usage) -> bool {
+pub fn add_quantities(into: &mut Usage, from: &UsageView<'_>) -> bool {
     let add = |a: Dec, b: Dec| a.checked_add(b).ok();
     let sums = (|| {
         let used = match (into.memory_used_byte_seconds, from.memory_used_byte_seconds) {
@@ -1741,10 +1741,10 @@ mod tests {
             let mut merged: Vec<Usage> = Vec::new();
             let mut slots: std::collections::HashMap<Vec<u8>, usize> = Default::default();
             for u in &rows {
-                match slots.get(&m.key(u)) {
-                    Some(&i) => assert!(add_quantities(&mut merged[i], u)),
+                match slots.get(&m.key(&u.view())) {
+                    Some(&i) => assert!(add_quantities(&mut merged[i], &u.view())),
                     None => {
-                        slots.insert(m.key(u), merged.len());
+                        slots.insert(m.key(&u.view()), merged.len());
                         merged.push(u.clone());
                     }
                 }
