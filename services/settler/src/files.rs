@@ -287,6 +287,14 @@ fn parquet(events: &[(i32, i64, RatedEvent)]) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// A version ready to write: its data files (path, bytes), its manifest and the
+/// manifest's path and bytes.
+pub struct Version {
+    pub manifest: Manifest,
+    files: Vec<(String, Vec<u8>)>,
+    manifest_file: (String, Vec<u8>),
+}
+
 /// Write a new version of an entity's settlement for a period. Events are sorted into
 /// a canonical order first, so the same events always give the same bytes.
 pub async fn write_version(
@@ -294,13 +302,67 @@ pub async fn write_version(
     period_label: &str,
     bounds: (Millis, Millis),
     entity: &str,
-    mut events: Vec<(i32, i64, RatedEvent)>,
+    events: Vec<(i32, i64, RatedEvent)>,
     opts: &VersionOpts,
 ) -> Result<Manifest> {
-    let focus = opts.focus;
+    let v = prepare_version(store, period_label, bounds, entity, events, opts).await?;
+    let mut written = write_versions(store, vec![v]).await?;
+    Ok(written.remove(0))
+}
+
+/// Write versions of different (period, entity) pairs together: every data file of
+/// every version written and synced side by side (each directory once), then every
+/// manifest. A manifest exists only once the files it lists are durable, and the
+/// file system's syncs are shared by the versions instead of queueing version by
+/// version (most of the settler's time was spent waiting for them).
+pub async fn write_versions(store: &Store, versions: Vec<Version>) -> Result<Vec<Manifest>> {
+    if versions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut data = Vec::new();
+    let mut manifests = Vec::new();
+    let mut out = Vec::with_capacity(versions.len());
+    for v in versions {
+        data.extend(v.files);
+        manifests.push(v.manifest_file);
+        out.push(v.manifest);
+    }
+    store.put_all(data, false).await?;
+    // the manifests last: a manifest's presence means its version is complete
+    store.put_all(manifests, true).await?;
+    Ok(out)
+}
+
+/// Encode a new version of an entity's settlement for a period (the next version
+/// number after those in the store), on a blocking thread: the CSV and Parquet
+/// encoders of several versions run side by side.
+pub async fn prepare_version(
+    store: &Store,
+    period_label: &str,
+    bounds: (Millis, Millis),
+    entity: &str,
+    events: Vec<(i32, i64, RatedEvent)>,
+    opts: &VersionOpts,
+) -> Result<Version> {
     let dir = entity_dir(period_label, entity);
-    let prev = existing(store, &dir).await?;
-    let version = prev.len() as u32 + 1;
+    let version = existing(store, &dir).await?.len() as u32 + 1;
+    let (label, entity, opts) = (period_label.to_string(), entity.to_string(), opts.clone());
+    tokio::task::spawn_blocking(move || {
+        encode_version(&dir, &label, bounds, &entity, version, events, &opts)
+    })
+    .await?
+}
+
+fn encode_version(
+    dir: &str,
+    period_label: &str,
+    bounds: (Millis, Millis),
+    entity: &str,
+    version: u32,
+    mut events: Vec<(i32, i64, RatedEvent)>,
+    opts: &VersionOpts,
+) -> Result<Version> {
+    let focus = opts.focus;
     events.sort_by(|a, b| {
         (a.2.window_start, &a.2.rule_id, &a.2.resource_id, &a.2.id).cmp(&(
             b.2.window_start,
@@ -366,27 +428,20 @@ pub async fn write_version(
         input_offsets: offsets,
         ids: events.iter().map(|(_, _, e)| e.id.clone()).collect(),
     };
-    // the data files together (their syncs overlap), then the manifest
-    let focus_put = async {
-        match focus_file {
-            Some((name, bytes)) => store.put(&format!("{dir}/{name}"), bytes).await,
-            None => Ok(()),
-        }
-    };
-    let (csv_path, pq_path) = (format!("{dir}/{csv_name}"), format!("{dir}/{pq_name}"));
-    tokio::try_join!(
-        store.put(&csv_path, csv_bytes),
-        store.put(&pq_path, pq),
-        focus_put,
-    )?;
-    // the manifest last: its presence means the version is complete
-    store
-        .put(
-            &format!("{dir}/{}", version_name(version, "manifest.json")),
-            serde_json::to_vec_pretty(&manifest)?,
-        )
-        .await?;
-    Ok(manifest)
+    let mut files = vec![
+        (format!("{dir}/{csv_name}"), csv_bytes),
+        (format!("{dir}/{pq_name}"), pq),
+    ];
+    files.extend(focus_file.map(|(name, bytes)| (format!("{dir}/{name}"), bytes)));
+    let manifest_file = (
+        format!("{dir}/{}", version_name(version, "manifest.json")),
+        serde_json::to_vec_pretty(&manifest)?,
+    );
+    Ok(Version {
+        manifest,
+        files,
+        manifest_file,
+    })
 }
 
 /// Every manifest under a settlement root (all periods, entities, versions).

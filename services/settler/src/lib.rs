@@ -218,6 +218,48 @@ impl Master {
     }
 }
 
+/// The master — the member that owns rated partition 0 (`owner` says whether this one
+/// does) — writes the period indexes, on a task of its own: the main loop never waits
+/// for its reads of the settler-state topic and the settlement directory (the first
+/// step alone, which starts a consumer, took a sixth of the settler's time when it ran
+/// in the loop).
+fn spawn_master(
+    kafka: KafkaConfig,
+    store: Store,
+    rated_parts: i32,
+    member: String,
+    mut owner: tokio::sync::watch::Receiver<bool>,
+    indexes_total: meterflow_runtime::Counter,
+) -> tokio::task::JoinHandle<Result<()>> {
+    tokio::spawn(async move {
+        let mut master: Option<Master> = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                // the loop stopped (the sender is gone): so does the master
+                r = owner.changed() => if r.is_err() { return Ok(()) },
+            }
+            if *owner.borrow_and_update() {
+                if master.is_none() {
+                    tracing::info!(member = %member, "master: this member writes the period indexes");
+                }
+                let mm = match master.as_mut() {
+                    Some(x) => x,
+                    None => master.insert(Master::new(&kafka)?),
+                };
+                for idx in mm.step(&store, rated_parts).await? {
+                    tracing::info!(period = %idx.period, version = idx.version, entities = idx.entity_count, totals = ?idx.totals, status = %idx.status, "period index written");
+                    indexes_total.inc();
+                }
+            } else if master.take().is_some() {
+                tracing::info!(member = %member, "no longer master");
+            }
+        }
+    })
+}
+
 pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let period = Period::parse(&cfg.period).map_err(anyhow::Error::msg)?;
     ensure_topics(&cfg.kafka).await?;
@@ -287,8 +329,15 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let rated_parts = partition_count(&cfg.kafka, &topics.rated)?;
     // the rated partitions this member owns; the owner of partition 0 is the master
     let mut owned: HashSet<i32> = HashSet::new();
-    let mut master: Option<Master> = None;
-    let mut master_checked = std::time::Instant::now();
+    let (is_master, master_owner) = tokio::sync::watch::channel(false);
+    let master = spawn_master(
+        cfg.kafka.clone(),
+        store.clone(),
+        rated_parts,
+        cfg.member.clone(),
+        master_owner,
+        indexes_total,
+    );
     // per rated partition: the closed-through last announced, and labels corrected since
     let mut progress_sent: HashMap<i32, Millis> = HashMap::new();
     let mut corrected: HashMap<i32, Vec<String>> = HashMap::new();
@@ -320,11 +369,36 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             }
         }
         let mut corrections: BTreeMap<Key, Vec<(i32, i64, RatedEvent)>> = BTreeMap::new();
-        for msg in &batch.messages {
+        let decoded: Vec<_> = batch
+            .messages
+            .iter()
+            .map(|m| meterflow_avro::decode_rated_msg(m.payload().unwrap_or_default()))
+            .collect();
+        // the ids already in written files of each (period, entity) first seen here, read
+        // side by side
+        let mut unread: Vec<Key> = Vec::new();
+        for d in &decoded {
+            if let Ok(RatedMsg::Rated(e)) = d {
+                let key = (period.bounds(e.window_start).0, e.entity_id.clone());
+                if !written.contains_key(&key) && !unread.contains(&key) {
+                    unread.push(key);
+                }
+            }
+        }
+        let read = futures::future::try_join_all(unread.iter().map(|(ps, entity)| {
+            let dir = files::entity_dir(&period.label(*ps), entity);
+            let store = &store;
+            async move { files::existing(store, &dir).await }
+        }))
+        .await?;
+        for (key, versions) in unread.into_iter().zip(read) {
+            written.insert(key, versions.into_iter().flat_map(|m| m.ids).collect());
+        }
+        for (msg, decoded) in batch.messages.iter().zip(decoded) {
             let p = msg.partition();
             let st = parts.entry(p).or_default();
             st.position = Some(msg.offset() + 1);
-            match meterflow_avro::decode_rated_msg(msg.payload().unwrap_or_default()) {
+            match decoded {
                 Err(e) => {
                     io.dead_letter(msg, e.reason_code(), &e.to_string()).await?;
                     dlq_total.inc();
@@ -340,15 +414,6 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     io.audit(&topics.rated, "in", audited);
                     let (ps, pe) = period.bounds(e.window_start);
                     let key = (ps, e.entity_id.clone());
-                    if !written.contains_key(&key) {
-                        let dir = files::entity_dir(&period.label(ps), &e.entity_id);
-                        let ids = files::existing(&store, &dir)
-                            .await?
-                            .into_iter()
-                            .flat_map(|m| m.ids)
-                            .collect();
-                        written.insert(key.clone(), ids);
-                    }
                     let done = written.entry(key.clone()).or_default();
                     let closed_before = !done.is_empty()
                         || st
@@ -414,27 +479,33 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                 closing.push((*p, key, why, events));
             }
         }
-        // Every (period, entity) has a directory of its own: their file sets are written
-        // concurrently (each one's files synced before its manifest, as before), so the
-        // file system's syncs overlap instead of queueing one behind another — most of
-        // the settler's time went to waiting for them. Then, in order, each is announced.
-        let written_sets =
-            futures::future::try_join_all(closing.into_iter().map(|(p, key, why, events)| {
-                let (store, label) = (&store, period.label(key.0));
-                let ids: Vec<String> = events.iter().map(|(_, _, e)| e.id.clone()).collect();
-                let opts = files::VersionOpts {
-                    focus: cfg.focus,
-                    generated_at: now,
-                    incomplete: why.clone(),
-                };
-                let bounds = period.bounds(key.0);
-                async move {
-                    let man =
-                        files::write_version(store, &label, bounds, &key.1, events, &opts).await?;
-                    anyhow::Ok((p, key, why, ids, label, man))
-                }
-            }))
-            .await?;
+        // Every (period, entity) has a directory of its own: their versions are encoded
+        // side by side, then written together — every data file synced, then every
+        // manifest (`files::write_versions`), so the file system's syncs are shared
+        // instead of queueing set by set: most of the settler's time went to waiting
+        // for them. Then, in order, each is announced.
+        let (mut meta, mut versions) = (Vec::new(), Vec::new());
+        for (p, key, why, events) in closing {
+            let label = period.label(key.0);
+            let ids: Vec<String> = events.iter().map(|(_, _, e)| e.id.clone()).collect();
+            let opts = files::VersionOpts {
+                focus: cfg.focus,
+                generated_at: now,
+                incomplete: why.clone(),
+            };
+            let (store, bounds, l, entity) =
+                (&store, period.bounds(key.0), label.clone(), key.1.clone());
+            versions.push(async move {
+                files::prepare_version(store, &l, bounds, &entity, events, &opts).await
+            });
+            meta.push((p, key, why, ids, label));
+        }
+        let prepared = futures::future::try_join_all(versions).await?;
+        let written_sets = files::write_versions(&store, prepared)
+            .await?
+            .into_iter()
+            .zip(meta)
+            .map(|(man, (p, key, why, ids, label))| (p, key, why, ids, label, man));
         for (p, key, why, ids, label, man) in written_sets {
             let waiting = incomplete.entry(p).or_default();
             match &why {
@@ -498,24 +569,13 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             .await?;
             progress_sent.insert(*p, closed_through);
         }
-        // the master writes the index of every period all partitions have closed
-        if master_checked.elapsed() >= Duration::from_secs(1) {
-            master_checked = std::time::Instant::now();
-            if owned.contains(&0) {
-                if master.is_none() {
-                    tracing::info!(member = %cfg.member, "master: this member writes the period indexes");
-                }
-                let mm = match master.as_mut() {
-                    Some(x) => x,
-                    None => master.insert(Master::new(&cfg.kafka)?),
-                };
-                for idx in mm.step(&store, rated_parts).await? {
-                    tracing::info!(period = %idx.period, version = idx.version, entities = idx.entity_count, totals = ?idx.totals, status = %idx.status, "period index written");
-                    indexes_total.inc();
-                }
-            } else if master.take().is_some() {
-                tracing::info!(member = %cfg.member, "no longer master");
-            }
+        // the master writes the index of every period all partitions have closed (on its
+        // own task; an error there stops the settler)
+        let now_master = owned.contains(&0);
+        is_master.send_if_modified(|m| std::mem::replace(m, now_master) != now_master);
+        if master.is_finished() {
+            master.await??;
+            anyhow::bail!("the period-index master stopped");
         }
         // commit: never past an event of a period not yet written
         let offsets: Vec<(String, i32, i64)> = parts
@@ -535,8 +595,10 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             io.commit(&offsets).await?;
         }
         // the records are acknowledged: mark their versions announced (concurrently, as
-        // the file sets were written)
-        futures::future::try_join_all(to_mark.iter().map(|m| store.put(m, Vec::new()))).await?;
+        // the file sets were written; not synced: a marker lost to a crash only repeats
+        // an announcement, identical, on start)
+        futures::future::try_join_all(to_mark.iter().map(|m| store.put_unsynced(m, Vec::new())))
+            .await?;
         to_mark.clear();
     }
     Ok(())

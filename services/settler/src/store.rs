@@ -7,8 +7,13 @@
 //! the local store writes a staging file and renames it). Manifests, markers and lines
 //! are plain puts; period indexes are *created* (`PutMode::Create`: a hard link locally,
 //! `If-None-Match: *` on S3), so two masters can never both write one. On a local
-//! directory each write is also fsynced with its directory, which `object_store` leaves
-//! out, so a version is on disk before the offsets that produced it are committed.
+//! directory each write is also fsynced, which `object_store` leaves out: the file, then
+//! its directory and every directory above it up to the root (a directory created for
+//! it is durable only once its own entry is), so a version is on disk before the
+//! offsets that produced it are committed. A version's data files are synced together
+//! (`put_all`: each file, then their directory once) before its manifest is written.
+//! Only the `announced` markers are left unsynced (`put_unsynced`): losing one repeats
+//! an announcement, which is safe to repeat.
 
 use anyhow::{bail, Context, Result};
 use object_store::path::Path as ObjPath;
@@ -87,29 +92,67 @@ impl Store {
             .fold(self.prefix.clone(), |p, part| p.join(part))
     }
 
-    async fn sync(&self, rel: &str) -> Result<()> {
+    /// Make written files durable (a local directory only; object stores are durable
+    /// on return): each file synced, side by side, then each directory that holds them,
+    /// once — and with `ancestors`, every directory above up to the root, so a directory
+    /// created for them is durable too (its entry is in its parent).
+    async fn sync(&self, rels: &[&str], ancestors: bool) -> Result<()> {
         let Some(root) = self.local.clone() else {
             return Ok(());
         };
-        let file = root.join(rel);
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            std::fs::File::open(&file)?.sync_all()?;
-            if let Some(d) = file.parent() {
-                std::fs::File::open(d)?.sync_all()?;
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for rel in rels {
+            let mut d = root.join(rel);
+            while d.pop() && d.starts_with(&root) {
+                if !dirs.contains(&d) {
+                    dirs.push(d.clone());
+                }
+                if !ancestors {
+                    break;
+                }
             }
-            Ok(())
-        })
-        .await?
-        .with_context(|| format!("syncing {rel}"))
+        }
+        let files = rels.iter().map(|rel| root.join(rel));
+        sync_paths(files.collect()).await?;
+        sync_paths(dirs).await
     }
 
-    /// Write `rel` whole, replacing what was there.
-    pub async fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
+    async fn write(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
         self.inner
             .put(&self.path(rel), PutPayload::from(bytes))
             .await
             .with_context(|| format!("writing {}", self.describe(rel)))?;
-        self.sync(rel).await
+        Ok(())
+    }
+
+    /// Write `rel` whole, replacing what was there, and make it durable with every
+    /// directory above it.
+    pub async fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
+        self.write(rel, bytes).await?;
+        self.sync(&[rel], true).await
+    }
+
+    /// Write several files whole, side by side, then make them durable: each file, then
+    /// each directory holding them, once (not one directory sync per file) — with
+    /// `ancestors`, also every directory above up to the root (see `put`). Without, those
+    /// are left to a later call with it (the manifests that follow their data files).
+    pub async fn put_all(&self, files: Vec<(String, Vec<u8>)>, ancestors: bool) -> Result<()> {
+        let rels: Vec<String> = files.iter().map(|(r, _)| r.clone()).collect();
+        futures::future::try_join_all(
+            files
+                .into_iter()
+                .map(|(r, b)| async move { self.write(&r, b).await }),
+        )
+        .await?;
+        let rels: Vec<&str> = rels.iter().map(String::as_str).collect();
+        self.sync(&rels, ancestors).await
+    }
+
+    /// Write `rel` whole without syncing it: only for a file whose loss after a crash
+    /// repeats work that is safe to repeat (a version's `announced` marker: without it
+    /// the version is announced again, with the same entity, period and version).
+    pub async fn put_unsynced(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
+        self.write(rel, bytes).await
     }
 
     /// Create `rel` unless it exists: false if it did (another writer was first).
@@ -124,7 +167,7 @@ impl Store {
             .await
         {
             Ok(_) => {
-                self.sync(rel).await?;
+                self.sync(&[rel], true).await?;
                 Ok(true)
             }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
@@ -201,6 +244,18 @@ fn s3(location: &str, _: &str, _: &BTreeMap<String, String>) -> Result<Store> {
     bail!("settlement location {location:?}: this build has no S3 support (build with the `s3` feature)")
 }
 
+/// fsync each path (a file or a directory), side by side on blocking threads.
+async fn sync_paths(paths: Vec<PathBuf>) -> Result<()> {
+    futures::future::try_join_all(paths.into_iter().map(|path| async move {
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || std::fs::File::open(&p)?.sync_all())
+            .await?
+            .with_context(|| format!("syncing {}", path.display()))
+    }))
+    .await?;
+    Ok(())
+}
+
 /// Run a store call from synchronous code (tools and tests), on a runtime of its own.
 pub fn blocking<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio::runtime::Builder::new_current_thread()
@@ -241,8 +296,27 @@ mod tests {
         s.put("period=q/entity=f/a.json", Vec::new())
             .await
             .expect("put");
+        s.put_all(
+            vec![
+                ("period=p/entity=g/x.csv".into(), b"x".to_vec()),
+                ("period=p/entity=g/y.csv".into(), b"y".to_vec()),
+            ],
+            true,
+        )
+        .await
+        .expect("put_all");
+        s.put_unsynced("period=p/entity=g/marker", Vec::new())
+            .await
+            .expect("put_unsynced");
+        for (f, want) in [("x.csv", &b"x"[..]), ("y.csv", b"y"), ("marker", b"")] {
+            let got = s.get(&format!("period=p/entity=g/{f}")).await.expect("get");
+            assert_eq!(got.as_deref(), Some(want), "{f}");
+        }
         assert_eq!(s.dirs("").await.expect("dirs"), ["period=p", "period=q"]);
-        assert_eq!(s.dirs("period=p").await.expect("dirs"), ["entity=e"]);
+        assert_eq!(
+            s.dirs("period=p").await.expect("dirs"),
+            ["entity=e", "entity=g"]
+        );
         assert!(s.dirs("period=none").await.expect("dirs").is_empty());
     }
 
