@@ -209,7 +209,12 @@ impl Master {
                     .is_some_and(|end| end <= all)
             };
             if due {
-                written.extend(index::write(store, &dir).await?);
+                if let Some(idx) = index::write(store, &dir).await? {
+                    // said at once, not after the other periods' checks: a master killed
+                    // meanwhile would have written an index no log line tells of
+                    tracing::info!(period = %idx.period, version = idx.version, entities = idx.entity_count, totals = ?idx.totals, status = %idx.status, "period index written");
+                    written.push(idx);
+                }
             }
         }
         self.full_check = false;
@@ -249,8 +254,7 @@ fn spawn_master(
                     Some(x) => x,
                     None => master.insert(Master::new(&kafka)?),
                 };
-                for idx in mm.step(&store, rated_parts).await? {
-                    tracing::info!(period = %idx.period, version = idx.version, entities = idx.entity_count, totals = ?idx.totals, status = %idx.status, "period index written");
+                for _ in mm.step(&store, rated_parts).await? {
                     indexes_total.inc();
                 }
             } else if master.take().is_some() {
