@@ -283,31 +283,6 @@ impl StageIo {
                 }
             }
         }
-        self.finish_batch(messages)
-    }
-
-    /// The messages the client holds already (up to `max`), taken without waiting: the
-    /// batch a stage can prepare while it still sends the output of the one before. Empty
-    /// when nothing has arrived yet.
-    pub fn buffered_batch(&mut self, max: usize) -> Result<Batch> {
-        use futures::FutureExt;
-        let mut messages = Vec::new();
-        while messages.len() < max {
-            match self.consumer.recv().now_or_never() {
-                Some(Ok(m)) => messages.push(m.detach()),
-                Some(Err(e)) => {
-                    tracing::warn!(stage = %self.stage, error = %e, "consumer error");
-                    break;
-                }
-                None => break,
-            }
-        }
-        self.finish_batch(messages)
-    }
-
-    /// A batch of what `next_batch` or `buffered_batch` took: only the partitions owned
-    /// now, and the assignment changes since the last batch.
-    fn finish_batch(&mut self, mut messages: Vec<OwnedMessage>) -> Result<Batch> {
         // only partitions owned now, and nothing below the committed offset (rewind)
         if let Ok(owned) = self.consumer.context().owned.lock() {
             // a member owns a few partitions: a scan, with no key to build per message

@@ -372,10 +372,8 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         &[&topics.samples],
         &cfg.member,
     )?;
-    // shared (read only) with the thread preparing the batch read ahead; changed only
-    // between batches, when no preparation is in flight
-    let mut tables = std::sync::Arc::new(Tables::default());
-    let n = tables_mut(&mut tables)?.refresh(&cfg.kafka)?;
+    let mut tables = Tables::default();
+    let n = tables.refresh(&cfg.kafka)?;
     tracing::info!(
         records = n,
         instances = tables.instances.len(),
@@ -439,9 +437,6 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
     let mut last_commit = Instant::now();
     // input taken since progress was last made durable
     let mut uncommitted = false;
-    // the next batch, taken from what the client held when this one was prepared, and
-    // its preparation running on a blocking thread while this one is sent
-    let mut ahead: Option<(meterflow_kafka::Batch, Option<Preparing>)> = None;
     while !ctx.shutdown.is_cancelled() {
         // with progress not yet durable, wait for input no longer than until it is due
         // (so the last of a backlog is committed on time, not a whole wait later)
@@ -454,13 +449,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             };
             wait = wait.min(interval.saturating_sub(last_commit.elapsed()));
         }
-        let (mut batch, preparing) = match ahead.take() {
-            Some(a) => a,
-            None => (
-                io.next_batch(cfg.batch_size, wait, &ctx.shutdown).await?,
-                None,
-            ),
-        };
+        let batch = io.next_batch(cfg.batch_size, wait, &ctx.shutdown).await?;
         probes.refresh();
         let rebalanced = !batch.rebalances.is_empty();
         if rebalanced {
@@ -496,19 +485,8 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                 }
             }
         }
-        // a batch prepared ahead is joined before the tables change
-        let ready = match preparing {
-            Some(h) => {
-                let (messages, prepared) = h
-                    .await
-                    .map_err(|e| anyhow::anyhow!("preparing a batch failed: {e}"))?;
-                batch.messages = messages;
-                Some(prepared)
-            }
-            None => None,
-        };
         let any_parked = parts.values().any(|s| !s.parked.is_empty());
-        feed.take(tables_mut(&mut tables)?, &topics, any_parked)?;
+        feed.take(&mut tables, &topics, any_parked)?;
         let missing: BTreeMap<String, Millis> = tables.missing_nodes(timeout).into_iter().collect();
         if missing != missing_reported {
             for (node, last) in &missing {
@@ -524,7 +502,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             c.missing.set(missing.len() as i64);
             missing_reported = missing;
         }
-        for (r, code, why) in tables_mut(&mut tables)?.take_bad() {
+        for (r, code, why) in tables.take_bad() {
             let at = Coordinates {
                 topic: &r.topic,
                 partition: r.partition,
@@ -540,33 +518,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             max_future: cfg.max_future.as_millis() as i64,
             max_age: cfg.max_age.as_millis() as i64,
         };
-        let prepared = match ready {
-            Some(p) => p,
-            None => prepare_batch(&batch.messages, &tables, &limits),
-        };
-        // Read ahead: what the client holds already is the next batch, prepared on a
-        // thread of its own (against the tables as they are now) while this one is
-        // handled and sent — decoding and joining were a third of the main loop's time.
-        // Only this loop sends, dedups and parks, in order, as before.
-        let next = io.buffered_batch(cfg.batch_size)?;
-        if !next.messages.is_empty() || !next.rebalances.is_empty() {
-            let meterflow_kafka::Batch {
-                messages,
-                rebalances,
-            } = next;
-            let h = (!messages.is_empty()).then(|| {
-                let (tables, limits) = (tables.clone(), limits.now_again());
-                tokio::task::spawn_blocking(move || {
-                    let prepared = prepare_batch(&messages, &tables, &limits);
-                    (messages, prepared)
-                })
-            });
-            let rest = meterflow_kafka::Batch {
-                messages: Vec::new(),
-                rebalances,
-            };
-            ahead = Some((rest, h));
-        }
+        let prepared = prepare_batch(&batch.messages, &tables, &limits);
         for (msg, prepared) in batch.messages.iter().zip(prepared) {
             let p = msg.partition();
             let st = parts.entry(p).or_default();
@@ -787,27 +739,6 @@ struct Limits {
     now: Millis,
     max_future: Millis,
     max_age: Millis,
-}
-
-impl Limits {
-    /// The same bounds, at the wall clock's time now.
-    fn now_again(&self) -> Limits {
-        Limits {
-            now: meterflow_kafka::now_ms(),
-            ..*self
-        }
-    }
-}
-
-/// A batch read ahead being prepared on a blocking thread: its messages and what each
-/// comes to.
-type Preparing = tokio::task::JoinHandle<(Vec<meterflow_kafka::OwnedMessage>, Vec<Prepared>)>;
-
-/// The tables, to change: only between batches, when no batch is being prepared (which
-/// holds the only other reference).
-fn tables_mut(tables: &mut std::sync::Arc<Tables>) -> Result<&mut Tables> {
-    std::sync::Arc::get_mut(tables)
-        .ok_or_else(|| anyhow::anyhow!("the tables are shared with a batch being prepared"))
 }
 
 /// A samples message as the batch's threads leave it for the main loop.

@@ -130,10 +130,6 @@ pub fn split_usage(u: &Usage, w: Tumbling) -> Vec<(Millis, Usage)> {
         .collect()
 }
 
-/// How long the rater waits for more input, at most, while offsets of checkpoints it sent
-/// wait for the next flush to be committed.
-const FINISH_WAIT: Duration = Duration::from_millis(20);
-
 /// A set of usage ids as 128-bit keys (foldhash: SipHash was a tenth of the rater's time).
 type Ids = FastSet<u128>;
 
@@ -158,10 +154,6 @@ impl ClosedIds {
             .find(|o| *o.counted == *sorted)
             .map(|o| o.counted.clone())
             .unwrap_or_else(|| sorted.into());
-        ClosedIds::shared(counted)
-    }
-    /// Ids shared with the rules of the same id group, closing the same window.
-    fn shared(counted: std::sync::Arc<[u128]>) -> ClosedIds {
         ClosedIds {
             counted,
             late: Ids::default(),
@@ -203,9 +195,10 @@ struct Win {
     rows: Vec<(i64, std::sync::Arc<Usage>)>,
     /// Merged rows by their merge key (index into `rows`).
     slots: FastMap<Vec<u8>, usize>,
-    /// Usage pieces taken into the window (each event's `usage_records`); their ids are
-    /// in the partition's `open_ids` of the rule's id group.
+    /// Usage pieces taken into the window (each event's `usage_records`).
     records: i64,
+    /// Usage ids in the window as 128-bit keys (`id_key`), as closed windows keep them.
+    ids: Ids,
     /// The probe trail of the last usage record that carried one (`rater.rate`): its
     /// revenue events forward it.
     trace: Option<std::sync::Arc<Trace>>,
@@ -215,11 +208,6 @@ struct PartState {
     sources: SourceTimes,
     /// Open windows per rule.
     windows: Vec<BTreeMap<Millis, Win>>,
-    /// The usage ids (`id_key`) in open windows, per id group (`Active::id_group`: rules
-    /// with the same panes, window and lateness take the same records into the same
-    /// windows, so they share one set) and window start. At ten times the events these
-    /// sets are what grows; one per rule was three times the memory for the shipped rules.
-    open_ids: Vec<BTreeMap<Millis, Ids>>,
     /// Usage ids of recently closed windows per rule (window start → ids), so a duplicate
     /// arriving after its window closed is dropped instead of becoming an adjustment.
     closed_ids: Vec<BTreeMap<Millis, ClosedIds>>,
@@ -232,9 +220,8 @@ struct PartState {
 }
 
 impl PartState {
-    fn new(rules: usize, id_groups: usize, cp: Option<&RaterCheckpoint>) -> PartState {
+    fn new(rules: usize, cp: Option<&RaterCheckpoint>) -> PartState {
         PartState {
-            open_ids: (0..id_groups).map(|_| BTreeMap::new()).collect(),
             sources: cp
                 .map(|c| SourceTimes::from_vec(&c.source_times))
                 .unwrap_or_default(),
@@ -301,12 +288,6 @@ struct Active {
     distinct: Distinct,
     sizes: Vec<Millis>,
     lateness: Vec<Millis>,
-    /// Per rule, its id group: rules with the same panes, window size and lateness (they
-    /// take the same records into the same windows, which close together) share their
-    /// open windows' id sets.
-    id_group: Vec<usize>,
-    /// Per id group: (window size, lateness).
-    id_groups: Vec<(Millis, Millis)>,
     keep_labels: bool,
 }
 
@@ -319,16 +300,11 @@ impl Active {
             engine.rules.iter().map(|r| f(&r.source.header)).collect()
         };
         let panes: Vec<Tumbling> = h(|h| h.slide).into_iter().map(Tumbling::new).collect();
-        let distinct = Distinct::of(&panes);
-        let (sizes, lateness) = (h(|h| h.window), h(|h| h.lateness));
-        let (id_group, id_groups) = id_groups_of(&distinct.of_rule, &sizes, &lateness);
         Active {
-            distinct,
+            distinct: Distinct::of(&panes),
             panes,
-            id_group,
-            id_groups,
-            sizes,
-            lateness,
+            sizes: h(|h| h.window),
+            lateness: h(|h| h.lateness),
             keep_labels: engine.rules.iter().any(|r| r.reads_labels()),
             ruleset,
             accept,
@@ -364,26 +340,6 @@ impl Active {
         }
         Ok(late)
     }
-}
-
-/// Rules by (distinct pane, window size, lateness): per rule its id group, and per
-/// group its (window size, lateness).
-fn id_groups_of(
-    pane_of_rule: &[usize],
-    sizes: &[Millis],
-    lateness: &[Millis],
-) -> (Vec<usize>, Vec<(Millis, Millis)>) {
-    let mut keys: Vec<(usize, Millis, Millis)> = Vec::new();
-    let group = (0..pane_of_rule.len())
-        .map(|r| {
-            let k = (pane_of_rule[r], sizes[r], lateness[r]);
-            keys.iter().position(|x| *x == k).unwrap_or_else(|| {
-                keys.push(k);
-                keys.len() - 1
-            })
-        })
-        .collect();
-    (group, keys.iter().map(|(_, s, l)| (*s, *l)).collect())
 }
 
 /// The rule set on the control topic, if `meterflow rules apply` published one.
@@ -501,9 +457,6 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
     let mut last_commit = std::time::Instant::now();
     // input taken since progress was last made durable
     let mut uncommitted = false;
-    // offsets whose checkpoints were sent and are not yet acknowledged: committed after
-    // the next round's flush
-    let mut unacked: Vec<(String, i32, i64)> = Vec::new();
     let period = meterflow_types::window::Period::parse(&cfg.billing_period)
         .map_err(|e| anyhow::anyhow!("billing_period: {e}"))?;
     while !ctx.shutdown.is_cancelled() {
@@ -525,9 +478,6 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         if rs.previous.as_ref().is_some_and(|p| *p != active.ruleset) {
                             tracing::warn!(ruleset = %rs.id, previous = ?rs.previous, running = %active.ruleset, "the applied rule set was merged from a set this rater was not running");
                         }
-                        // the last checkpoints acknowledged first: the new set resumes
-                        // from them
-                        io.commit(&std::mem::take(&mut unacked)).await?;
                         let late = next.rewind(&io, &topics.usage, &parts, rs.switch_at)?;
                         late_switches_total.add(late);
                         parts.clear();
@@ -551,8 +501,6 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             distinct,
             sizes,
             lateness,
-            id_group,
-            id_groups,
             keep_labels,
             accept,
         } = &mut active;
@@ -564,11 +512,6 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                 cfg.checkpoint_interval
                     .saturating_sub(last_commit.elapsed()),
             );
-        }
-        if !unacked.is_empty() {
-            // checkpoints sent, their offsets not committed: at the end of the input,
-            // commit them soon (a backlog fills a batch well within this)
-            wait = wait.min(FINISH_WAIT);
         }
         let batch = io.next_batch(cfg.batch_size, wait, &ctx.shutdown).await?;
         uncommitted |= !batch.messages.is_empty();
@@ -609,7 +552,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         "resuming from checkpoint"
                     );
                 }
-                let mut st = PartState::new(nrules, id_groups.len(), cp);
+                let mut st = PartState::new(nrules, cp);
                 for t in saved_to_date.iter_mut().filter(|t| t.partition == p) {
                     let Some(r) = (0..nrules).find(|r| rule_tag(engine, *r) == t.rule) else {
                         continue;
@@ -672,9 +615,6 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         let prepared = prepare_batch(&batch.messages, distinct, keep_labels);
         // a merge key per piece and rule, built here (only a new row keeps one)
         let mut merge_key = Vec::with_capacity(64);
-        // per record: whether each (id group, window, key) took it (first rule of the
-        // group to ask inserts it; the others get the same answer)
-        let mut took: Vec<(usize, Millis, u128, bool)> = Vec::new();
         for (msg, prepared) in batch.messages.iter().zip(prepared) {
             let p = msg.partition();
             let Some(st) = parts.get_mut(&p) else {
@@ -716,7 +656,6 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     // the record owned, made once when a window first keeps it as a row
                     // (then shared by every rule that does)
                     let mut owned: Option<std::sync::Arc<Usage>> = None;
-                    took.clear();
                     for r in 0..nrules {
                         if quarantined.contains(&r) {
                             continue;
@@ -806,18 +745,8 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                     }
                                     continue;
                                 }
-                                let g = id_group[r];
-                                let fresh =
-                                    match took.iter().find(|t| t.0 == g && t.1 == ws && t.2 == k) {
-                                        Some(t) => t.3,
-                                        None => {
-                                            let f = st.open_ids[g].entry(ws).or_default().insert(k);
-                                            took.push((g, ws, k, f));
-                                            f
-                                        }
-                                    };
                                 let win = st.windows[r].entry(ws).or_default();
-                                if fresh {
+                                if win.ids.insert(k) {
                                     win.records += 1;
                                     if let Some(m) = &engine.rules[r].merge {
                                         let own = || own(&mut owned);
@@ -844,8 +773,6 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         let mut closed_gone: Vec<(i32, usize, Millis)> = Vec::new();
         for (p, st) in parts.iter_mut() {
             let Some(wm) = st.sources.min() else { continue };
-            // the ids of each (id group, window) closing now, sorted once for the group
-            let mut closing: Vec<(usize, Millis, std::sync::Arc<[u128]>)> = Vec::new();
             for r in 0..nrules {
                 let due: Vec<Millis> = st.windows[r]
                     .keys()
@@ -853,21 +780,13 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     .filter(|ws| closed(ws + sizes[r], lateness[r], Some(wm)))
                     .collect();
                 for ws in due {
-                    let Some(win) = st.windows[r].remove(&ws) else {
+                    let Some(mut win) = st.windows[r].remove(&ws) else {
                         continue;
                     };
-                    let g = id_group[r];
-                    let ids = match closing.iter().find(|c| c.0 == g && c.1 == ws) {
-                        Some(c) => ClosedIds::shared(c.2.clone()),
-                        None => {
-                            let ids = ClosedIds::new(
-                                sorted_ids(st.open_ids[g].remove(&ws).unwrap_or_default()),
-                                st.closed_ids.iter().filter_map(|m| m.get(&ws)),
-                            );
-                            closing.push((g, ws, ids.counted.clone()));
-                            ids
-                        }
-                    };
+                    let ids = ClosedIds::new(
+                        sorted_ids(std::mem::take(&mut win.ids)),
+                        st.closed_ids.iter().filter_map(|m| m.get(&ws)),
+                    );
                     closed_now.push((*p, r, ws, ids.counted.clone()));
                     st.closed_ids[r].insert(ws, ids);
                     closed_gone.extend(
@@ -906,11 +825,6 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                         }
                     }
                 }
-            }
-            // ids of windows no rule kept (every rule that took them is quarantined and
-            // its window gone, say): nothing closes them, so they go here
-            for (g, (size, late)) in id_groups.iter().enumerate() {
-                st.open_ids[g].retain(|ws, _| !closed(ws + size, *late, Some(wm)));
             }
             let through = (0..nrules)
                 .map(|r| wm.saturating_sub(lateness[r]))
@@ -965,26 +879,19 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         let due = !markers.is_empty()
             || !batch.rebalances.is_empty()
             || ctx.shutdown.is_cancelled()
-            || (uncommitted && last_commit.elapsed() >= cfg.checkpoint_interval);
-        // the input is drained: commit the offsets of the checkpoints already sent
-        let finish = !unacked.is_empty() && batch.messages.is_empty();
-        if !due && !finish {
-            continue;
-        }
-        // The revenue events (adjustments too) and closed windows' ids acknowledged before
-        // anything that passes them: the markers that say their windows are complete, and
-        // the checkpoints (a replay skips what a checkpoint covers, so an adjustment not
-        // yet durable under a durable checkpoint would be lost). The same flush
-        // acknowledges the checkpoints sent by the previous round, so the offsets they
-        // cover are committed with it: one flush a round, not two.
-        io.commit(&std::mem::take(&mut unacked))
-            .await
-            .context("acknowledging revenue events")?;
+            || last_commit.elapsed() >= cfg.checkpoint_interval;
         if !due {
             continue;
         }
         last_commit = std::time::Instant::now();
         uncommitted = false;
+        // The revenue events (adjustments too) and closed windows' ids acknowledged before
+        // anything that passes them: the markers that say their windows are complete, and
+        // the checkpoints (a replay skips what a checkpoint covers, so an adjustment not
+        // yet durable under a durable checkpoint would be lost).
+        io.commit(&[])
+            .await
+            .context("acknowledging revenue events")?;
         for (p, t) in markers {
             let w = Watermark {
                 stage: "rater".into(),
@@ -1043,13 +950,9 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             .await?;
             offsets.push((topics.usage.clone(), *p, resume));
         }
-        // the checkpoints (and everything before them) acknowledged, then the offsets: the
-        // next round's flush, or at once when stopping or handing partitions over
-        if ctx.shutdown.is_cancelled() || !batch.rebalances.is_empty() {
-            io.commit(&offsets).await?;
-        } else {
-            unacked = offsets;
-        }
+        // the checkpoints (and everything before them) acknowledged, then the offsets: one
+        // commit does both in that order
+        io.commit(&offsets).await?;
     }
     Ok(())
 }
@@ -1350,23 +1253,6 @@ mod tests {
             [3u128.to_be_bytes(), 5u128.to_be_bytes()].concat()
         );
         assert!(ClosedIds::default().insert(1));
-    }
-
-    #[test]
-    fn rules_share_open_ids_only_with_the_same_panes_window_and_lateness() {
-        const H: Millis = 3_600_000;
-        // panes 0,0,1,0,0: the last differs from the first in lateness only, the fourth
-        // in window size only
-        let (group, groups) = id_groups_of(
-            &[0, 0, 1, 0, 0],
-            &[H, H, H, 2 * H, H],
-            &[300_000, 300_000, 300_000, 300_000, 0],
-        );
-        assert_eq!(group, [0, 0, 1, 2, 3]);
-        assert_eq!(
-            groups,
-            [(H, 300_000), (H, 300_000), (2 * H, 300_000), (H, 0)]
-        );
     }
 
     #[test]
