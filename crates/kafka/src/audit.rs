@@ -22,8 +22,6 @@ pub struct Ledger {
     /// The topics counted so far (a stage counts two or three): `counts` refers to them
     /// by index, so counting a record allocates nothing.
     topics: Vec<String>,
-    /// The index of the last topic counted, tried first.
-    last_topic: usize,
     /// Hashed, not ordered (a record counts twice a message in the enricher: an ordered
     /// map's string comparisons were a twentieth of its main loop); sorted at `drain`.
     counts: FastMap<(usize, &'static str, Millis), (i64, Dec)>,
@@ -35,7 +33,6 @@ impl Ledger {
             stage: stage.to_string(),
             member: member.to_string(),
             topics: Vec::new(),
-            last_topic: 0,
             counts: FastMap::default(),
         }
     }
@@ -43,18 +40,12 @@ impl Ledger {
     /// One record read (`in`), sent (`out`) or dropped as a duplicate (`dup`).
     pub fn count(&mut self, topic: &str, direction: &'static str, (t, qty): (Millis, Dec)) {
         let bucket = t - t.rem_euclid(BUCKET_MS);
-        let topic = if self.topics.get(self.last_topic).is_some_and(|t| t == topic) {
-            self.last_topic
-        } else {
-            let i = match self.topics.iter().position(|x| x == topic) {
-                Some(i) => i,
-                None => {
-                    self.topics.push(topic.to_string());
-                    self.topics.len() - 1
-                }
-            };
-            self.last_topic = i;
-            i
+        let topic = match self.topics.iter().position(|x| x == topic) {
+            Some(i) => i,
+            None => {
+                self.topics.push(topic.to_string());
+                self.topics.len() - 1
+            }
         };
         let e = self
             .counts

@@ -178,8 +178,14 @@ impl Master {
         })
     }
 
-    /// Read new progress; write the index of every period all partitions have closed.
-    async fn step(&mut self, store: &Store, partitions: i32) -> Result<Vec<index::PeriodIndex>> {
+    /// Read new progress; write the index of every period all partitions have closed,
+    /// each logged and counted in `indexes_total` as it is created.
+    async fn step(
+        &mut self,
+        store: &Store,
+        partitions: i32,
+        indexes_total: &meterflow_runtime::Counter,
+    ) -> Result<()> {
         for r in tokio::task::block_in_place(|| self.tail.poll())? {
             let Ok(p) = meterflow_avro::decode::<meterflow_types::SettlerProgress>(
                 r.payload.as_deref().unwrap_or_default(),
@@ -195,9 +201,8 @@ impl Master {
             .collect::<Option<Vec<Millis>>>()
             .and_then(|v| v.into_iter().min())
         else {
-            return Ok(Vec::new());
+            return Ok(());
         };
-        let mut written = Vec::new();
         for dir in index::period_dirs(store).await? {
             let label = dir.trim_start_matches("period=");
             let indexed = store.exists(&format!("{dir}/index.json")).await?;
@@ -213,13 +218,13 @@ impl Master {
                     // said at once, not after the other periods' checks: a master killed
                     // meanwhile would have written an index no log line tells of
                     tracing::info!(period = %idx.period, version = idx.version, entities = idx.entity_count, totals = ?idx.totals, status = %idx.status, "period index written");
-                    written.push(idx);
+                    indexes_total.inc();
                 }
             }
         }
         self.full_check = false;
         self.corrected.clear();
-        Ok(written)
+        Ok(())
     }
 }
 
@@ -254,9 +259,7 @@ fn spawn_master(
                     Some(x) => x,
                     None => master.insert(Master::new(&kafka)?),
                 };
-                for _ in mm.step(&store, rated_parts).await? {
-                    indexes_total.inc();
-                }
+                mm.step(&store, rated_parts, &indexes_total).await?;
             } else if master.take().is_some() {
                 tracing::info!(member = %member, "no longer master");
             }
