@@ -546,6 +546,36 @@ fn an_instance_that_moves_node_mid_run_is_billed_once_to_the_cent() {
 }
 
 #[test]
+fn an_enricher_catching_up_commits_and_sends_its_watermarks_once_the_backlog_is_worked_off() {
+    let run = two_days(19);
+    let mut p = Pipeline::start_stages(run.clone(), 36_000, "day", &["rater", "settler"]);
+    p.start_collector();
+    // the whole run on the samples topic before the enricher starts: a backlog
+    let end = std::time::Instant::now() + Duration::from_secs(300);
+    while p.collector.as_mut().and_then(|c| c.exited()).is_none() {
+        assert!(std::time::Instant::now() < end, "collector never finished{}", p.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Intervals of an hour: only the end of the backlog (a short batch after full ones)
+    // makes its progress durable and sends the watermarks that close the last windows.
+    p.launch_with(
+        "enricher",
+        "batch_size = 100\ncheckpoint_interval = \"1h\"\nwatermark_interval = \"1h\"\n",
+    );
+    let samples = p.kafka.topics.samples.clone();
+    p.wait_for(
+        Duration::from_secs(120),
+        "the enricher to commit its worked-off backlog",
+        |p| p.caught_up("meterflow-enricher", &samples),
+    );
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    let s = Settled::read(&p.out);
+    assert!(s.manifests.iter().all(|m| m.version == 1), "no corrections");
+    s.assert_matches(&run, DAY);
+    p.stop();
+}
+
+#[test]
 fn samples_delivered_twice_mid_run_count_once_even_after_an_enricher_restart() {
     let run = two_days(18);
     // about 24 s of collection: the resends land while recent windows are still open

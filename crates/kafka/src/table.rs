@@ -181,9 +181,21 @@ fn read_to_end(
             }
         }
     }
+    close_later(consumer);
     let mut v: Vec<(i32, i64)> = next.into_iter().collect();
     v.sort_unstable();
     Ok(v)
+}
+
+/// Drop a client on a thread of its own. Closing one waits for its threads and its group
+/// coordinator's state to wind down (about 100 ms for a table reader on Tansu), which a
+/// read's caller need not wait for: a stage reading its state on an assignment went on
+/// with its first batch that much later.
+fn close_later<C: Send + 'static>(client: C) {
+    // if no thread can be started, the closure (and the client) is dropped here, at once
+    let _ = std::thread::Builder::new()
+        .name("meterflow-close".into())
+        .spawn(move || drop(client));
 }
 
 /// The high watermark of `topic`/`p` in the client's latest fetch answer, `None` before
@@ -317,6 +329,7 @@ pub fn high_watermarks(cfg: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64)>
             .context("fetching watermarks")?;
         listed.insert(p, (hi - 1).max(0));
     }
+    close_later(c);
     read_to_end(
         cfg,
         topic,

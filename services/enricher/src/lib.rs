@@ -437,6 +437,8 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
     let mut last_commit = Instant::now();
     // input taken since progress was last made durable
     let mut uncommitted = false;
+    // a full batch taken since then: the stage is working off a backlog
+    let mut backlog = false;
     while !ctx.shutdown.is_cancelled() {
         // with progress not yet durable, wait for input no longer than until it is due
         // (so the last of a backlog is committed on time, not a whole wait later)
@@ -653,11 +655,19 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             parked_total += st.parked.len();
         }
         c.parked.set(parked_total as i64);
-        // Durable progress, at most every checkpoint_interval: the usage produced so far
-        // acknowledged, then the duplicate-detection checkpoint of each changed partition,
-        // then the offsets it covers (never past a parked sample), then the watermarks.
+        // Durable progress, every checkpoint_interval (sooner for a moved watermark or a
+        // worked-off backlog): the usage produced so far acknowledged, then the
+        // duplicate-detection checkpoint of each changed partition, then the offsets it
+        // covers (never past a parked sample), then the watermarks.
         uncommitted |= !batch.messages.is_empty();
+        let full = batch.messages.len() >= cfg.batch_size;
+        backlog |= full;
+        // A short batch after full ones: the backlog is worked off. Its progress is made
+        // durable now, not up to an interval later (the watermarks it moved follow it, and
+        // a stage catching up is done when its commit says so).
+        let caught_up = backlog && !full && uncommitted;
         let due = rebalanced
+            || caught_up
             || ctx.shutdown.is_cancelled()
             || last_commit.elapsed() >= cfg.checkpoint_interval
             || (last_commit.elapsed() >= cfg.watermark_interval
@@ -666,6 +676,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             continue;
         }
         uncommitted = false;
+        backlog = false;
         last_commit = Instant::now();
         // A checkpoint names samples as billed: it must never be durable before their
         // usage is. Sent in one flush, the checkpoint could land while a usage batch for
