@@ -553,7 +553,11 @@ fn an_enricher_catching_up_commits_and_sends_its_watermarks_once_the_backlog_is_
     // the whole run on the samples topic before the enricher starts: a backlog
     let end = std::time::Instant::now() + Duration::from_secs(300);
     while p.collector.as_mut().and_then(|c| c.exited()).is_none() {
-        assert!(std::time::Instant::now() < end, "collector never finished{}", p.logs());
+        assert!(
+            std::time::Instant::now() < end,
+            "collector never finished{}",
+            p.logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // Intervals of an hour: only the end of the backlog (a short batch after full ones)
