@@ -551,15 +551,11 @@ fn an_enricher_catching_up_commits_and_sends_its_watermarks_once_the_backlog_is_
     let mut p = Pipeline::start_stages(run.clone(), 36_000, "day", &["rater", "settler"]);
     p.start_collector();
     // the whole run on the samples topic before the enricher starts: a backlog
-    let end = std::time::Instant::now() + Duration::from_secs(300);
-    while p.collector.as_mut().and_then(|c| c.exited()).is_none() {
-        assert!(
-            std::time::Instant::now() < end,
-            "collector never finished{}",
-            p.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let finished = p
+        .collector
+        .as_mut()
+        .and_then(|c| c.wait(Duration::from_secs(300)));
+    assert!(finished.is_some(), "collector never finished{}", p.logs());
     // Intervals of an hour: only the end of the backlog (a short batch after full ones)
     // makes its progress durable and sends the watermarks that close the last windows.
     p.launch_with(

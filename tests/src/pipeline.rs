@@ -296,29 +296,17 @@ impl Pipeline {
     pub fn produce(&self, topic: &str, records: &[(Vec<u8>, Vec<u8>, Option<i32>)]) {
         let producer =
             meterflow_kafka::producer(&self.kafka, "test-producer", None).expect("producer");
-        // Every record is queued before any is awaited: awaiting each in turn would wait
-        // out `linger.ms` once a record (seconds for a few thousand), and a test that
-        // means to land records mid-run would land them after the run.
+        // The stages' outbox: every record queued, then all acknowledged at once (awaiting
+        // each in turn waited out `linger.ms` per record — seconds for a few thousand, and
+        // a test meaning to land records mid-run landed them after the run).
+        let mut out = meterflow_kafka::Outbox::new(producer);
         block_on(async {
-            let mut delivered = Vec::with_capacity(records.len());
             for (k, v, part) in records {
-                let mut r = rdkafka::producer::FutureRecord::to(topic).key(k).payload(v);
-                if let Some(pt) = part {
-                    r = r.partition(*pt);
-                }
-                let queued = producer
-                    .send_result(r)
-                    .map_err(|(e, _)| e)
-                    .unwrap_or_else(|e| panic!("queueing for {topic}: {e}"));
-                delivered.push(queued);
+                out.send(topic, k, v, *part).await?;
             }
-            for d in delivered {
-                d.await
-                    .expect("delivery future dropped")
-                    .map_err(|(e, _)| e)
-                    .unwrap_or_else(|e| panic!("producing to {topic}: {e}"));
-            }
-        });
+            out.flush().await
+        })
+        .unwrap_or_else(|e| panic!("producing to {topic}: {e}"));
     }
 
     /// Panics with the logs if a downstream service has exited.

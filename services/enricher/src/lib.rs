@@ -437,7 +437,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
     let mut last_commit = Instant::now();
     // input taken since progress was last made durable
     let mut uncommitted = false;
-    // a full batch taken since then: the stage is working off a backlog
+    // a full batch taken since then (so input is uncommitted): working off a backlog
     let mut backlog = false;
     while !ctx.shutdown.is_cancelled() {
         // with progress not yet durable, wait for input no longer than until it is due
@@ -665,7 +665,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         // A short batch after full ones: the backlog is worked off. Its progress is made
         // durable now, not up to an interval later (the watermarks it moved follow it, and
         // a stage catching up is done when its commit says so).
-        let caught_up = backlog && !full && uncommitted;
+        let caught_up = backlog && !full;
         let due = rebalanced
             || caught_up
             || ctx.shutdown.is_cancelled()
