@@ -294,12 +294,11 @@ impl Pipeline {
     /// Produce `(key, payload, partition)` records to `topic` and wait for each to be
     /// acknowledged.
     pub fn produce(&self, topic: &str, records: &[(Vec<u8>, Vec<u8>, Option<i32>)]) {
-        let producer =
-            meterflow_kafka::producer(&self.kafka, "test-producer", None).expect("producer");
         // The stages' outbox: every record queued, then all acknowledged at once (awaiting
         // each in turn waited out `linger.ms` per record — seconds for a few thousand, and
         // a test meaning to land records mid-run landed them after the run).
-        let mut out = meterflow_kafka::Outbox::new(producer);
+        let mut out =
+            meterflow_kafka::Outbox::connect(&self.kafka, "test-producer").expect("producer");
         block_on(async {
             for (k, v, part) in records {
                 out.send(topic, k, v, *part).await?;

@@ -195,7 +195,7 @@ pub async fn apply(a: ApplyArgs) -> Result<()> {
         ),
         files: merged.into_iter().collect(),
     };
-    let mut out = Outbox::new(meterflow_kafka::producer(&cfg, "meterflow-rules", None)?);
+    let mut out = Outbox::connect(&cfg, "meterflow-rules")?;
     out.send(
         &cfg.topics.control,
         ruleset::KEY,

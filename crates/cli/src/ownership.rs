@@ -109,11 +109,7 @@ pub async fn run(cmd: OwnershipCmd) -> Result<()> {
         brokers,
         ..KafkaConfig::default()
     };
-    let mut out = Outbox::new(meterflow_kafka::producer(
-        &cfg,
-        "meterflow-ownership",
-        None,
-    )?);
+    let mut out = Outbox::connect(&cfg, "meterflow-ownership")?;
     for o in &records {
         out.send(
             &cfg.topics.ownership,

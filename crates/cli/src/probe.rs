@@ -142,7 +142,7 @@ pub async fn run(cmd: ProbeCmd) -> Result<()> {
 }
 
 async fn send(cfg: &KafkaConfig, point: &str, payload: Option<&[u8]>) -> Result<()> {
-    let mut out = Outbox::new(meterflow_kafka::producer(cfg, "meterflow-probe", None)?);
+    let mut out = Outbox::connect(cfg, "meterflow-probe")?;
     let key = format!("{KEY_PREFIX}{point}");
     out.send_with(&cfg.topics.control, key.as_bytes(), payload, None, &[])
         .await?;

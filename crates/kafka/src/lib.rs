@@ -10,7 +10,7 @@ mod stage;
 mod table;
 
 pub use config::{Delivery, KafkaConfig, Topics};
-pub use outbox::Outbox;
+pub use outbox::{Acks, CountingProducer, Outbox};
 pub use rdkafka::message::{Message, OwnedMessage};
 pub use stage::{default_member, dlq_record, now_ms, DLQ_PAYLOAD_MAX};
 pub use stage::{Assignment, Batch, Coordinates, StageIo};
@@ -44,6 +44,27 @@ pub fn producer(
     client_id: &str,
     transactional_id: Option<&str>,
 ) -> Result<FutureProducer> {
+    producer_config(cfg, client_id, transactional_id)
+        .create()
+        .context("creating Kafka producer")
+}
+
+/// The same producer with its delivery reports counted, for an [`Outbox`].
+pub fn counting_producer(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    transactional_id: Option<&str>,
+) -> Result<outbox::CountingProducer> {
+    producer_config(cfg, client_id, transactional_id)
+        .create_with_context(outbox::Acks::default())
+        .context("creating Kafka producer")
+}
+
+fn producer_config(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    transactional_id: Option<&str>,
+) -> ClientConfig {
     let mut c = client_config(cfg, client_id);
     // Java-compatible key hashing, so keys land where other Kafka clients put them
     c.set("partitioner", "murmur2_random")
@@ -61,7 +82,7 @@ pub fn producer(
     for (k, v) in &cfg.client {
         c.set(k, v);
     }
-    c.create().context("creating Kafka producer")
+    c
 }
 
 /// Every topic meterflow uses: (name, partitions, compacted).

@@ -2,22 +2,62 @@
 //! one of them is acknowledged by the broker (or fails loudly).
 
 use anyhow::{bail, Result};
-use rdkafka::producer::future_producer::DeliveryFuture;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The producer's delivery reports, counted (served by its polling thread): a record's
+/// report is a counter increment, not a channel and a future of its own.
+#[derive(Default)]
+pub struct Acks {
+    /// Reports received: delivered or failed.
+    reported: AtomicU64,
+    /// The first failure since the last `take_failure`, and how many there were.
+    failed: Mutex<Option<(String, u64)>>,
+    reported_more: tokio::sync::Notify,
+}
+
+impl ClientContext for Acks {}
+impl ProducerContext for Acks {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = result {
+            use rdkafka::Message;
+            if let Ok(mut f) = self.failed.lock() {
+                let why = format!("{e} ({} [{}])", m.topic(), m.partition());
+                let (_, n) = f.get_or_insert((why, 0));
+                *n += 1;
+            }
+        }
+        self.reported.fetch_add(1, Ordering::Release);
+        // a permit if nobody waits: a flush that checks then waits misses no report
+        self.reported_more.notify_one();
+    }
+}
+
+/// A producer whose delivery reports are counted (see [`Acks`]).
+pub type CountingProducer = ThreadedProducer<Acks>;
+
 pub struct Outbox {
-    pub producer: FutureProducer,
-    pending: Vec<DeliveryFuture>,
+    pub producer: Arc<CountingProducer>,
+    /// Records queued (each gets exactly one delivery report).
+    queued: u64,
     /// Fault injection (tests): the next flush reports this delivery failure.
     refused: Option<String>,
 }
 
 impl Outbox {
-    pub fn new(producer: FutureProducer) -> Outbox {
+    /// An idempotent producer's outbox (see [`crate::producer`]).
+    pub fn connect(cfg: &crate::KafkaConfig, client_id: &str) -> Result<Outbox> {
+        Ok(Outbox::new(crate::counting_producer(cfg, client_id, None)?))
+    }
+
+    pub fn new(producer: CountingProducer) -> Outbox {
         Outbox {
-            producer,
-            pending: Vec::new(),
+            producer: Arc::new(producer),
+            queued: 0,
             refused: None,
         }
     }
@@ -54,7 +94,7 @@ impl Outbox {
         headers: &[(&str, &[u8])],
     ) -> Result<()> {
         loop {
-            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).key(key);
+            let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).key(key);
             if let Some(p) = payload {
                 rec = rec.payload(p);
             }
@@ -71,9 +111,9 @@ impl Outbox {
                 }
                 rec = rec.headers(h);
             }
-            match self.producer.send_result(rec) {
-                Ok(f) => {
-                    self.pending.push(f);
+            match self.producer.send(rec) {
+                Ok(()) => {
+                    self.queued += 1;
                     return Ok(());
                 }
                 Err((
@@ -92,18 +132,21 @@ impl Outbox {
 
     /// Wait for every queued record's acknowledgement.
     pub async fn flush(&mut self) -> Result<()> {
-        if !self.pending.is_empty() {
+        if self.pending() > 0 {
             // The caller waits from here on: what lingers (`linger.ms`, there to batch
             // records while the stage goes on producing) goes out now.
             let p = self.producer.clone();
             let _ = tokio::task::spawn_blocking(move || send_lingering(&p)).await;
         }
-        for f in self.pending.drain(..) {
-            match f.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => bail!("delivery failed: {e}"),
-                Err(_) => bail!("delivery canceled (producer gone)"),
-            }
+        let acks = self.producer.context();
+        // every record gets its report (a failure at the latest after message.timeout.ms)
+        while acks.reported.load(Ordering::Acquire) < self.queued {
+            let _ = tokio::time::timeout(Duration::from_millis(100), acks.reported_more.notified())
+                .await;
+        }
+        let failed = acks.failed.lock().ok().and_then(|mut f| f.take());
+        if let Some((why, n)) = failed {
+            bail!("delivery failed: {why} ({n} record(s))");
         }
         if let Some(why) = self.refused.take() {
             bail!("delivery failed: {why}");
@@ -117,8 +160,10 @@ impl Outbox {
         self.refused = Some(why);
     }
 
+    /// Records queued and not yet reported on.
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        let reported = self.producer.context().reported.load(Ordering::Acquire);
+        self.queued.saturating_sub(reported) as usize
     }
 }
 
@@ -128,8 +173,7 @@ impl Outbox {
 /// is first. (rdkafka's `flush` calls it with no wait in a loop, so the broker threads may
 /// wake after it returned and linger anyway.) Blocking: run it off the async threads.
 #[allow(unsafe_code)]
-fn send_lingering(p: &FutureProducer) {
-    use rdkafka::producer::Producer;
+fn send_lingering(p: &CountingProducer) {
     // SAFETY: the client handle is valid while `p` lives (it is borrowed for the call);
     // librdkafka's producer calls are thread-safe, and with delivery reports as events
     // (as rdkafka sets them) `rd_kafka_flush` only waits for the in-flight count to fall.

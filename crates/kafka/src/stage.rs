@@ -3,12 +3,13 @@
 //! (exactly-once). The caller decides *which* offsets are safe to commit.
 
 use crate::outbox::Outbox;
-use crate::{client_config, producer, Delivery, KafkaConfig};
+use crate::{client_config, counting_producer, Delivery, KafkaConfig};
 use anyhow::{Context, Result};
+use futures::{FutureExt, StreamExt};
 use meterflow_types::{id, Dec, DlqRecord, Millis};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashMap;
@@ -227,9 +228,9 @@ impl StageIo {
         consumer.subscribe(topics).context("subscribing")?;
         let txn_id = format!("{group}-{member}");
         let producer = match cfg.delivery {
-            Delivery::AtLeastOnce => producer(cfg, &format!("{stage}-{member}"), None)?,
+            Delivery::AtLeastOnce => counting_producer(cfg, &format!("{stage}-{member}"), None)?,
             Delivery::ExactlyOnce => {
-                let p = producer(cfg, &format!("{stage}-{member}"), Some(&txn_id))?;
+                let p = counting_producer(cfg, &format!("{stage}-{member}"), Some(&txn_id))?;
                 p.init_transactions(TXN_TIMEOUT)
                     .context("init_transactions (does the broker support transactions?)")?;
                 p
@@ -262,7 +263,25 @@ impl StageIo {
     ) -> Result<Batch> {
         let mut messages = Vec::new();
         let deadline = Instant::now() + max_wait;
+        // one stream for the whole batch (each `recv` registers a waker slot of its own)
+        let mut stream = self.consumer.stream();
         while messages.len() < max {
+            if !messages.is_empty() {
+                // what the client holds already is taken as it is, without a timer and
+                // a clock read per message (most of a backlog's batch)
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(m))) => {
+                        messages.push(m.detach());
+                        continue;
+                    }
+                    Some(Some(Err(e))) => {
+                        tracing::warn!(stage = %self.stage, error = %e, "consumer error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    Some(None) | None => {}
+                }
+            }
             let mut left = deadline.saturating_duration_since(Instant::now());
             if !messages.is_empty() {
                 left = left.min(BATCH_GAP);
@@ -273,16 +292,17 @@ impl StageIo {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.consumer.context().changed.notified(), if messages.is_empty() => break,
-                r = tokio::time::timeout(left, self.consumer.recv()) => match r {
-                    Err(_) => break,
-                    Ok(Ok(m)) => messages.push(m.detach()),
-                    Ok(Err(e)) => {
+                r = tokio::time::timeout(left, stream.next()) => match r {
+                    Err(_) | Ok(None) => break,
+                    Ok(Some(Ok(m))) => messages.push(m.detach()),
+                    Ok(Some(Err(e))) => {
                         tracing::warn!(stage = %self.stage, error = %e, "consumer error");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
             }
         }
+        drop(stream);
         // only partitions owned now, and nothing below the committed offset (rewind)
         if let Ok(owned) = self.consumer.context().owned.lock() {
             // a member owns a few partitions: a scan, with no key to build per message
@@ -513,7 +533,7 @@ impl StageIo {
         self.consumer.context().ends.clone()
     }
 
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &crate::CountingProducer {
         &self.out.producer
     }
 }

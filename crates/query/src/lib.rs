@@ -213,7 +213,7 @@ pub async fn ask(cfg: &KafkaConfig, q: &Query) -> Result<Answer> {
     };
     // listen before asking, so no reply can come before the reader
     let replies = tokio::task::block_in_place(|| Tail::at_end(cfg, &cfg.topics.replies))?;
-    let mut out = Outbox::new(meterflow_kafka::producer(cfg, "meterflow-query", None)?);
+    let mut out = Outbox::connect(cfg, "meterflow-query")?;
     out.send(
         &cfg.topics.requests,
         id.as_bytes(),

@@ -15,7 +15,7 @@ pub mod source;
 pub use config::CollectorConfig;
 
 use anyhow::{Context, Result};
-use meterflow_kafka::{ensure_topics, partition_count, producer, Outbox};
+use meterflow_kafka::{ensure_topics, partition_count, Outbox};
 use meterflow_runtime::Ctx;
 use meterflow_types::{InstanceState, MeteringRequest, Millis, NodeHeartbeat, Ownership, Sample};
 use sampler::Sampler;
@@ -156,11 +156,7 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
     ensure_topics(&cfg.kafka).await?;
     let topics = cfg.kafka.topics.clone();
     let partitions = partition_count(&cfg.kafka, &topics.samples)?;
-    let mut out = Outbox::new(producer(
-        &cfg.kafka,
-        &format!("collector-{}", cfg.node_id),
-        None,
-    )?);
+    let mut out = Outbox::connect(&cfg.kafka, &format!("collector-{}", cfg.node_id))?;
     let poll_ms = cfg.poll_interval.as_millis() as i64;
     anyhow::ensure!(poll_ms > 0, "poll_interval must be positive");
     let mut sampler = Sampler::new(

@@ -177,8 +177,7 @@ fn probes(run: FleetRun) -> anyhow::Result<()> {
         let on = i % 2 == 0;
         let payload = on.then(|| meterflow_avro::encode(&spec));
         block_on(async {
-            let mut out =
-                meterflow_kafka::Outbox::new(meterflow_kafka::producer(&p.kafka, "bench", None)?);
+            let mut out = meterflow_kafka::Outbox::connect(&p.kafka, "bench")?;
             out.send_with(&t.control, key.as_bytes(), payload.as_deref(), None, &[])
                 .await?;
             out.flush().await
