@@ -12,8 +12,10 @@ use meterflow_types::{Millis, NodeHeartbeat, RatedEvent};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -299,13 +301,32 @@ pub async fn relay(
     let producer = meterflow_kafka::producer(kafka, "bench-feed", None)?;
     let feed_topic = src.clone();
     let feed = async move {
-        let mut pending = Vec::with_capacity(n);
+        let mut pending = std::collections::VecDeque::with_capacity(n);
         for (k, v) in &msgs {
             let mut rec = FutureRecord::to(&feed_topic).payload(v);
             if let Some(k) = k {
                 rec = rec.key(k);
             }
-            pending.push(producer.send_result(rec).map_err(|(e, _)| e)?);
+            // more than the producer's queue holds (millions of records): wait for the
+            // oldest one's acknowledgement, then queue again
+            loop {
+                match producer.send_result(rec) {
+                    Ok(d) => {
+                        pending.push_back(d);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        rec = r;
+                        match pending.pop_front() {
+                            Some(d) => {
+                                d.await?.map_err(|(e, _)| e)?;
+                            }
+                            None => tokio::time::sleep(Duration::from_millis(5)).await,
+                        }
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
         }
         for d in pending {
             d.await?.map_err(|(e, _)| e)?;
