@@ -15,7 +15,8 @@ pub use rdkafka::message::{Message, OwnedMessage};
 pub use stage::{default_member, dlq_record, now_ms, DLQ_PAYLOAD_MAX};
 pub use stage::{Assignment, Batch, Coordinates, StageIo};
 pub use table::{
-    high_watermarks, read_latest, read_table, scan_topic, scan_topic_from, TableRecord, Tail,
+    high_watermarks, read_latest, read_table, read_table_each, scan_topic, scan_topic_from,
+    TableRecord, Tail,
 };
 
 use anyhow::{Context, Result};

@@ -347,18 +347,32 @@ pub fn read_table(
     from: &HashMap<(String, i32), i64>,
     timeout: Duration,
 ) -> Result<Vec<TableRecord>> {
-    let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
+    read_table_each(cfg, topics, from, timeout, |r| out.push(r))?;
+    Ok(out)
+}
+
+/// `read_table`, handing each record to `each` as it is read (topic by topic, each
+/// partition in offset order) instead of holding them all: for a reader that keeps only
+/// the latest state of each key, memory in proportion to the keys, not the topic.
+pub fn read_table_each(
+    cfg: &KafkaConfig,
+    topics: &[&str],
+    from: &HashMap<(String, i32), i64>,
+    timeout: Duration,
+    mut each: impl FnMut(TableRecord),
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
     for t in topics {
         read_to_end(
             cfg,
             t,
             |p| from.get(&(t.to_string(), p)).copied().unwrap_or(0),
             deadline,
-            |r| out.push(r),
+            &mut each,
         )?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The latest value of every key of a compacted `topic` (tombstones remove keys), read

@@ -145,8 +145,27 @@ impl Tables {
     /// `TableFeed` reads them on a thread of its own).
     pub fn refresh(&mut self, cfg: &KafkaConfig) -> Result<usize> {
         let read_from = Instant::now();
-        let recs = tokio::task::block_in_place(|| read_tables(cfg, &self.offsets))?;
-        Ok(self.apply(&cfg.topics, recs, read_from))
+        let from = self.offsets.clone();
+        let t = &cfg.topics;
+        let mut n = 0;
+        // each record applied as it is read: the instances topic holds a registration per
+        // instance every `registration_interval` (compacted only eventually, never on
+        // Tansu), and holding all of them before applying any took memory in proportion
+        // to the topic (560 MiB at two million records)
+        tokio::task::block_in_place(|| {
+            meterflow_kafka::read_table_each(
+                cfg,
+                &[&t.instances, &t.ownership],
+                &from,
+                TABLE_READ_TIMEOUT,
+                |r| {
+                    self.apply_one(t, r);
+                    n += 1;
+                },
+            )
+        })?;
+        self.applied(read_from);
+        Ok(n)
     }
 
     /// Take records read from the table topics by a read that started at `read_from`.
@@ -157,35 +176,45 @@ impl Tables {
         read_from: Instant,
     ) -> usize {
         let n = recs.len();
-        self.refreshes += 1;
-        self.fresh_from = Some(self.fresh_from.map_or(read_from, |f| f.max(read_from)));
         for r in recs {
-            self.offsets
-                .insert((r.topic.clone(), r.partition), r.offset + 1);
-            let Some(p) = &r.payload else {
-                if r.topic == t.instances {
-                    self.tombstone(&r);
+            self.apply_one(t, r);
+        }
+        self.applied(read_from);
+        n
+    }
+
+    fn apply_one(&mut self, t: &meterflow_kafka::Topics, r: TableRecord) {
+        self.offsets
+            .insert((r.topic.clone(), r.partition), r.offset + 1);
+        let Some(p) = &r.payload else {
+            if r.topic == t.instances {
+                self.tombstone(&r);
+            }
+            return;
+        };
+        if r.topic == t.ownership {
+            match meterflow_avro::decode::<Ownership>(p) {
+                Ok(o) => self.owners.insert(o),
+                Err(e) => self.bad.push((r, e.reason_code(), e.to_string())),
+            }
+        } else {
+            match meterflow_avro::decode_instances_msg(p) {
+                Ok(InstancesMsg::Instance(s)) => {
+                    self.deleted.remove(&s.instance_id);
+                    self.instances.insert(s.instance_id.clone(), s);
                 }
-                continue;
-            };
-            if r.topic == t.ownership {
-                match meterflow_avro::decode::<Ownership>(p) {
-                    Ok(o) => self.owners.insert(o),
-                    Err(e) => self.bad.push((r, e.reason_code(), e.to_string())),
+                Ok(InstancesMsg::Node(h)) => {
+                    self.nodes.insert(h.node_id, (h.time, h.retired));
                 }
-            } else {
-                match meterflow_avro::decode_instances_msg(p) {
-                    Ok(InstancesMsg::Instance(s)) => {
-                        self.deleted.remove(&s.instance_id);
-                        self.instances.insert(s.instance_id.clone(), s);
-                    }
-                    Ok(InstancesMsg::Node(h)) => {
-                        self.nodes.insert(h.node_id, (h.time, h.retired));
-                    }
-                    Err(e) => self.bad.push((r, e.reason_code(), e.to_string())),
-                }
+                Err(e) => self.bad.push((r, e.reason_code(), e.to_string())),
             }
         }
+    }
+
+    /// A read that started at `read_from` is applied whole.
+    fn applied(&mut self, read_from: Instant) {
+        self.refreshes += 1;
+        self.fresh_from = Some(self.fresh_from.map_or(read_from, |f| f.max(read_from)));
         let deleted = &mut self.deleted;
         let instances = &mut self.instances;
         deleted.retain(|id, at| {
@@ -195,7 +224,6 @@ impl Tables {
             }
             keep
         });
-        n
     }
 
     /// An instance tombstone. The collector that saw the instance go names itself in a
@@ -229,13 +257,11 @@ impl Tables {
 /// Everything new on the instances and ownership topics after `from`.
 fn read_tables(cfg: &KafkaConfig, from: &HashMap<(String, i32), i64>) -> Result<Vec<TableRecord>> {
     let t = &cfg.topics;
-    read_table(
-        cfg,
-        &[&t.instances, &t.ownership],
-        from,
-        Duration::from_secs(60),
-    )
+    read_table(cfg, &[&t.instances, &t.ownership], from, TABLE_READ_TIMEOUT)
 }
+
+/// How long one read of the table topics to their end may take.
+const TABLE_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One read of the table topics to their end: the records, and when the read started.
 type TableRead = Result<(Vec<TableRecord>, Instant)>;
