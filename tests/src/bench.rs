@@ -12,10 +12,7 @@ use meterflow_types::{Millis, NodeHeartbeat, RatedEvent};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::producer::FutureRecord;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -298,40 +295,16 @@ pub async fn relay(
     ];
     admin.create_topics(&topics, &AdminOptions::new()).await?;
     let n = msgs.len();
-    let producer = meterflow_kafka::producer(kafka, "bench-feed", None)?;
+    // the stages' outbox, which waits out a full producer queue (millions of records);
+    // every message here has a key (every meterflow producer sets one)
+    let mut out = meterflow_kafka::Outbox::connect(kafka, "bench-feed")?;
     let feed_topic = src.clone();
     let feed = async move {
-        let mut pending = std::collections::VecDeque::with_capacity(n);
         for (k, v) in &msgs {
-            let mut rec = FutureRecord::to(&feed_topic).payload(v);
-            if let Some(k) = k {
-                rec = rec.key(k);
-            }
-            // more than the producer's queue holds (millions of records): wait for the
-            // oldest one's acknowledgement, then queue again
-            loop {
-                match producer.send_result(rec) {
-                    Ok(d) => {
-                        pending.push_back(d);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        rec = r;
-                        match pending.pop_front() {
-                            Some(d) => {
-                                d.await?.map_err(|(e, _)| e)?;
-                            }
-                            None => tokio::time::sleep(Duration::from_millis(5)).await,
-                        }
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
+            out.send(&feed_topic, k.as_deref().unwrap_or_default(), v, None)
+                .await?;
         }
-        for d in pending {
-            d.await?.map_err(|(e, _)| e)?;
-        }
-        anyhow::Ok(())
+        out.flush().await
     };
     // prefilled: the input is on the topic before the relay subscribes, as it was for the
     // stage; otherwise it is produced from when the relay has joined

@@ -14,7 +14,7 @@ use std::time::Duration;
 pub struct Acks {
     /// Reports received: delivered or failed.
     reported: AtomicU64,
-    /// The first failure since the last `take_failure`, and how many there were.
+    /// The first failure since the last flush took it, and how many there were.
     failed: Mutex<Option<(String, u64)>>,
     reported_more: tokio::sync::Notify,
 }

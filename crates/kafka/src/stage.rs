@@ -532,10 +532,6 @@ impl StageIo {
     pub fn partition_ends(&self) -> crate::probe::PartitionEnds {
         self.consumer.context().ends.clone()
     }
-
-    pub fn producer(&self) -> &crate::CountingProducer {
-        &self.out.producer
-    }
 }
 
 /// The most of a message's bytes a dead-letter record carries: a larger message (it is

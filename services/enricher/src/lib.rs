@@ -18,8 +18,7 @@ use join::Owners;
 use meterflow_avro::{InstancesMsg, SamplesMsg};
 use meterflow_kafka::probe::{Forward, Probes, Trace};
 use meterflow_kafka::{
-    ensure_topics, partition_count, read_table, Coordinates, KafkaConfig, Message, StageIo,
-    TableRecord,
+    ensure_topics, partition_count, Coordinates, KafkaConfig, Message, StageIo, TableRecord,
 };
 use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
 use meterflow_types::headers;
@@ -146,23 +145,16 @@ impl Tables {
     pub fn refresh(&mut self, cfg: &KafkaConfig) -> Result<usize> {
         let read_from = Instant::now();
         let from = self.offsets.clone();
-        let t = &cfg.topics;
         let mut n = 0;
         // each record applied as it is read: the instances topic holds a registration per
         // instance every `registration_interval` (compacted only eventually, never on
         // Tansu), and holding all of them before applying any took memory in proportion
         // to the topic (560 MiB at two million records)
         tokio::task::block_in_place(|| {
-            meterflow_kafka::read_table_each(
-                cfg,
-                &[&t.instances, &t.ownership],
-                &from,
-                TABLE_READ_TIMEOUT,
-                |r| {
-                    self.apply_one(t, r);
-                    n += 1;
-                },
-            )
+            read_tables(cfg, &from, |r| {
+                self.apply_one(&cfg.topics, r);
+                n += 1;
+            })
         })?;
         self.applied(read_from);
         Ok(n)
@@ -254,14 +246,17 @@ impl Tables {
     }
 }
 
-/// Everything new on the instances and ownership topics after `from`.
-fn read_tables(cfg: &KafkaConfig, from: &HashMap<(String, i32), i64>) -> Result<Vec<TableRecord>> {
+/// Everything new on the instances and ownership topics after `from`, each record handed
+/// to `each` as it is read.
+fn read_tables(
+    cfg: &KafkaConfig,
+    from: &HashMap<(String, i32), i64>,
+    each: impl FnMut(TableRecord),
+) -> Result<()> {
     let t = &cfg.topics;
-    read_table(cfg, &[&t.instances, &t.ownership], from, TABLE_READ_TIMEOUT)
+    let timeout = Duration::from_secs(60);
+    meterflow_kafka::read_table_each(cfg, &[&t.instances, &t.ownership], from, timeout, each)
 }
-
-/// How long one read of the table topics to their end may take.
-const TABLE_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One read of the table topics to their end: the records, and when the read started.
 type TableRead = Result<(Vec<TableRecord>, Instant)>;
@@ -287,7 +282,8 @@ impl TableFeed {
             let mut offsets = from;
             while !st.load(Ordering::Relaxed) {
                 let started = Instant::now();
-                let read = read_tables(&cfg, &offsets);
+                let mut recs = Vec::new();
+                let read = read_tables(&cfg, &offsets, |r| recs.push(r)).map(|()| recs);
                 if let Ok(recs) = &read {
                     for r in recs {
                         offsets.insert((r.topic.clone(), r.partition), r.offset + 1);
