@@ -346,6 +346,21 @@ pub async fn prepare_version(
 ) -> Result<Version> {
     let dir = entity_dir(period_label, entity);
     let version = existing(store, &dir).await?.len() as u32 + 1;
+    prepare_numbered(version, period_label, bounds, entity, events, opts).await
+}
+
+/// `prepare_version` for a caller that knows how many versions the store holds (the
+/// settler, which read them when the (period, entity) first came up): `version` is the
+/// next one.
+pub async fn prepare_numbered(
+    version: u32,
+    period_label: &str,
+    bounds: (Millis, Millis),
+    entity: &str,
+    events: Vec<(i32, i64, RatedEvent)>,
+    opts: &VersionOpts,
+) -> Result<Version> {
+    let dir = entity_dir(period_label, entity);
     let (label, entity, opts) = (period_label.to_string(), entity.to_string(), opts.clone());
     tokio::task::spawn_blocking(move || {
         encode_version(&dir, &label, bounds, &entity, version, events, &opts)

@@ -92,6 +92,26 @@ struct Open {
     ids: HashSet<String>,
 }
 
+/// What the settlement store holds of one (period, entity): how many versions, and the
+/// ids of the events in them.
+#[derive(Default)]
+struct Written {
+    versions: u32,
+    ids: HashSet<String>,
+}
+
+/// The (period start, entity) pairs with a version in the store, from its manifests.
+fn keys_of(manifests: &[files::Manifest]) -> Result<HashSet<Key>> {
+    manifests
+        .iter()
+        .map(|m| {
+            let ps = meterflow_types::time::parse_rfc3339(&m.period_start)
+                .map_err(anyhow::Error::msg)?;
+            Ok((ps, m.entity_id.clone()))
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct PartState {
     sources: SourceTimes,
@@ -303,6 +323,10 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     }
     // per rated partition: the (period, entity) whose latest version is incomplete
     let mut incomplete = incomplete_of(&manifests)?;
+    // every (period, entity) with a version in the store when this member's partitions
+    // were last assigned: one not among them has none (an entity's events are on one
+    // rated partition, so only its owner writes its files), and is not looked up
+    let mut stored = keys_of(&manifests)?;
     let files_total = m.counter(
         "meterflow_settler_file_sets_total",
         "Settlement file sets written.",
@@ -351,8 +375,8 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     // per rated partition: its open periods
     let mut parts: HashMap<i32, PartState> = HashMap::new();
     let mut open: HashMap<i32, BTreeMap<Key, Open>> = HashMap::new();
-    // ids already in written files, per (period start, entity), loaded on demand
-    let mut written: HashMap<Key, HashSet<String>> = HashMap::new();
+    // what the store holds per (period start, entity), loaded on demand
+    let mut written: HashMap<Key, Written> = HashMap::new();
     while !ctx.shutdown.is_cancelled() {
         let batch = io
             .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
@@ -369,9 +393,14 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     }
                 }
                 // the files are the state: what a partition's last owner left incomplete
+                // (and what another member wrote while it owned them: what this one read
+                // of the store before is forgotten, read again when it comes up)
                 meterflow_kafka::Assignment::Assigned(ps) => {
                     owned.extend(ps.iter().map(|(_, p)| *p));
-                    incomplete = incomplete_of(&files::manifests(&store).await?)?;
+                    let manifests = files::manifests(&store).await?;
+                    incomplete = incomplete_of(&manifests)?;
+                    stored = keys_of(&manifests)?;
+                    written.clear();
                 }
             }
         }
@@ -381,14 +410,19 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             .iter()
             .map(|m| meterflow_avro::decode_rated_msg(m.payload().unwrap_or_default()))
             .collect();
-        // the ids already in written files of each (period, entity) first seen here, read
-        // side by side
+        // what the store holds of each (period, entity) first seen here, read side by side
+        // (nothing to read for one the store had none of at the assignment)
         let mut unread: Vec<Key> = Vec::new();
         for d in &decoded {
             if let Ok(RatedMsg::Rated(e)) = d {
                 let key = (period.bounds(e.window_start).0, e.entity_id.clone());
-                if !written.contains_key(&key) && !unread.contains(&key) {
+                if written.contains_key(&key) || unread.contains(&key) {
+                    continue;
+                }
+                if stored.contains(&key) {
                     unread.push(key);
+                } else {
+                    written.insert(key, Written::default());
                 }
             }
         }
@@ -399,7 +433,11 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         }))
         .await?;
         for (key, versions) in unread.into_iter().zip(read) {
-            written.insert(key, versions.into_iter().flat_map(|m| m.ids).collect());
+            let w = Written {
+                versions: versions.len() as u32,
+                ids: versions.into_iter().flat_map(|m| m.ids).collect(),
+            };
+            written.insert(key, w);
         }
         for (msg, decoded) in batch.messages.iter().zip(decoded) {
             let p = msg.partition();
@@ -421,7 +459,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     io.audit(&topics.rated, "in", audited);
                     let (ps, pe) = period.bounds(e.window_start);
                     let key = (ps, e.entity_id.clone());
-                    let done = written.entry(key.clone()).or_default();
+                    let done = &mut written.entry(key.clone()).or_default().ids;
                     let closed_before = !done.is_empty()
                         || st
                             .sources
@@ -502,8 +540,14 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             };
             let (store, bounds, l, entity) =
                 (&store, period.bounds(key.0), label.clone(), key.1.clone());
+            // the next version after those read when the pair came up (a pair held
+            // incomplete since before the assignment may not have come up: read then)
+            let next = written.get(&key).map(|w| w.versions + 1);
             versions.push(async move {
-                files::prepare_version(store, &l, bounds, &entity, events, &opts).await
+                match next {
+                    Some(v) => files::prepare_numbered(v, &l, bounds, &entity, events, &opts).await,
+                    None => files::prepare_version(store, &l, bounds, &entity, events, &opts).await,
+                }
             });
             meta.push((p, key, why, ids, label));
         }
@@ -529,7 +573,9 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             announce(&mut io, &topics.settlements, &man).await?;
             to_mark.push(announced_marker(&man));
             files_total.inc();
-            written.entry(key).or_default().extend(ids);
+            let w = written.entry(key).or_default();
+            w.versions = man.version;
+            w.ids.extend(ids);
         }
         for (key, evs) in corrections {
             let label = period.label(key.0);
@@ -542,6 +588,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                 files::write_version(&store, &label, period.bounds(key.0), &key.1, evs, &opts)
                     .await?;
             tracing::info!(period = %label, entity = %key.1, version = man.version, "correction written");
+            written.entry(key).or_default().versions = man.version;
             if let Some(p) = man.input_offsets.keys().next() {
                 corrected.entry(*p).or_default().push(label.clone());
             }
@@ -601,6 +648,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         if !offsets.is_empty() || !to_mark.is_empty() {
             io.commit(&offsets).await?;
         }
+
         // the records are acknowledged: mark their versions announced (concurrently, as
         // the file sets were written; not synced: a marker lost to a crash only repeats
         // an announcement, identical, on start)
