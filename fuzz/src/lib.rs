@@ -14,7 +14,7 @@
 //! decode the same way from either encoder's bytes.
 
 use meterflow_avro::{decode, encode, generic, header_of, DecodeError, Record};
-use meterflow_avro::{InstancesMsg, RatedMsg, SamplesMsg, UsageMsg, UsageViewMsg};
+use meterflow_avro::{InstancesMsg, RatedMsg, SamplesMsg, SamplesViewMsg, UsageMsg, UsageViewMsg};
 use meterflow_types::{InstanceState, NodeHeartbeat, RatedEvent, Sample, Usage, Watermark};
 use std::fmt::Debug;
 
@@ -67,11 +67,28 @@ pub fn samples(data: &[u8]) {
     both(data, &h, |m| {
         agree::<Sample>(m);
         agree::<NodeHeartbeat>(m);
+        sample_views_agree(m);
         check(meterflow_avro::decode_samples_msg(m), |r| match r {
             SamplesMsg::Sample(r) => roundtrip(&r),
             SamplesMsg::Heartbeat(r) => roundtrip(&r),
         })
     });
+}
+
+/// The enricher's decoder (samples as views of the bytes) reads what the owned decoder
+/// reads, or fails the same way.
+fn sample_views_agree(m: &[u8]) {
+    match (
+        meterflow_avro::decode_samples_msg(m),
+        meterflow_avro::decode_samples_view(m),
+    ) {
+        (Ok(SamplesMsg::Sample(a)), Ok(SamplesViewMsg::Sample(v))) => {
+            assert_eq!(v.to_sample(), a, "the view reads a different sample")
+        }
+        (Ok(SamplesMsg::Heartbeat(a)), Ok(SamplesViewMsg::Heartbeat(b))) => assert_eq!(a, b),
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+        (a, b) => panic!("owned {a:?} / view {b:?}"),
+    }
 }
 
 /// The usage topic (usage records and watermarks).

@@ -206,6 +206,38 @@ fn counters_from(mut f: Fields) -> Result<Counters, DecodeError> {
     })
 }
 
+/// A sample as a view of the bytes it is read from (`decode_samples_view`); the owned
+/// decoder reads it the same way and copies it.
+pub(crate) fn read_sample<'a>(r: &mut Reader<'a>) -> Result<SampleView<'a>, DecodeError> {
+    let counters = |r: &mut Reader<'a>| -> Result<Counters, DecodeError> {
+        Ok(Counters {
+            cpu_time_ns: r.long()?,
+            net_rx_bytes: r.long()?,
+            net_tx_bytes: r.long()?,
+            disk_read_bytes: r.long()?,
+            disk_write_bytes: r.long()?,
+        })
+    };
+    Ok(SampleView {
+        id: r.str()?,
+        instance_id: r.str()?,
+        node_id: r.str()?,
+        site: r.str()?,
+        kind: r.str()?,
+        incarnation: r.str()?,
+        seq: r.long()?,
+        interval_start: r.long()?,
+        interval_end: r.long()?,
+        counters: counters(r)?,
+        deltas: counters(r)?,
+        vcpu_millis: r.long()?,
+        memory_alloc_bytes: r.long()?,
+        memory_used_bytes: r.opt_long()?,
+        owner_hint: r.opt_str()?,
+        ended: r.boolean()?,
+    })
+}
+
 impl Record for Sample {
     const NAME: &'static str = "Sample";
     fn compiled() -> &'static Compiled {
@@ -241,35 +273,7 @@ impl Record for Sample {
         true
     }
     fn read_datum(r: &mut Reader<'_>) -> Option<Result<Self, DecodeError>> {
-        let counters = |r: &mut Reader<'_>| -> Result<Counters, DecodeError> {
-            Ok(Counters {
-                cpu_time_ns: r.long()?,
-                net_rx_bytes: r.long()?,
-                net_tx_bytes: r.long()?,
-                disk_read_bytes: r.long()?,
-                disk_write_bytes: r.long()?,
-            })
-        };
-        Some((|| {
-            Ok(Sample {
-                id: r.string()?,
-                instance_id: r.string()?,
-                node_id: r.string()?,
-                site: r.string()?,
-                kind: r.string()?,
-                incarnation: r.string()?,
-                seq: r.long()?,
-                interval_start: r.long()?,
-                interval_end: r.long()?,
-                counters: counters(r)?,
-                deltas: counters(r)?,
-                vcpu_millis: r.long()?,
-                memory_alloc_bytes: r.long()?,
-                memory_used_bytes: r.opt_long()?,
-                owner_hint: r.opt_string()?,
-                ended: r.boolean()?,
-            })
-        })())
+        Some(read_sample(r).map(|v| v.to_sample()))
     }
     fn to_value(&self) -> Value {
         rec(vec![
@@ -1628,6 +1632,47 @@ mod tests {
                 m
             })
             .collect()
+    }
+
+    #[test]
+    fn a_sample_view_reads_what_a_sample_reads() {
+        let mut s2 = sample();
+        s2.memory_used_bytes = None;
+        s2.owner_hint = Some("acme".into());
+        let hb = NodeHeartbeat {
+            node_id: "n".into(),
+            site: "eu-1".into(),
+            version: "0.1".into(),
+            time: 7,
+            instances: 3,
+            retired: false,
+        };
+        let mut rng = Rng(9);
+        let (mut ok, mut bad) = (0, 0);
+        for bytes in [encode(&sample()), encode(&s2), encode(&hb)] {
+            for m in mutants(&bytes, &mut rng, 5_000).into_iter().chain([bytes]) {
+                match (
+                    crate::decode_samples_msg(&m),
+                    crate::decode_samples_view(&m),
+                ) {
+                    (Ok(crate::SamplesMsg::Sample(a)), Ok(crate::SamplesViewMsg::Sample(v))) => {
+                        assert_eq!(v.to_sample(), a);
+                        assert_eq!(a.view(), v);
+                        ok += 1;
+                    }
+                    (
+                        Ok(crate::SamplesMsg::Heartbeat(a)),
+                        Ok(crate::SamplesViewMsg::Heartbeat(b)),
+                    ) => assert_eq!(a, b),
+                    (Err(a), Err(b)) => {
+                        assert_eq!(a.to_string(), b.to_string());
+                        bad += 1;
+                    }
+                    (a, b) => panic!("owned {a:?} / view {b:?} on {m:02x?}"),
+                }
+            }
+        }
+        assert!(ok > 100 && bad > 1000, "{ok} decoded, {bad} refused");
     }
 
     #[test]

@@ -289,6 +289,12 @@ pub enum SamplesMsg {
     Sample(Sample),
     Heartbeat(NodeHeartbeat),
 }
+/// `SamplesMsg`, its sample a view of the message's bytes (`decode_samples_view`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SamplesViewMsg<'a> {
+    Sample(SampleView<'a>),
+    Heartbeat(NodeHeartbeat),
+}
 /// What may appear on the usage topic (usage vastly outnumbers markers; see above).
 #[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::large_enum_variant)]
@@ -328,6 +334,19 @@ pub fn decode_samples_msg(bytes: &[u8]) -> Result<SamplesMsg, DecodeError> {
         Ok(s) => SamplesMsg::Sample(s),
         Err(h) => SamplesMsg::Heartbeat(h),
     })
+}
+/// A samples-topic message as `decode_samples_msg` reads it, with the sample a view of
+/// `bytes` (its text borrowed): the enricher's decoder, allocating nothing per sample.
+/// The same checks, the same errors.
+pub fn decode_samples_view(bytes: &[u8]) -> Result<SamplesViewMsg<'_>, DecodeError> {
+    if bytes.len() >= 10 && bytes[..10] == NodeHeartbeat::compiled().header {
+        return decode::<NodeHeartbeat>(bytes).map(SamplesViewMsg::Heartbeat);
+    }
+    let body = check_header(bytes, Sample::compiled())?;
+    let mut r = fast::Reader::new(Sample::NAME, body);
+    let s = convert::read_sample(&mut r)?;
+    r.finish()?;
+    Ok(SamplesViewMsg::Sample(s))
 }
 pub fn decode_usage_msg(bytes: &[u8]) -> Result<UsageMsg, DecodeError> {
     Ok(match dispatch2::<Usage, Watermark>(bytes)? {

@@ -9,7 +9,7 @@
 //! duplication at the stage that replayed (downstream deduplication by id keeps the
 //! bills exact); a record lost between two stages shows as a loss in its bucket.
 
-use meterflow_types::{AuditCount, Dec, FastMap, Millis, RatedEvent, Sample, Usage, UsageView};
+use meterflow_types::{AuditCount, Dec, FastMap, Millis, RatedEvent, SampleView, Usage, UsageView};
 
 /// Event-time bucket width.
 pub const BUCKET_MS: i64 = 3_600_000;
@@ -87,7 +87,7 @@ impl Ledger {
 }
 
 /// A sample's bucket time (its end) and quantity (allocated vCPU-seconds).
-pub fn of_sample(s: &Sample) -> (Millis, Dec) {
+pub fn of_sample(s: &SampleView<'_>) -> (Millis, Dec) {
     (
         s.interval_end,
         Dec::from_raw(s.vcpu_millis as i128 * s.interval_ms() as i128 * 1_000),

@@ -70,6 +70,80 @@ impl Sample {
     pub fn interval_ms(&self) -> i64 {
         self.interval_end - self.interval_start
     }
+
+    /// The sample as a view (what the enricher works on).
+    pub fn view(&self) -> SampleView<'_> {
+        SampleView {
+            id: &self.id,
+            instance_id: &self.instance_id,
+            node_id: &self.node_id,
+            site: &self.site,
+            kind: &self.kind,
+            incarnation: &self.incarnation,
+            seq: self.seq,
+            interval_start: self.interval_start,
+            interval_end: self.interval_end,
+            counters: self.counters,
+            deltas: self.deltas,
+            vcpu_millis: self.vcpu_millis,
+            memory_alloc_bytes: self.memory_alloc_bytes,
+            memory_used_bytes: self.memory_used_bytes,
+            owner_hint: self.owner_hint.as_deref(),
+            ended: self.ended,
+        }
+    }
+}
+
+/// A `Sample` whose text borrows from elsewhere — the message it was decoded from
+/// (`meterflow_avro::decode_samples_view`), or a `Sample` (`Sample::view`): the enricher
+/// decodes every sample of a batch as a view of its message and keeps one whole only
+/// when it parks it. Same fields, same meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SampleView<'a> {
+    pub id: &'a str,
+    pub instance_id: &'a str,
+    pub node_id: &'a str,
+    pub site: &'a str,
+    pub kind: &'a str,
+    pub incarnation: &'a str,
+    pub seq: i64,
+    pub interval_start: Millis,
+    pub interval_end: Millis,
+    pub counters: Counters,
+    pub deltas: Counters,
+    pub vcpu_millis: i64,
+    pub memory_alloc_bytes: i64,
+    pub memory_used_bytes: Option<i64>,
+    pub owner_hint: Option<&'a str>,
+    pub ended: bool,
+}
+
+impl SampleView<'_> {
+    pub fn interval_ms(&self) -> i64 {
+        self.interval_end - self.interval_start
+    }
+
+    /// The sample, owned.
+    pub fn to_sample(&self) -> Sample {
+        Sample {
+            id: self.id.to_string(),
+            instance_id: self.instance_id.to_string(),
+            node_id: self.node_id.to_string(),
+            site: self.site.to_string(),
+            kind: self.kind.to_string(),
+            incarnation: self.incarnation.to_string(),
+            seq: self.seq,
+            interval_start: self.interval_start,
+            interval_end: self.interval_end,
+            counters: self.counters,
+            deltas: self.deltas,
+            vcpu_millis: self.vcpu_millis,
+            memory_alloc_bytes: self.memory_alloc_bytes,
+            memory_used_bytes: self.memory_used_bytes,
+            owner_hint: self.owner_hint.map(str::to_string),
+            ended: self.ended,
+        }
+    }
 }
 
 /// Poll marker, written by every collector to every partition of the samples topic after

@@ -444,7 +444,7 @@ pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
             ledger.count(
                 &topics.samples,
                 "out",
-                meterflow_kafka::audit::of_sample(smp),
+                meterflow_kafka::audit::of_sample(&smp.view()),
             );
         }
         for (key, rec) in ledger.drain() {

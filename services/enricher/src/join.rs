@@ -2,7 +2,8 @@
 //! integrated over its interval and split between owners at ownership changes.
 
 use meterflow_types::{
-    Dec, FastMap, InstanceState, Millis, Ownership, Sample, SeenSample, Usage, UsageView, NO_LABELS,
+    Dec, FastMap, InstanceState, Millis, Ownership, SampleView, SeenSample, Usage, UsageView,
+    NO_LABELS,
 };
 
 /// Ownership history per instance, ordered by `valid_from`.
@@ -113,19 +114,20 @@ impl Seen {
         v
     }
 
-    pub fn is_duplicate(&self, s: &Sample) -> bool {
-        self.by_instance.get(&s.instance_id).is_some_and(|v| {
+    pub fn is_duplicate(&self, s: &SampleView<'_>) -> bool {
+        self.by_instance.get(s.instance_id).is_some_and(|v| {
             v.iter()
                 .any(|e| e.incarnation == s.incarnation && e.seq >= s.seq)
         })
     }
 
     /// Record a billed sample.
-    pub fn record(&mut self, s: &Sample) {
-        if !self.by_instance.contains_key(&s.instance_id) {
-            self.by_instance.insert(s.instance_id.clone(), Vec::new());
+    pub fn record(&mut self, s: &SampleView<'_>) {
+        if !self.by_instance.contains_key(s.instance_id) {
+            self.by_instance
+                .insert(s.instance_id.to_string(), Vec::new());
         }
-        let Some(v) = self.by_instance.get_mut(&s.instance_id) else {
+        let Some(v) = self.by_instance.get_mut(s.instance_id) else {
             return;
         };
         match v.iter_mut().find(|e| e.incarnation == s.incarnation) {
@@ -135,8 +137,8 @@ impl Seen {
             }
             None => {
                 v.push(SeenSample {
-                    instance_id: s.instance_id.clone(),
-                    incarnation: s.incarnation.clone(),
+                    instance_id: s.instance_id.to_string(),
+                    incarnation: s.incarnation.to_string(),
                     seq: s.seq,
                     interval_end: s.interval_end,
                 });
@@ -165,7 +167,7 @@ impl Seen {
 
 /// Quantities of one sample integrated over its interval (decimal, scale 9).
 /// Gauges (vCPUs, memory) are the values observed at the interval's end, held over it.
-pub fn quantities(s: &Sample) -> [Option<Dec>; 8] {
+pub fn quantities(s: &SampleView<'_>) -> [Option<Dec>; 8] {
     let ms = (s.interval_end - s.interval_start) as i128;
     let q = |v: i128, places: u32| Dec::from_scaled(v, places).ok();
     [
@@ -182,7 +184,7 @@ pub fn quantities(s: &Sample) -> [Option<Dec>; 8] {
 
 /// A sample that carries no usage: a baseline (empty interval) or a final sample with
 /// nothing measured. It is consumed without output.
-pub fn carries_nothing(s: &Sample) -> bool {
+pub fn carries_nothing(s: &SampleView<'_>) -> bool {
     s.interval_end == s.interval_start
         || (s.ended
             && s.deltas == meterflow_types::Counters::default()
@@ -202,7 +204,7 @@ const MAX_BYTES: i64 = 1 << 50;
 /// `future_timestamp`, `ancient_timestamp`, `negative_counter`, `negative_gauge`,
 /// `implausible_counter`, `unknown_instance`.
 pub fn validate(
-    s: &Sample,
+    s: &SampleView<'_>,
     now: Millis,
     max_future: Millis,
     max_age: Millis,
@@ -279,7 +281,7 @@ pub fn validate(
 /// its owners and its instance state (what the enricher encodes, with no `Usage` in
 /// between).
 pub fn usage_views<'a>(
-    s: &'a Sample,
+    s: &SampleView<'a>,
     segments: &[(Millis, Millis, &'a Ownership)],
     state: Option<&'a InstanceState>,
 ) -> Vec<UsageView<'a>> {
@@ -303,22 +305,22 @@ pub fn usage_views<'a>(
 /// The usage of segment `[a, b)` of `s`, owned by `o`; `part(k)` is its share of the
 /// sample's `k`th quantity (see `quantities`).
 fn usage_part<'a>(
-    s: &'a Sample,
+    s: &SampleView<'a>,
     (a, b, o): (Millis, Millis, &'a Ownership),
     state: Option<&'a InstanceState>,
     part: impl Fn(usize) -> Option<Dec>,
 ) -> UsageView<'a> {
     let or_zero = |k: usize| part(k).unwrap_or(Dec::ZERO);
     UsageView {
-        id: Usage::make_id(&s.id, &o.entity_id, a).into(),
-        sample_id: &s.id,
-        instance_id: &s.instance_id,
+        id: Usage::make_id(s.id, &o.entity_id, a).into(),
+        sample_id: s.id,
+        instance_id: s.instance_id,
         entity_id: &o.entity_id,
         user_id: &o.user_id,
         project: o.project.as_deref(),
-        node_id: &s.node_id,
-        site: &s.site,
-        kind: &s.kind,
+        node_id: s.node_id,
+        site: s.site,
+        kind: s.kind,
         flavor: state.and_then(|st| st.flavor.as_deref()),
         interval_start: a,
         interval_end: b,
@@ -337,7 +339,7 @@ fn usage_part<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meterflow_types::Counters;
+    use meterflow_types::{Counters, Sample};
 
     fn own(entity: &str, from: Millis) -> Ownership {
         Ownership {
@@ -356,7 +358,7 @@ mod tests {
         segments: &[(Millis, Millis, &Ownership)],
         state: Option<&InstanceState>,
     ) -> Vec<Usage> {
-        usage_views(s, segments, state)
+        usage_views(&s.view(), segments, state)
             .iter()
             .map(|v| {
                 let mut bytes = Vec::new();
@@ -447,7 +449,7 @@ mod tests {
             labels: [("team".to_string(), "blue".to_string())].into(),
         };
         let segs = [(10_000, 20_000, &o)];
-        let views = usage_views(&s, &segs, Some(&state));
+        let views = usage_views(&s.view(), &segs, Some(&state));
         let u = usage_for(&s, &segs, Some(&state));
         assert_eq!(u.len(), 1);
         let u = &u[0];
@@ -495,36 +497,36 @@ mod tests {
         let age = 1_000_000;
         let mut s = sample(10, 5);
         assert_eq!(
-            validate(&s, 0, 1000, age).map_err(|e| e.0),
+            validate(&s.view(), 0, 1000, age).map_err(|e| e.0),
             Err("bad_interval")
         );
         s = sample(0, 10_000);
         assert_eq!(
-            validate(&s, 0, 1000, age).map_err(|e| e.0),
+            validate(&s.view(), 0, 1000, age).map_err(|e| e.0),
             Err("future_timestamp")
         );
-        assert_eq!(validate(&s, 10_000, 1000, age), Ok(()));
+        assert_eq!(validate(&s.view(), 10_000, 1000, age), Ok(()));
         assert_eq!(
-            validate(&s, 10_000 + age + 1, 1000, age).map_err(|e| e.0),
+            validate(&s.view(), 10_000 + age + 1, 1000, age).map_err(|e| e.0),
             Err("ancient_timestamp")
         );
         s.deltas.net_rx_bytes = -1;
         assert_eq!(
-            validate(&s, 100_000, 1000, age).map_err(|e| e.0),
+            validate(&s.view(), 100_000, 1000, age).map_err(|e| e.0),
             Err("negative_counter")
         );
         s.deltas.net_rx_bytes = 1 << 51;
         assert_eq!(
-            validate(&s, 100_000, 1000, age).map_err(|e| e.0),
+            validate(&s.view(), 100_000, 1000, age).map_err(|e| e.0),
             Err("implausible_counter")
         );
         s.deltas.net_rx_bytes = 0;
         // 10 s of 1024 CPUs (plus a second of slack) is the most a sample can carry
         s.deltas.cpu_time_ns = 10_000 * 1_000_000 * 1024 + 1_000_000_000;
-        assert_eq!(validate(&s, 100_000, 1000, age), Ok(()));
+        assert_eq!(validate(&s.view(), 100_000, 1000, age), Ok(()));
         s.deltas.cpu_time_ns = i64::MAX;
         assert_eq!(
-            validate(&s, 100_000, 1000, age).map_err(|e| e.0),
+            validate(&s.view(), 100_000, 1000, age).map_err(|e| e.0),
             Err("implausible_counter")
         );
     }
@@ -564,18 +566,18 @@ mod tests {
             ..sample(seq * 10, seq * 10 + 10)
         };
         let mut seen = Seen::default();
-        assert!(!seen.is_duplicate(&at("a", 1)));
-        seen.record(&at("a", 1));
-        seen.record(&at("a", 2));
-        assert!(seen.is_duplicate(&at("a", 1)) && seen.is_duplicate(&at("a", 2)));
-        assert!(!seen.is_duplicate(&at("a", 3)));
+        assert!(!seen.is_duplicate(&at("a", 1).view()));
+        seen.record(&at("a", 1).view());
+        seen.record(&at("a", 2).view());
+        assert!(seen.is_duplicate(&at("a", 1).view()) && seen.is_duplicate(&at("a", 2).view()));
+        assert!(!seen.is_duplicate(&at("a", 3).view()));
         // a migration: the new incarnation counts from 1, the old one's final sample
         // may still arrive after it
-        assert!(!seen.is_duplicate(&at("b", 1)));
-        seen.record(&at("b", 1));
-        assert!(!seen.is_duplicate(&at("a", 3)));
-        seen.record(&at("a", 3));
-        assert!(seen.is_duplicate(&at("b", 1)) && seen.is_duplicate(&at("a", 3)));
+        assert!(!seen.is_duplicate(&at("b", 1).view()));
+        seen.record(&at("b", 1).view());
+        assert!(!seen.is_duplicate(&at("a", 3).view()));
+        seen.record(&at("a", 3).view());
+        assert!(seen.is_duplicate(&at("b", 1).view()) && seen.is_duplicate(&at("a", 3).view()));
         let back = Seen::from_checkpoint(seen.to_checkpoint());
         assert_eq!(back, seen);
         // forgetting instances idle since before a time

@@ -15,7 +15,7 @@ pub mod join;
 
 use anyhow::{Context, Result};
 use join::Owners;
-use meterflow_avro::{InstancesMsg, SamplesMsg};
+use meterflow_avro::{InstancesMsg, SamplesViewMsg};
 use meterflow_kafka::probe::{Forward, Probes, Trace};
 use meterflow_kafka::{
     ensure_topics, partition_count, Coordinates, KafkaConfig, Message, StageIo, TableRecord,
@@ -24,7 +24,8 @@ use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
 use meterflow_types::headers;
 use meterflow_types::watermark::NodeProgress;
 use meterflow_types::{
-    FastMap, InstanceState, Millis, NodeHeartbeat, Ownership, Sample, UsageView, Watermark,
+    FastMap, InstanceState, Millis, NodeHeartbeat, Ownership, Sample, SampleView, UsageView,
+    Watermark,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -599,9 +600,9 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                         st.latest_end = st.latest_end.max(s.interval_end);
                         st.dirty = true;
                     }
-                    if emitted && !parked_before.is_empty() && parked_before.remove(&s.id) {
+                    if emitted && !parked_before.is_empty() && parked_before.remove(s.id) {
                         // parked by an earlier run, billed now: clear its record
-                        release(&mut io, &topics.parked, &s.id, "owner").await?;
+                        release(&mut io, &topics.parked, s.id, "owner").await?;
                     }
                     if let Err(waits_for) = waits {
                         let snapshot = st.progress.complete_through(timeout, &tables.nodes);
@@ -620,7 +621,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                         .await?;
                         st.parked.push_back(Parked {
                             offset: msg.offset(),
-                            sample: s,
+                            sample: s.to_sample(),
                             snapshot,
                             parked_at: Instant::now(),
                             waits_for,
@@ -646,7 +647,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                         && complete.is_some_and(|t| t - pk.sample.interval_end > deadline);
                     let joined = join_sample(
                         &tables,
-                        &pk.sample,
+                        &pk.sample.view(),
                         deadline_passed.then_some(cfg.unallocated_entity.as_str()),
                     );
                     let billed =
@@ -664,7 +665,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                             }
                         };
                         release(&mut io, &topics.parked, &pk.sample.id, to).await?;
-                        st.seen.record(&pk.sample);
+                        st.seen.record(&pk.sample.view());
                         st.latest_end = st.latest_end.max(pk.sample.interval_end);
                         st.dirty = true;
                         continue;
@@ -774,11 +775,12 @@ struct Limits {
     max_age: Millis,
 }
 
-/// A samples message as the batch's threads leave it for the main loop.
-enum Prepared {
+/// A samples message as the batch's threads leave it for the main loop: a sample is a
+/// view of its message (the batch outlives it; one is copied only when it is parked).
+enum Prepared<'a> {
     Undecodable(meterflow_avro::DecodeError),
     Heartbeat(NodeHeartbeat),
-    Sample(Sample, Verdict),
+    Sample(SampleView<'a>, Verdict),
 }
 
 /// What a sample comes to, judged alone: everything that does not depend on the samples
@@ -793,11 +795,11 @@ enum Verdict {
     Joined(Joined),
 }
 
-fn prepare(m: &meterflow_kafka::OwnedMessage, tables: &Tables, l: &Limits) -> Prepared {
-    let s = match meterflow_avro::decode_samples_msg(m.payload().unwrap_or_default()) {
+fn prepare<'a>(m: &'a meterflow_kafka::OwnedMessage, tables: &Tables, l: &Limits) -> Prepared<'a> {
+    let s = match meterflow_avro::decode_samples_view(m.payload().unwrap_or_default()) {
         Err(e) => return Prepared::Undecodable(e),
-        Ok(SamplesMsg::Heartbeat(h)) => return Prepared::Heartbeat(h),
-        Ok(SamplesMsg::Sample(s)) => s,
+        Ok(SamplesViewMsg::Heartbeat(h)) => return Prepared::Heartbeat(h),
+        Ok(SamplesViewMsg::Sample(s)) => s,
     };
     let verdict = if let Err((code, why)) = join::validate(&s, l.now, l.max_future, l.max_age) {
         Verdict::Invalid(code, why)
@@ -812,11 +814,11 @@ fn prepare(m: &meterflow_kafka::OwnedMessage, tables: &Tables, l: &Limits) -> Pr
 /// Every message of a batch decoded, validated and joined, in order; a large batch's
 /// second half on a thread of its own. All of it is pure and was most of the main loop's
 /// time; what follows depends on the order (duplicates, parked samples, sends).
-fn prepare_batch(
-    messages: &[meterflow_kafka::OwnedMessage],
+fn prepare_batch<'a>(
+    messages: &'a [meterflow_kafka::OwnedMessage],
     tables: &Tables,
     limits: &Limits,
-) -> Vec<Prepared> {
+) -> Vec<Prepared<'a>> {
     // nothing here panics on input (the decoders are fuzzed, the join is checked by the
     // hostile corpus); were it to, as on the main loop: the main loop's panic
     meterflow_runtime::map_in_halves(messages, |m| prepare(m, tables, limits))
@@ -939,18 +941,18 @@ type Joined = std::result::Result<(Billed, Vec<Encoded>), Missing>;
 /// the batch's start): `Err(what)` if the join still misses its owner or its instance's
 /// registration. With `deadline_passed`, what is known instead: its owner without labels
 /// and flavor, or, with no owner, the unallocated entity `deadline_passed` names.
-fn join_sample(tables: &Tables, s: &Sample, deadline_passed: Option<&str>) -> Joined {
+fn join_sample(tables: &Tables, s: &SampleView<'_>, deadline_passed: Option<&str>) -> Joined {
     let fallback;
-    let state = tables.instances.get(&s.instance_id);
+    let state = tables.instances.get(s.instance_id);
     let owned = tables
         .owners
-        .segments(&s.instance_id, s.interval_start, s.interval_end);
+        .segments(s.instance_id, s.interval_start, s.interval_end);
     let (segments, billed) = match (owned, deadline_passed) {
         (Some(v), _) if state.is_some() => (v, Billed::Joined),
         (Some(v), Some(_)) => (v, Billed::OwnerOnly),
         (None, Some(entity)) => {
             fallback = Ownership {
-                instance_id: s.instance_id.clone(),
+                instance_id: s.instance_id.to_string(),
                 user_id: "unknown".into(),
                 entity_id: entity.into(),
                 project: None,
