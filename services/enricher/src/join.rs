@@ -6,6 +6,10 @@ use meterflow_types::{
     NO_LABELS,
 };
 
+/// A sample's owner segments: `(segment_start, segment_end, owner)`. Nearly every sample
+/// has one owner for its whole interval: that one is kept inline, not allocated.
+pub type Segments<'a> = smallvec::SmallVec<[(Millis, Millis, &'a Ownership); 1]>;
+
 /// Ownership history per instance, ordered by `valid_from`.
 ///
 /// Precedence: explicit assignments (`meterflow ownership set|import`, sources `cli` and
@@ -43,16 +47,11 @@ impl Owners {
 
     /// Owner segments covering `[start, end)`: `(segment_start, segment_end, owner)`.
     /// `None` if the instance had no owner at `start` (the sample must be parked).
-    pub fn segments(
-        &self,
-        instance: &str,
-        start: Millis,
-        end: Millis,
-    ) -> Option<Vec<(Millis, Millis, &Ownership)>> {
+    pub fn segments(&self, instance: &str, start: Millis, end: Millis) -> Option<Segments<'_>> {
         let all = self.by_instance.get(instance)?;
         if let [only] = all.as_slice() {
             // one owner ever (nearly always): no classes to weigh
-            return (only.valid_from <= start).then(|| vec![(start, end, only)]);
+            return (only.valid_from <= start).then(|| smallvec::smallvec![(start, end, only)]);
         }
         let first_explicit = all
             .iter()
@@ -64,7 +63,7 @@ impl Owners {
             .filter(|o| is_explicit(o) || first_explicit.is_none_or(|t| o.valid_from < t))
             .collect();
         let first = v.iter().rposition(|o| o.valid_from <= start)?;
-        let mut out = Vec::new();
+        let mut out = Segments::new();
         let mut i = first;
         let mut s = start;
         loop {
@@ -284,11 +283,11 @@ pub fn usage_views<'a>(
     s: &SampleView<'a>,
     segments: &[(Millis, Millis, &'a Ownership)],
     state: Option<&'a InstanceState>,
-) -> Vec<UsageView<'a>> {
+) -> smallvec::SmallVec<[UsageView<'a>; 1]> {
     let q = quantities(s);
     if let [(a, b, o)] = segments {
         // one owner for the whole interval (nearly always): nothing to split
-        return vec![usage_part(s, (*a, *b, o), state, |k| q[k])];
+        return smallvec::smallvec![usage_part(s, (*a, *b, o), state, |k| q[k])];
     }
     let weights: Vec<i64> = segments.iter().map(|(a, b, _)| b - a).collect();
     let split: Vec<Option<Vec<Dec>>> = q
@@ -543,13 +542,20 @@ mod tests {
         let mut cli = own("from-cli", 300);
         cli.source = "cli".into();
         o.insert(cli);
-        let seg = o.segments("i", 0, 1000).expect("owned");
-        let who: Vec<(Millis, Millis, &str)> = seg
+        let who: Vec<(Millis, Millis, String)> = o
+            .segments("i", 0, 1000)
+            .expect("owned")
             .iter()
-            .map(|(a, b, w)| (*a, *b, w.entity_id.as_str()))
+            .map(|(a, b, w)| (*a, *b, w.entity_id.clone()))
             .collect();
         // metadata until the explicit assignment; later metadata does not override it
-        assert_eq!(who, [(0, 300, "from-metadata"), (300, 1000, "from-cli")]);
+        assert_eq!(
+            who,
+            [
+                (0, 300, "from-metadata".to_string()),
+                (300, 1000, "from-cli".to_string())
+            ]
+        );
         // the same valid_from from both classes: both kept, the explicit one wins
         let mut same = meta;
         same.valid_from = 300;

@@ -935,7 +935,8 @@ impl Encoded {
 }
 
 /// A sample's join: where its usage goes and that usage encoded, or what it misses.
-type Joined = std::result::Result<(Billed, Vec<Encoded>), Missing>;
+/// (One record nearly always: kept inline, not allocated.)
+type Joined = std::result::Result<(Billed, smallvec::SmallVec<[Encoded; 1]>), Missing>;
 
 /// Join one sample (pure: the batch's threads run it against the tables as they are at
 /// the batch's start): `Err(what)` if the join still misses its owner or its instance's
@@ -960,7 +961,7 @@ fn join_sample(tables: &Tables, s: &SampleView<'_>, deadline_passed: Option<&str
                 source: "unallocated".into(),
             };
             (
-                vec![(s.interval_start, s.interval_end, &fallback)],
+                smallvec::smallvec![(s.interval_start, s.interval_end, &fallback)],
                 Billed::Unallocated,
             )
         }
