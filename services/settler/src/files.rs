@@ -305,7 +305,7 @@ pub async fn write_version(
     events: Vec<(i32, i64, RatedEvent)>,
     opts: &VersionOpts,
 ) -> Result<Manifest> {
-    let v = prepare_version(store, period_label, bounds, entity, events, opts).await?;
+    let v = prepare_version(store, None, period_label, bounds, entity, events, opts).await?;
     let mut written = write_versions(store, vec![v]).await?;
     Ok(written.remove(0))
 }
@@ -333,11 +333,13 @@ pub async fn write_versions(store: &Store, versions: Vec<Version>) -> Result<Vec
     Ok(out)
 }
 
-/// Encode a new version of an entity's settlement for a period (the next version
-/// number after those in the store), on a blocking thread: the CSV and Parquet
-/// encoders of several versions run side by side.
+/// Encode a new version of an entity's settlement for a period, on a blocking thread:
+/// the CSV and Parquet encoders of several versions run side by side. `version` is its
+/// number when the caller knows how many versions the store holds (the settler read them
+/// when the (period, entity) first came up); `None` reads the store for the next one.
 pub async fn prepare_version(
     store: &Store,
+    version: Option<u32>,
     period_label: &str,
     bounds: (Millis, Millis),
     entity: &str,
@@ -345,22 +347,10 @@ pub async fn prepare_version(
     opts: &VersionOpts,
 ) -> Result<Version> {
     let dir = entity_dir(period_label, entity);
-    let version = existing(store, &dir).await?.len() as u32 + 1;
-    prepare_numbered(version, period_label, bounds, entity, events, opts).await
-}
-
-/// `prepare_version` for a caller that knows how many versions the store holds (the
-/// settler, which read them when the (period, entity) first came up): `version` is the
-/// next one.
-pub async fn prepare_numbered(
-    version: u32,
-    period_label: &str,
-    bounds: (Millis, Millis),
-    entity: &str,
-    events: Vec<(i32, i64, RatedEvent)>,
-    opts: &VersionOpts,
-) -> Result<Version> {
-    let dir = entity_dir(period_label, entity);
+    let version = match version {
+        Some(v) => v,
+        None => existing(store, &dir).await?.len() as u32 + 1,
+    };
     let (label, entity, opts) = (period_label.to_string(), entity.to_string(), opts.clone());
     tokio::task::spawn_blocking(move || {
         encode_version(&dir, &label, bounds, &entity, version, events, &opts)

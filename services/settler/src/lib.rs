@@ -544,10 +544,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             // incomplete since before the assignment may not have come up: read then)
             let next = written.get(&key).map(|w| w.versions + 1);
             versions.push(async move {
-                match next {
-                    Some(v) => files::prepare_numbered(v, &l, bounds, &entity, events, &opts).await,
-                    None => files::prepare_version(store, &l, bounds, &entity, events, &opts).await,
-                }
+                files::prepare_version(store, next, &l, bounds, &entity, events, &opts).await
             });
             meta.push((p, key, why, ids, label));
         }
