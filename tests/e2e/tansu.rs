@@ -1248,6 +1248,97 @@ fn settled_periods_ignore_duplicate_events_and_take_late_ones_as_correction_vers
 }
 
 #[test]
+fn a_correction_left_uncommitted_by_a_member_that_failed_is_not_written_again_by_the_member_that_takes_over(
+) {
+    let run = two_days(24);
+    let mut p = Pipeline::start(run.clone(), 36_000, "day");
+    p.start_collector();
+    // the first member settles everything: it has read every (period, entity) it wrote
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    let before = Settled::read(&p.out);
+    let t = p.kafka.topics.clone();
+    let events: Vec<RatedEvent> = p.records(&t.rated);
+    // a second member joins (dynamic: it leaves the group when it stops), takes half of
+    // the partitions and stops after writing its first version, before committing it
+    p.start_replica_with("settler", |cfg| {
+        cfg.replace("[kafka]\n", "[kafka]\nstatic_membership = false\n")
+            + "[faults]\nstop_after_versions = 1\n"
+    });
+    if let Err(late) = p.wait_groups_settled(Duration::from_secs(120)) {
+        panic!("groups did not settle: {late:?}{}", p.logs());
+    }
+    // a late adjustment for every entity's first day: each a correction version, written
+    // by whichever member holds the entity's partition
+    let mut late: BTreeMap<String, RatedEvent> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.window_start < run.start + DAY) {
+        late.entry(e.entity_id.clone()).or_insert_with(|| {
+            let mut l = e.clone();
+            l.id = format!("late-adjustment-{}", e.entity_id);
+            l.adjustment = true;
+            l.quantity = "1".parse().expect("dec");
+            l.amount = "0.036".parse().expect("dec");
+            l
+        });
+    }
+    assert!(late.len() > 1, "entities: {:?}", late.keys());
+    let records: Vec<_> = late
+        .values()
+        .map(|e| {
+            (
+                e.entity_id.as_bytes().to_vec(),
+                meterflow_avro::encode(e),
+                None,
+            )
+        })
+        .collect();
+    p.produce(&t.rated, &records);
+    let second = &mut p.replicas[0];
+    let st = second.wait(Duration::from_secs(120));
+    assert!(
+        st.is_some_and(|s| !s.success()) && second.log().contains("fault injection: stopping"),
+        "the second member stops after its first version (its partitions hold an entity): {st:?}\n{}",
+        second.tail(30)
+    );
+    second.stopped = true;
+    let by_second: Vec<String> = second
+        .log()
+        .lines()
+        .filter(|l| l.contains("correction written"))
+        .map(str::to_string)
+        .collect();
+    assert!(!by_second.is_empty(), "{}", second.tail(30));
+    // the first member takes its partitions back and reads their uncommitted events
+    // again: the correction the second one wrote is in the store, not written twice
+    let want = before.manifests.len() + late.len();
+    p.drain(Duration::from_secs(120), |out| {
+        meterflow_settler::files::all_manifests(out).is_ok_and(|m| m.len() >= want)
+    });
+    let after = Settled::read(&p.out);
+    after.assert_no_id_twice();
+    let mut corrections: Vec<_> = after
+        .manifests
+        .iter()
+        .filter(|m| m.version > 1)
+        .map(|m| (m.entity_id.as_str(), m.version, m.ids.clone()))
+        .collect();
+    corrections.sort();
+    assert_eq!(
+        corrections,
+        late.values()
+            .map(|e| (e.entity_id.as_str(), 2, vec![e.id.clone()]))
+            .collect::<Vec<_>>(),
+        "one correction per entity, each written once"
+    );
+    assert_eq!(after.manifests.len(), want);
+    assert!(
+        p.settler.log().matches("partitions assigned").count() >= 3,
+        "the first member took the partitions back: {}",
+        p.settler.tail(30)
+    );
+    p.stop();
+}
+
+#[test]
 fn a_settler_killed_as_it_writes_files_settles_each_period_once() {
     let run = two_days(25);
     // about 25 s of collection: the first day settles mid-run

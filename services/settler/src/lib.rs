@@ -55,6 +55,18 @@ pub struct SettlerConfig {
     /// Also write each file set's lines as FOCUS (`focus.csv`, FinOps Open Cost and Usage
     /// Specification columns), listed and checksummed in the manifest.
     pub focus: bool,
+    /// Fault injection, for tests of crash recovery: never set in production.
+    pub faults: Faults,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Faults {
+    /// Once this process has written this many versions (file sets and corrections),
+    /// stop with an error at the end of that batch's writes: files durable, offsets not
+    /// committed. A dynamic member then leaves its group at once, as a crashed member
+    /// does when its session expires (which Tansu 0.6 never does).
+    pub stop_after_versions: Option<u64>,
 }
 
 impl Default for SettlerConfig {
@@ -71,6 +83,7 @@ impl Default for SettlerConfig {
             deadline: None,
             batch_size: 5000,
             focus: false,
+            faults: Faults::default(),
         }
     }
 }
@@ -592,6 +605,13 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             announce(&mut io, &topics.settlements, &man).await?;
             to_mark.push(announced_marker(&man));
             corrections_total.inc();
+        }
+        if let Some(n) = cfg.faults.stop_after_versions {
+            let versions = files_total.get() + corrections_total.get();
+            if versions >= n {
+                // fault injection (tests): the settler stops before it commits
+                anyhow::bail!("fault injection: stopping after {versions} versions written, before their commit");
+            }
         }
         // progress for the master's period index: every period ending by `closed_through`
         // is written for this partition's entities (sent before the offsets commit)
