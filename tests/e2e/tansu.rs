@@ -1189,6 +1189,15 @@ fn settled_periods_ignore_duplicate_events_and_take_late_ones_as_correction_vers
     let mut p = Pipeline::start(run.clone(), 36_000, "day");
     p.start_collector();
     p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    // the settler keeps what it read and wrote of the current and previous period only:
+    // with the second day closed, the first day's ids are read back from the store
+    assert!(
+        p.settler
+            .log()
+            .contains("pairs before the previous period forgotten"),
+        "{}",
+        p.settler.tail(30)
+    );
     let before = Settled::read(&p.out);
     let t = p.kafka.topics.clone();
     let events: Vec<RatedEvent> = p.records(&t.rated);

@@ -337,8 +337,9 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     // per rated partition: the (period, entity) whose latest version is incomplete
     let mut incomplete = incomplete_of(&manifests)?;
     // every (period, entity) with a version in the store when this member's partitions
-    // were last assigned: one not among them has none (an entity's events are on one
-    // rated partition, so only its owner writes its files), and is not looked up
+    // were last assigned, or written since and forgotten: one not among them has none
+    // (an entity's events are on one rated partition, so only its owner writes its
+    // files), and is not looked up
     let mut stored = keys_of(&manifests)?;
     let files_total = m.counter(
         "meterflow_settler_file_sets_total",
@@ -388,7 +389,8 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     // per rated partition: its open periods
     let mut parts: HashMap<i32, PartState> = HashMap::new();
     let mut open: HashMap<i32, BTreeMap<Key, Open>> = HashMap::new();
-    // what the store holds per (period start, entity), loaded on demand
+    // what the store holds per (period start, entity), loaded on demand and kept for the
+    // current and previous period
     let mut written: HashMap<Key, Written> = HashMap::new();
     while !ctx.shutdown.is_cancelled() {
         let batch = io
@@ -664,6 +666,28 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             .collect();
         if !offsets.is_empty() || !to_mark.is_empty() {
             io.commit(&offsets).await?;
+        }
+        // What was read or written of periods before the previous one is forgotten (read
+        // again from the store if an event comes for one): the map holds the event ids of
+        // recent periods, not of every period since the assignment.
+        if let Some(through) = parts.values().filter_map(|st| st.sources.min()).min() {
+            let current = period.bounds(through.saturating_sub(grace)).0;
+            let horizon = period.bounds(current.saturating_sub(1)).0;
+            let before = written.len();
+            written.retain(|key, w| {
+                let keep = key.0 >= horizon;
+                if !keep && w.versions > 0 {
+                    stored.insert(key.clone());
+                }
+                keep
+            });
+            if written.len() < before {
+                tracing::info!(
+                    forgotten = before - written.len(),
+                    kept = written.len(),
+                    "settled (period, entity) pairs before the previous period forgotten"
+                );
+            }
         }
 
         // the records are acknowledged: mark their versions announced (concurrently, as
