@@ -71,13 +71,14 @@ fn stage_proc<'a>(p: &'a mut Pipeline, stage: &str) -> &'a mut Proc {
 
 /// One stage alone on input that is all on its topic: launched, the clock runs from its
 /// partition assignment until it has committed its whole input and `done` holds.
-/// Returns (seconds, CPU seconds the stage's process used meanwhile, peak RSS in KiB).
+/// Returns its seconds, the CPU seconds its process and the broker used meanwhile, and
+/// its peak RSS.
 pub fn stage_alone(
     p: &mut Pipeline,
     stage: &str,
     input: &str,
     done: impl Fn(&Pipeline) -> bool,
-) -> anyhow::Result<(f64, f64, u64)> {
+) -> anyhow::Result<StageRun> {
     // The input is all on its topic: its end is read once, before the clock (a read of
     // the end takes a few hundred milliseconds on Tansu; checked on every poll, it added
     // up to that to the stage's time, a delay the relay, stopping its own clock, never had)
@@ -112,6 +113,7 @@ pub fn stage_alone(
     }
     let t0 = Instant::now();
     let cpu0 = stage_proc(p, stage).cpu_secs().unwrap_or(0.0);
+    let broker0 = p.broker.proc.cpu_secs().unwrap_or(0.0);
     while !(all_committed() && done(p)) {
         p.assert_services_alive();
         anyhow::ensure!(t0.elapsed() < LIMIT, "{stage} did not drain");
@@ -119,9 +121,29 @@ pub fn stage_alone(
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = stage_proc(p, stage).cpu_secs().unwrap_or(0.0) - cpu0;
-    // VmHWM: the process's peak over its whole life
-    Ok((secs, cpu, stage_proc(p, stage).peak_rss_kib().unwrap_or(0)))
+    let broker_cpu = p.broker.proc.cpu_secs().unwrap_or(0.0) - broker0;
+    Ok(StageRun {
+        secs,
+        cpu,
+        broker_cpu,
+        // VmHWM: the process's peak over its whole life
+        rss_kib: stage_proc(p, stage).peak_rss_kib().unwrap_or(0),
+    })
 }
+
+/// A stage measured alone: wall seconds, CPU seconds of its process and of the broker
+/// meanwhile, and the stage's peak RSS.
+#[derive(Clone, Copy, Debug)]
+pub struct StageRun {
+    pub secs: f64,
+    pub cpu: f64,
+    pub broker_cpu: f64,
+    pub rss_kib: u64,
+}
+
+/// A relay measured: wall seconds, CPU seconds of the relay (this process) and of the
+/// broker meanwhile.
+pub type RelayRun = (f64, f64, f64);
 
 /// Every stage has committed everything it was given and every expected file set exists.
 pub fn drained(p: &Pipeline, expected_sets: usize) -> bool {
@@ -156,18 +178,24 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
     let expected_sets = run.totals(DAY).len();
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
-    println!("| stage | messages in | stage s | stage msg/s | relay s | relay msg/s | vs relay | stage CPU s | relay CPU s | peak RSS MiB |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| stage | messages in | stage s | stage msg/s | relay s | relay msg/s | vs relay | stage CPU s | relay CPU s | broker CPU s (stage / relay) | peak RSS MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let row = |stage: &str,
                what: String,
                n: usize,
-               (secs, cpu, rss): (f64, f64, u64),
-               (relay, relay_cpu): (f64, f64)| {
+               st: StageRun,
+               (relay, relay_cpu, relay_broker): RelayRun| {
+        let StageRun {
+            secs,
+            cpu,
+            broker_cpu,
+            rss_kib,
+        } = st;
         let (s, r) = (n as f64 / secs, n as f64 / relay);
         println!(
-            "| {stage} ({what}) | {n} | {secs:.2} | {s:.0} | {relay:.2} | {r:.0} | {:.2} | {cpu:.2} | {relay_cpu:.2} | {:.0} |",
+            "| {stage} ({what}) | {n} | {secs:.2} | {s:.0} | {relay:.2} | {r:.0} | {:.2} | {cpu:.2} | {relay_cpu:.2} | {broker_cpu:.2} / {relay_broker:.2} | {:.0} |",
             s / r,
-            rss as f64 / 1024.0
+            rss_kib as f64 / 1024.0
         );
     };
     let (n, relay) = relay_topic(&p, &t.samples, "samples")?;
@@ -216,7 +244,7 @@ pub fn chain(run: FleetRun) -> anyhow::Result<()> {
     let expected_sets = run.totals(DAY).len();
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
-    let (n, (relay, _)) = relay_topic(&p, &t.samples, "samples")?;
+    let (n, (relay, _, _)) = relay_topic(&p, &t.samples, "samples")?;
     p.enricher.launch();
     p.rater.launch();
     p.settler.launch();
@@ -247,13 +275,13 @@ pub fn chain(run: FleetRun) -> anyhow::Result<()> {
 /// The messages of `topic` relayed through the same broker by the stages' own Kafka I/O,
 /// with all of them on the relay's input topic before its clock starts: (count,
 /// (seconds, CPU seconds of this process meanwhile — the relay, and the harness's idle
-/// threads)).
-pub fn relay_topic(p: &Pipeline, topic: &str, name: &str) -> anyhow::Result<(usize, (f64, f64))> {
+/// threads — and of the broker)).
+pub fn relay_topic(p: &Pipeline, topic: &str, name: &str) -> anyhow::Result<(usize, RelayRun)> {
     let msgs = topic_messages(&p.kafka, topic)?;
     let n = msgs.len();
-    let (secs, cpu) = block_on(relay(&p.kafka, msgs, true, name))?;
+    let run = block_on(relay(&p.kafka, msgs, true, name, p.broker.proc.pid()))?;
     relayed_all(p, name, n)?;
-    Ok((n, (secs, cpu)))
+    Ok((n, run))
 }
 
 /// The relay's output topic holds every message it was given, or its figure is void.
@@ -284,7 +312,13 @@ pub async fn relay(
     msgs: Vec<KeyPayload>,
     prefill: bool,
     name: &str,
-) -> anyhow::Result<(f64, f64)> {
+    broker_pid: Option<u32>,
+) -> anyhow::Result<RelayRun> {
+    let broker_cpu = || {
+        broker_pid
+            .and_then(|pid| crate::cpu_secs_of(&format!("/proc/{pid}/stat")))
+            .unwrap_or(0.0)
+    };
     let src = format!("bench.relay-{name}-in");
     let dst = format!("bench.relay-{name}-out");
     let admin: AdminClient<DefaultClientContext> =
@@ -337,6 +371,7 @@ pub async fn relay(
     }
     let t0 = Instant::now();
     let cpu0 = crate::cpu_secs_of("/proc/self/stat").unwrap_or(0.0);
+    let broker0 = broker_cpu();
     let feed = feed.take().map(tokio::spawn);
     let mut done = 0usize;
     while done < n {
@@ -365,10 +400,11 @@ pub async fn relay(
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = crate::cpu_secs_of("/proc/self/stat").unwrap_or(0.0) - cpu0;
+    let broker = broker_cpu() - broker0;
     if let Some(f) = feed {
         f.await??;
     }
-    Ok((secs, cpu))
+    Ok((secs, cpu, broker))
 }
 
 fn now_ms() -> i64 {

@@ -77,6 +77,17 @@ impl ConsumerContext for Ctx {
                     match c.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
                         Ok(committed) => {
                             for e in committed.elements() {
+                                // never committed (answered without error): from the
+                                // beginning (`auto.offset.reset` = earliest) at once —
+                                // left unset, librdkafka asks the broker again and
+                                // waits a 100 ms backoff before it fetches
+                                if e.offset() == Offset::Invalid && e.error().is_ok() {
+                                    let _ = tpl.set_partition_offset(
+                                        e.topic(),
+                                        e.partition(),
+                                        Offset::Beginning,
+                                    );
+                                }
                                 if let Offset::Offset(o) = e.offset() {
                                     let from = (o - self.rewind).max(0);
                                     if tpl

@@ -132,8 +132,8 @@ fn enricher(run: FleetRun, samples: i64) -> anyhow::Result<()> {
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
     let (n, relay_secs) = relay_samples(&p, true)?;
-    let (secs, _, peak) =
-        meterflow_tests::bench::stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
+    let run = meterflow_tests::bench::stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
+    let (secs, peak) = (run.secs, run.rss_kib);
     let usage = p.messages(&t.usage);
     p.stop();
     let (er, rr) = (n as f64 / secs, n as f64 / relay_secs);
@@ -257,12 +257,12 @@ fn probes(run: FleetRun) -> anyhow::Result<()> {
 /// The samples topic's messages relayed through the same broker: (count, seconds).
 fn relay_samples(p: &Pipeline, prefill: bool) -> anyhow::Result<(usize, f64)> {
     if prefill {
-        let (n, (secs, _)) = relay_topic(p, &p.kafka.topics.samples, "samples")?;
+        let (n, (secs, _, _)) = relay_topic(p, &p.kafka.topics.samples, "samples")?;
         return Ok((n, secs));
     }
     let msgs = topic_messages(&p.kafka, &p.kafka.topics.samples)?;
     let n = msgs.len();
-    let (secs, _) = block_on(relay(&p.kafka, msgs, false, "samples"))?;
+    let (secs, _, _) = block_on(relay(&p.kafka, msgs, false, "samples", None))?;
     meterflow_tests::bench::relayed_all(p, "samples", n)?;
     Ok((n, secs))
 }
