@@ -123,6 +123,19 @@ impl Settled {
         }
     }
 
+    /// Each (period, entity) has its first version only: nothing was settled again as a
+    /// correction.
+    pub fn assert_each_settled_once(&self) {
+        assert!(
+            self.manifests.iter().all(|m| m.version == 1),
+            "each period settled once, no correction versions: {:?}",
+            self.manifests
+                .iter()
+                .map(|m| (&m.period, &m.entity_id, m.version))
+                .collect::<Vec<_>>()
+        );
+    }
+
     /// (period start, entity) → total in cents of one currency, over all versions.
     pub fn totals_cents(&self, currency: &str) -> BTreeMap<(Millis, String), i128> {
         let mut t = BTreeMap::new();

@@ -103,6 +103,13 @@ pub async fn existing(store: &Store, dir: &str) -> Result<Vec<Manifest>> {
 }
 
 /// The JSON documents `base`, `v2.base`, ... in `dir`, up to the first missing version.
+///
+/// The last of them unreadable is taken as not written: a crash (a power loss) after a
+/// local file was renamed into place but before it was synced can leave it empty or cut
+/// short, and nothing that follows a version's sync — its announcement, its offsets'
+/// commit, a later version — had happened, so the version is written again when its
+/// input is read again. Unreadable with a later version after it, it was synced before
+/// that one was written: damage no crash explains, and an error.
 pub async fn read_versions<T: serde::de::DeserializeOwned>(
     store: &Store,
     dir: &str,
@@ -114,12 +121,40 @@ pub async fn read_versions<T: serde::de::DeserializeOwned>(
         let Some(bytes) = store.get(&f).await? else {
             break;
         };
-        out.push(
-            serde_json::from_slice(&bytes)
-                .with_context(|| format!("reading {}", store.describe(&f)))?,
-        );
+        match serde_json::from_slice(&bytes) {
+            Ok(doc) => out.push(doc),
+            Err(e) => {
+                let next = format!("{dir}/{}", version_name(v + 1, base));
+                if store.exists(&next).await? {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "reading {} (damaged: a later version, {}, was written after it)",
+                            store.describe(&f),
+                            store.describe(&next)
+                        )
+                    });
+                }
+                tracing::warn!(
+                    file = %store.describe(&f),
+                    bytes = bytes.len(),
+                    error = %e,
+                    "latest version unreadable: taken as a write cut short by a crash before \
+                     its sync, not written (it is written again from its input)"
+                );
+                break;
+            }
+        }
     }
     Ok(out)
+}
+
+/// Whether the document at `rel` is missing or unreadable JSON (what `read_versions`
+/// takes as not written).
+pub async fn unreadable(store: &Store, rel: &str) -> Result<bool> {
+    Ok(match store.get(rel).await? {
+        None => true,
+        Some(b) => serde_json::from_slice::<serde::de::IgnoredAny>(&b).is_err(),
+    })
 }
 
 /// A version's file name: `base` for version 1, then prefixed with the version.
@@ -570,6 +605,59 @@ mod tests {
                 .await
                 .expect("get"),
             Some(text.into_bytes())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_latest_version_cut_short_by_a_crash_is_written_again_and_an_earlier_one_is_an_error()
+    {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::local(dir.path()).expect("store");
+        let opts = VersionOpts::default();
+        let bounds = (0, 86_400_000);
+        let v1 = write_version(
+            &store,
+            "d",
+            bounds,
+            "a",
+            vec![ev("1", 0, "1", false)],
+            &opts,
+        )
+        .await
+        .expect("v1");
+        let v2 = write_version(&store, "d", bounds, "a", vec![ev("2", 0, "2", true)], &opts)
+            .await
+            .expect("v2");
+        assert_eq!((v1.version, v2.version), (1, 2));
+        let ent = dir.path().join("period=d/entity=a");
+        // a power loss after the rename, before the sync: empty, or cut mid-document
+        for cut in [0, 40] {
+            let f = ent.join("v2.manifest.json");
+            let whole = std::fs::read(&f).expect("read");
+            std::fs::write(&f, &whole[..cut]).expect("cut");
+            let read = existing(&store, "period=d/entity=a").await.expect("read");
+            assert_eq!(read, vec![v1.clone()], "cut at {cut}");
+            // its input read again: the same version number, written over it
+            let again = write_version(&store, "d", bounds, "a", vec![ev("2", 0, "2", true)], &opts)
+                .await
+                .expect("again");
+            assert_eq!(again.version, 2);
+            assert_eq!(
+                existing(&store, "period=d/entity=a").await.expect("read"),
+                vec![v1.clone(), again]
+            );
+        }
+        // an earlier version unreadable is not a crash's doing: an error naming it
+        let f = ent.join("manifest.json");
+        let whole = std::fs::read(&f).expect("read");
+        std::fs::write(&f, &whole[..whole.len() / 2]).expect("cut");
+        let err = existing(&store, "period=d/entity=a")
+            .await
+            .expect_err("damaged");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("manifest.json") && msg.contains("damaged"),
+            "{msg}"
         );
     }
 }

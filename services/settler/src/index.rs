@@ -195,10 +195,18 @@ pub async fn write(store: &Store, period_dir: &str) -> Result<Option<PeriodIndex
     index.version = before.len() as u32 + 1;
     index.previous = (index.version > 1).then(|| version_name(index.version - 1, "index.json"));
     let path = format!("{period_dir}/{}", version_name(index.version, "index.json"));
-    Ok(store
-        .create(&path, serde_json::to_vec_pretty(&index)?)
-        .await?
-        .then_some(index))
+    let bytes = serde_json::to_vec_pretty(&index)?;
+    if store.create(&path, bytes.clone()).await? {
+        return Ok(Some(index));
+    }
+    // there already: another master's, complete — or this version cut short by a crash
+    // before its sync (which `indexes` took as not written), replaced
+    if crate::files::unreadable(store, &path).await? {
+        store.put(&path, bytes).await?;
+        tracing::info!(index = %store.describe(&path), "an index cut short by a crash written again");
+        return Ok(Some(index));
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -291,5 +299,34 @@ mod tests {
                 .expect("json"),
             first
         );
+    }
+
+    #[tokio::test]
+    async fn an_index_cut_short_by_a_crash_is_written_again() {
+        let root = tempfile::tempdir().expect("tmp");
+        let store = Store::local(root.path()).expect("store");
+        let bounds = (0, 86_400_000);
+        write_version(
+            &store,
+            "d",
+            bounds,
+            "a",
+            vec![ev("1", "a", "1")],
+            &VersionOpts::default(),
+        )
+        .await
+        .expect("a");
+        let dir = "period=d";
+        let first = write(&store, dir).await.expect("index").expect("written");
+        // a power loss after its creation, before its sync: left empty
+        let path = root.path().join("period=d/index.json");
+        std::fs::write(&path, b"").expect("cut");
+        assert!(indexes(&store, dir).await.expect("read").is_empty());
+        let again = write(&store, dir)
+            .await
+            .expect("index")
+            .expect("written again");
+        assert_eq!(again, first);
+        assert_eq!(indexes(&store, dir).await.expect("read"), vec![first]);
     }
 }
