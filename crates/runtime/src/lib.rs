@@ -48,12 +48,17 @@ pub fn peak_rss_mib() -> f64 {
         / 1024.0
 }
 
+/// Logs go to standard error, coloured only when it is a terminal: a log redirected to a
+/// file or collected by a container runtime carries no escape codes (they split every
+/// `key=value` a log search would look for).
 pub fn init_tracing() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("METERFLOW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
