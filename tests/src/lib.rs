@@ -184,6 +184,17 @@ impl Proc {
         }
     }
 
+    /// Set (or replace) an environment variable for the next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.envs.retain(|(k, _)| k != key);
+        self.envs.push((key.to_string(), value.to_string()));
+    }
+
+    /// The file its output goes to (appended to across restarts).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// Start a prepared (or stopped) process.
     pub fn launch(&mut self) {
         if self.child.is_none() {

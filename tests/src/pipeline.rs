@@ -31,7 +31,7 @@ pub struct Pipeline {
 }
 
 /// `METERFLOW_TEST_LOG` overrides the services' log filter (e.g. to debug librdkafka).
-fn log_filter() -> String {
+pub(crate) fn log_filter() -> String {
     std::env::var("METERFLOW_TEST_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into())
 }
 

@@ -12,7 +12,7 @@ mod table;
 pub use config::{Delivery, KafkaConfig, Topics};
 pub use outbox::{Acks, CountingProducer, Outbox};
 pub use rdkafka::message::{Message, OwnedMessage};
-pub use stage::{default_member, dlq_record, now_ms, DLQ_PAYLOAD_MAX};
+pub use stage::{default_member, dlq_record, now_ms, parse_commit_log, DLQ_PAYLOAD_MAX};
 pub use stage::{Assignment, Batch, Coordinates, StageIo};
 pub use table::{
     high_watermarks, read_latest, read_table, read_table_each, scan_topic, scan_topic_from,

@@ -486,6 +486,7 @@ impl StageIo {
                 self.in_txn = false;
             }
         }
+        log_commit(&tpl);
         Ok(())
     }
 
@@ -605,9 +606,111 @@ pub fn default_member() -> String {
         .unwrap_or_else(|| "meterflow".into())
 }
 
+/// At debug on target `meterflow::commit`: each commit once the broker has taken it,
+/// with the wall time (`at_ms`) and the offsets as `topic/partition=next`. Off by default;
+/// the stage benchmark enables it to stop a stage's clock at the commit that reaches the
+/// end of its input, without asking the broker over and over.
+fn log_commit(tpl: &TopicPartitionList) {
+    if tpl.count() == 0 || !tracing::enabled!(target: "meterflow::commit", tracing::Level::DEBUG) {
+        return;
+    }
+    let offsets: Vec<String> = tpl
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some(format!("{}/{}={o}", e.topic(), e.partition())),
+            _ => None,
+        })
+        .collect();
+    tracing::debug!(
+        target: "meterflow::commit",
+        at_ms = now_ms(),
+        offsets = %offsets.join(","),
+        "committed"
+    );
+}
+
+/// A commit as `log_commit` wrote it: (`at_ms`, [(topic, partition, next offset)]).
+pub type LoggedCommit = (i64, Vec<(String, i32, i64)>);
+
+/// A line `log_commit` wrote, read back (None for any other line).
+pub fn parse_commit_log(line: &str) -> Option<LoggedCommit> {
+    const AT: &str = "committed at_ms=";
+    let rest = &line[line.find(AT)? + AT.len()..];
+    let (at, rest) = rest.split_once(' ')?;
+    let offsets = rest.strip_prefix("offsets=")?.trim_end();
+    let parsed = offsets
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|e| {
+            let (tp, next) = e.rsplit_once('=')?;
+            let (topic, part) = tp.rsplit_once('/')?;
+            Some((topic.to_string(), part.parse().ok()?, next.parse().ok()?))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some((at.parse().ok()?, parsed))
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod commit_log_tests {
+    use super::*;
+    use std::io::Write;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buffer").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(filter: &str, tpl: &TopicPartitionList) -> String {
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        tracing::subscriber::with_default(sub, || log_commit(tpl));
+        let out = buf.0.lock().expect("buffer").clone();
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[test]
+    fn a_commit_logged_by_the_service_formatter_parses_back() {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("meterflow.usage", 0, Offset::Offset(17))
+            .expect("offset");
+        tpl.add_partition_offset("meterflow.usage", 3, Offset::Offset(0))
+            .expect("offset");
+        let before = now_ms();
+        let out = logged("info,meterflow::commit=debug", &tpl);
+        let (at, offsets) = out
+            .lines()
+            .find_map(parse_commit_log)
+            .unwrap_or_else(|| panic!("no commit line in {out:?}"));
+        assert!(at >= before && at <= now_ms(), "at_ms {at}");
+        assert_eq!(
+            offsets,
+            vec![
+                ("meterflow.usage".to_string(), 0, 17),
+                ("meterflow.usage".to_string(), 3, 0)
+            ]
+        );
+        // off unless asked for
+        assert_eq!(logged("info", &tpl), "");
+        assert_eq!(parse_commit_log("INFO committed 3 records"), None);
+    }
 }
