@@ -195,10 +195,9 @@ struct Win {
     rows: Vec<(i64, std::sync::Arc<Usage>)>,
     /// Merged rows by their merge key (index into `rows`).
     slots: FastMap<Vec<u8>, usize>,
-    /// Usage pieces taken into the window (each event's `usage_records`).
+    /// Usage pieces taken into the window (each event's `usage_records`). Its usage ids
+    /// are in `PartState::open_ids`, shared by the rules of its geometry.
     records: i64,
-    /// Usage ids in the window as 128-bit keys (`id_key`), as closed windows keep them.
-    ids: Ids,
     /// The probe trail of the last usage record that carried one (`rater.rate`): its
     /// revenue events forward it.
     trace: Option<std::sync::Arc<Trace>>,
@@ -208,6 +207,11 @@ struct PartState {
     sources: SourceTimes,
     /// Open windows per rule.
     windows: Vec<BTreeMap<Millis, Win>>,
+    /// The usage ids in open windows as 128-bit keys (`id_key`), one set per window
+    /// geometry (`Active::geometry`) and window start: rules with the same panes, size
+    /// and lateness take the same records into the same windows, so they share one set
+    /// (at ten times the events, a set per rule was most of what grew).
+    open_ids: FastMap<(usize, Millis), Ids>,
     /// Usage ids of recently closed windows per rule (window start → ids), so a duplicate
     /// arriving after its window closed is dropped instead of becoming an adjustment.
     closed_ids: Vec<BTreeMap<Millis, ClosedIds>>,
@@ -226,6 +230,7 @@ impl PartState {
                 .map(|c| SourceTimes::from_vec(&c.source_times))
                 .unwrap_or_default(),
             windows: (0..rules).map(|_| BTreeMap::new()).collect(),
+            open_ids: FastMap::default(),
             closed_ids: (0..rules).map(|_| BTreeMap::new()).collect(),
             position: None,
             replay_until: cp.map(|c| c.position).unwrap_or(0),
@@ -288,6 +293,9 @@ struct Active {
     distinct: Distinct,
     sizes: Vec<Millis>,
     lateness: Vec<Millis>,
+    /// Per rule: its window geometry (distinct panes, size, lateness), as an index shared
+    /// by the rules with the same one: their windows open, take records and close alike.
+    geometry: Vec<usize>,
     keep_labels: bool,
 }
 
@@ -300,11 +308,24 @@ impl Active {
             engine.rules.iter().map(|r| f(&r.source.header)).collect()
         };
         let panes: Vec<Tumbling> = h(|h| h.slide).into_iter().map(Tumbling::new).collect();
+        let distinct = Distinct::of(&panes);
+        let (sizes, lateness) = (h(|h| h.window), h(|h| h.lateness));
+        let mut shapes: Vec<(usize, Millis, Millis)> = Vec::new();
+        let geometry = (0..panes.len())
+            .map(|r| {
+                let shape = (distinct.of_rule[r], sizes[r], lateness[r]);
+                shapes.iter().position(|s| *s == shape).unwrap_or_else(|| {
+                    shapes.push(shape);
+                    shapes.len() - 1
+                })
+            })
+            .collect();
         Active {
-            distinct: Distinct::of(&panes),
+            distinct,
             panes,
-            sizes: h(|h| h.window),
-            lateness: h(|h| h.lateness),
+            sizes,
+            lateness,
+            geometry,
             keep_labels: engine.rules.iter().any(|r| r.reads_labels()),
             ruleset,
             accept,
@@ -501,6 +522,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             distinct,
             sizes,
             lateness,
+            geometry,
             keep_labels,
             accept,
         } = &mut active;
@@ -615,7 +637,11 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         let prepared = prepare_batch(&batch.messages, distinct, keep_labels);
         // a merge key per piece and rule, built here (only a new row keeps one)
         let mut merge_key = Vec::with_capacity(64);
+        // this record's (geometry, window, key) → taken (not a duplicate): the first
+        // rule of a geometry decides in the shared set, the others follow
+        let mut decided: Vec<(usize, Millis, u128, bool)> = Vec::new();
         for (msg, prepared) in batch.messages.iter().zip(prepared) {
+            decided.clear();
             let p = msg.partition();
             let Some(st) = parts.get_mut(&p) else {
                 continue;
@@ -745,8 +771,20 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                     }
                                     continue;
                                 }
+                                let g = geometry[r];
+                                let taken = match decided
+                                    .iter()
+                                    .find(|(dg, dw, dk, _)| (*dg, *dw, *dk) == (g, ws, k))
+                                {
+                                    Some(d) => d.3,
+                                    None => {
+                                        let t = st.open_ids.entry((g, ws)).or_default().insert(k);
+                                        decided.push((g, ws, k, t));
+                                        t
+                                    }
+                                };
                                 let win = st.windows[r].entry(ws).or_default();
-                                if win.ids.insert(k) {
+                                if taken {
                                     win.records += 1;
                                     if let Some(m) = &engine.rules[r].merge {
                                         let own = || own(&mut owned);
@@ -773,6 +811,8 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         let mut closed_gone: Vec<(i32, usize, Millis)> = Vec::new();
         for (p, st) in parts.iter_mut() {
             let Some(wm) = st.sources.min() else { continue };
+            // a geometry's ids of a window, sorted once for the rules that close it
+            let mut closing: FastMap<(usize, Millis), std::sync::Arc<[u128]>> = FastMap::default();
             for r in 0..nrules {
                 let due: Vec<Millis> = st.windows[r]
                     .keys()
@@ -780,13 +820,20 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                     .filter(|ws| closed(ws + sizes[r], lateness[r], Some(wm)))
                     .collect();
                 for ws in due {
-                    let Some(mut win) = st.windows[r].remove(&ws) else {
+                    let Some(win) = st.windows[r].remove(&ws) else {
                         continue;
                     };
-                    let ids = ClosedIds::new(
-                        sorted_ids(std::mem::take(&mut win.ids)),
-                        st.closed_ids.iter().filter_map(|m| m.get(&ws)),
-                    );
+                    let g = geometry[r];
+                    let counted = closing
+                        .entry((g, ws))
+                        .or_insert_with(|| {
+                            sorted_ids(st.open_ids.remove(&(g, ws)).unwrap_or_default()).into()
+                        })
+                        .clone();
+                    let ids = ClosedIds {
+                        counted,
+                        late: Ids::default(),
+                    };
                     closed_now.push((*p, r, ws, ids.counted.clone()));
                     st.closed_ids[r].insert(ws, ids);
                     closed_gone.extend(
