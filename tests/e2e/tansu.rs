@@ -425,6 +425,56 @@ fn settled_once(p: &mut Pipeline, run: &FleetRun) {
 }
 
 #[test]
+fn stages_started_before_their_broker_wait_for_it_and_bill_to_the_cent() {
+    let run = two_days(41);
+    // every stage has logged its broker as not reachable yet when the broker starts
+    let mut p = Pipeline::start_before_broker(run.clone(), 36_000, "day");
+    p.wait_for(Duration::from_secs(120), "every stage in its group", |p| {
+        p.enricher.settled_in_group() && p.rater.settled_in_group() && p.settler.settled_in_group()
+    });
+    for s in [&p.enricher, &p.rater, &p.settler] {
+        assert_eq!(s.starts, 1, "{} was restarted", s.name);
+        assert!(
+            s.log().contains("Kafka reachable"),
+            "{} did not log finding its broker: {}",
+            s.name,
+            s.tail(20)
+        );
+    }
+    p.start_collector();
+    settled_once(&mut p, &run);
+    // a stage told to stop while it still waits for its broker stops at once, cleanly
+    let dir = p.path();
+    let cfg = dir.join("waiting.toml");
+    let nowhere = meterflow_tests::free_port();
+    std::fs::write(
+        &cfg,
+        format!("member = \"waiting\"\n[kafka]\nbrokers = \"127.0.0.1:{nowhere}\"\n"),
+    )
+    .expect("config");
+    let mut waiting = meterflow_tests::Proc::start(
+        "waiting",
+        &meterflow_tests::bin("meterflow-enricher"),
+        &["--config", utf8(&cfg)],
+        &[("METERFLOW_LOG", "info")],
+        &dir,
+    );
+    meterflow_tests::wait_until(
+        Duration::from_secs(60),
+        || waiting.log().contains("Kafka not reachable yet"),
+        || waiting.tail(20),
+    );
+    let st = waiting.terminate(Duration::from_secs(10));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "SIGTERM while waiting for the broker: {st:?}\n{}",
+        waiting.tail(20)
+    );
+    assert!(waiting.log().contains("stopped"), "{}", waiting.tail(20));
+    p.stop();
+}
+
+#[test]
 fn samples_sent_again_after_their_windows_closed_are_not_billed_twice() {
     let run = two_days(16);
     let mut p = Pipeline::start(run.clone(), 36_000, "day");

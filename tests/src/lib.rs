@@ -354,7 +354,11 @@ impl Tansu {
 
     /// `storage` is a Tansu storage URL, e.g. `sqlite://broker.db` (relative to `dir`).
     pub fn start_with(dir: &Path, storage: &str) -> Tansu {
-        let port = free_port();
+        Tansu::start_on(dir, storage, free_port())
+    }
+
+    /// On a given port (e.g. one the services were told of before the broker started).
+    pub fn start_on(dir: &Path, storage: &str, port: u16) -> Tansu {
         let url = format!("tcp://127.0.0.1:{port}");
         let bin = tansu_bin();
         let proc = Proc::start(

@@ -61,7 +61,23 @@ impl Pipeline {
     /// persistent across a broker restart).
     pub fn start_on(storage: &str, run: FleetRun, speed: u32, period: &str) -> Pipeline {
         let stages = ["settler", "rater", "enricher"];
-        Pipeline::launch_all(storage, run, speed, period, &stages, &rules_dir())
+        Pipeline::launch_all(storage, run, speed, period, &stages, &rules_dir(), false)
+    }
+
+    /// Like `start`, with the stages started before their broker, as when a deployment
+    /// starts everything at once: the broker starts once every stage has logged that it
+    /// is not reachable yet (and the harness creates no topics: the stages do).
+    pub fn start_before_broker(run: FleetRun, speed: u32, period: &str) -> Pipeline {
+        let stages = ["settler", "rater", "enricher"];
+        Pipeline::launch_all(
+            "memory://tansu/",
+            run,
+            speed,
+            period,
+            &stages,
+            &rules_dir(),
+            true,
+        )
     }
 
     /// Like `start_stages`, with the rater reading the rules in `rules`.
@@ -72,7 +88,7 @@ impl Pipeline {
         stages: &[&str],
         rules: &Path,
     ) -> Pipeline {
-        Pipeline::launch_all("memory://tansu/", run, speed, period, stages, rules)
+        Pipeline::launch_all("memory://tansu/", run, speed, period, stages, rules, false)
     }
 
     fn launch_all(
@@ -82,15 +98,22 @@ impl Pipeline {
         period: &str,
         stages: &[&str],
         rules: &Path,
+        broker_late: bool,
     ) -> Pipeline {
         let dir = tempfile::tempdir().expect("tmp");
-        let broker = Tansu::start_with(dir.path(), storage);
+        let port = crate::free_port();
+        let mut broker = None;
+        if !broker_late {
+            broker = Some(Tansu::start_on(dir.path(), storage, port));
+        }
         let kafka = KafkaConfig {
-            brokers: broker.brokers(),
+            brokers: format!("127.0.0.1:{port}"),
             partitions: 4,
             ..KafkaConfig::default()
         };
-        block_on(meterflow_kafka::ensure_topics(&kafka)).expect("creating topics on Tansu");
+        if !broker_late {
+            block_on(meterflow_kafka::ensure_topics(&kafka)).expect("creating topics on Tansu");
+        }
         let out = dir.path().join("settlements");
         let k = kafka_toml(&kafka.brokers);
         let svc = |name: &str, extra: String| {
@@ -121,6 +144,21 @@ impl Pipeline {
             ),
         );
         let enricher = svc("enricher", String::new());
+        let broker = match broker {
+            Some(b) => b,
+            None => {
+                for p in [&settler, &rater, &enricher] {
+                    if stages.contains(&p.name.as_str()) {
+                        crate::wait_until(
+                            Duration::from_secs(60),
+                            || p.log().contains("Kafka not reachable yet"),
+                            || format!("{} waiting for its broker: {}", p.name, p.tail(20)),
+                        );
+                    }
+                }
+                Tansu::start_on(dir.path(), storage, port)
+            }
+        };
         Pipeline {
             dir: Some(dir),
             broker,

@@ -176,6 +176,53 @@ fn topic_names(cfg: &KafkaConfig) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Wait until the brokers answer, as a service does at start-up: a broker that is not
+/// up yet (started after the services, restarting, not resolvable yet) is retried with a
+/// backoff from 1 s doubling to 30 s, each failure logged with the brokers and the
+/// error. `Ok(false)` if `shutdown` came first (the service stops cleanly, at once).
+pub async fn await_brokers(
+    cfg: &KafkaConfig,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<bool> {
+    let mut backoff = Duration::from_secs(1);
+    for attempt in 1u32.. {
+        let c = cfg.clone();
+        // bounded, so a stop during the probe is not held up long
+        let probe = tokio::task::spawn_blocking(move || -> Result<()> {
+            let consumer: BaseConsumer = client_config(&c, "meterflow-meta").create()?;
+            consumer
+                .fetch_metadata(None, Duration::from_secs(3))
+                .context("fetching metadata")?;
+            Ok(())
+        });
+        let answered = tokio::select! {
+            r = probe => r.context("metadata probe")?,
+            _ = shutdown.cancelled() => return Ok(false),
+        };
+        match answered {
+            Ok(()) => {
+                if attempt > 1 {
+                    tracing::info!(brokers = %cfg.brokers, attempt, "Kafka reachable");
+                }
+                return Ok(true);
+            }
+            Err(e) => tracing::warn!(
+                brokers = %cfg.brokers,
+                attempt,
+                retry_in = ?backoff,
+                error = format!("{e:#}"),
+                "Kafka not reachable yet"
+            ),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return Ok(false),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+    Ok(false)
+}
+
 /// Number of partitions of a topic.
 pub fn partition_count(cfg: &KafkaConfig, topic: &str) -> Result<i32> {
     let c: BaseConsumer = client_config(cfg, "meterflow-meta").create()?;

@@ -153,6 +153,9 @@ struct Registry {
 }
 
 pub async fn run(cfg: CollectorConfig, ctx: Ctx) -> Result<()> {
+    if !meterflow_kafka::await_brokers(&cfg.kafka, &ctx.shutdown).await? {
+        return Ok(()); // stopped before the broker answered
+    }
     ensure_topics(&cfg.kafka).await?;
     let topics = cfg.kafka.topics.clone();
     let partitions = partition_count(&cfg.kafka, &topics.samples)?;

@@ -381,6 +381,9 @@ struct Counters {
 }
 
 pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
+    if !meterflow_kafka::await_brokers(&cfg.kafka, &ctx.shutdown).await? {
+        return Ok(()); // stopped before the broker answered
+    }
     ensure_topics(&cfg.kafka).await?;
     let topics = cfg.kafka.topics.clone();
     let usage_parts = partition_count(&cfg.kafka, &topics.usage)?;

@@ -398,6 +398,9 @@ async fn load_applied(cfg: &RaterConfig, rs: &meterflow_types::RuleSet) -> Resul
 }
 
 pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
+    if !meterflow_kafka::await_brokers(&cfg.kafka, &ctx.shutdown).await? {
+        return Ok(()); // stopped before the broker answered
+    }
     ensure_topics(&cfg.kafka).await?;
     let topics = cfg.kafka.topics.clone();
     // how long the ids of closed windows are kept (event time, by window start)

@@ -302,6 +302,9 @@ fn spawn_master(
 
 pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let period = Period::parse(&cfg.period).map_err(anyhow::Error::msg)?;
+    if !meterflow_kafka::await_brokers(&cfg.kafka, &ctx.shutdown).await? {
+        return Ok(()); // stopped before the broker answered
+    }
     ensure_topics(&cfg.kafka).await?;
     let topics = cfg.kafka.topics.clone();
     let store = Store::open(&cfg.out_dir, &cfg.storage_options)?;
