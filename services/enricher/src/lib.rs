@@ -546,8 +546,10 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             max_future: cfg.max_future.as_millis() as i64,
             max_age: cfg.max_age.as_millis() as i64,
         };
-        let prepared = prepare_batch(&batch.messages, &tables, &limits);
-        for (msg, prepared) in batch.messages.iter().zip(prepared) {
+        let mut prepared = prepare_batch(&batch.messages, &tables, &limits);
+        // taken by reference: a prepared sample is a few hundred bytes, and moving each
+        // out of the vector was a copy per message (memmove, BENCHMARKS.md)
+        for (msg, prepared) in batch.messages.iter().zip(prepared.iter_mut()) {
             let p = msg.partition();
             let st = parts.entry(p).or_default();
             st.position = Some(msg.offset() + 1);
@@ -558,9 +560,11 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                 }
                 Prepared::Heartbeat(h) => st.progress.observe(&h.node_id, h.time, h.retired),
                 Prepared::Sample(s, verdict) => {
+                    let s: &SampleView<'_> = s;
+                    let verdict = std::mem::replace(verdict, Verdict::Nothing);
                     let trace = probes.begin("enricher.join", msg);
                     c.samples.inc();
-                    io.audit(&topics.samples, "in", meterflow_kafka::audit::of_sample(&s));
+                    io.audit(&topics.samples, "in", meterflow_kafka::audit::of_sample(s));
                     let joined = match verdict {
                         Verdict::Invalid(code, why) => {
                             io.dead_letter(msg, code, &why).await?;
@@ -571,12 +575,12 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                         Verdict::Nothing => continue,
                         Verdict::Joined(j) => j,
                     };
-                    if st.seen.is_duplicate(&s) || st.parked.iter().any(|q| q.sample.id == s.id) {
+                    if st.seen.is_duplicate(s) || st.parked.iter().any(|q| q.sample.id == s.id) {
                         c.duplicates.inc();
                         io.audit(
                             &topics.samples,
                             "dup",
-                            meterflow_kafka::audit::of_sample(&s),
+                            meterflow_kafka::audit::of_sample(s),
                         );
                         continue;
                     }
@@ -599,7 +603,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                     };
                     let emitted = waits.is_ok();
                     if emitted {
-                        st.seen.record(&s);
+                        st.seen.record(s);
                         st.latest_end = st.latest_end.max(s.interval_end);
                         st.dirty = true;
                     }
