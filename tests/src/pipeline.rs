@@ -102,18 +102,16 @@ impl Pipeline {
     ) -> Pipeline {
         let dir = tempfile::tempdir().expect("tmp");
         let port = crate::free_port();
-        let mut broker = None;
-        if !broker_late {
-            broker = Some(Tansu::start_on(dir.path(), storage, port));
-        }
         let kafka = KafkaConfig {
             brokers: format!("127.0.0.1:{port}"),
             partitions: 4,
             ..KafkaConfig::default()
         };
-        if !broker_late {
+        let broker = (!broker_late).then(|| {
+            let b = Tansu::start_on(dir.path(), storage, port);
             block_on(meterflow_kafka::ensure_topics(&kafka)).expect("creating topics on Tansu");
-        }
+            b
+        });
         let out = dir.path().join("settlements");
         let k = kafka_toml(&kafka.brokers);
         let svc = |name: &str, extra: String| {

@@ -120,7 +120,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
     let specs = topic_specs(cfg);
     let compact = [("cleanup.policy", "compact")];
     let plain: [(&str, &str); 0] = [];
-    let existing = topic_names(cfg)?;
+    let existing = topic_names(cfg, METADATA_WAIT)?;
     let new: Vec<NewTopic<'_>> = specs
         .iter()
         .filter(|(name, _, _)| !existing.iter().any(|e| e == name))
@@ -154,7 +154,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
     }
     // Wait until every topic is visible in metadata with its partitions.
     for _ in 0..100 {
-        let names = topic_names(cfg)?;
+        let names = topic_names(cfg, METADATA_WAIT)?;
         if specs.iter().all(|(n, _, _)| names.iter().any(|e| e == n)) {
             return Ok(());
         }
@@ -163,11 +163,12 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<()> {
     anyhow::bail!("topics did not appear in metadata")
 }
 
-fn topic_names(cfg: &KafkaConfig) -> Result<Vec<String>> {
+/// How long a metadata request may wait for the brokers.
+const METADATA_WAIT: Duration = Duration::from_secs(10);
+
+fn topic_names(cfg: &KafkaConfig, wait: Duration) -> Result<Vec<String>> {
     let c: BaseConsumer = client_config(cfg, "meterflow-meta").create()?;
-    let md = c
-        .fetch_metadata(None, Duration::from_secs(10))
-        .context("fetching metadata")?;
+    let md = c.fetch_metadata(None, wait).context("fetching metadata")?;
     Ok(md
         .topics()
         .iter()
@@ -185,22 +186,18 @@ pub async fn await_brokers(
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<bool> {
     let mut backoff = Duration::from_secs(1);
-    for attempt in 1u32.. {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
         let c = cfg.clone();
         // bounded, so a stop during the probe is not held up long
-        let probe = tokio::task::spawn_blocking(move || -> Result<()> {
-            let consumer: BaseConsumer = client_config(&c, "meterflow-meta").create()?;
-            consumer
-                .fetch_metadata(None, Duration::from_secs(3))
-                .context("fetching metadata")?;
-            Ok(())
-        });
+        let probe = tokio::task::spawn_blocking(move || topic_names(&c, Duration::from_secs(3)));
         let answered = tokio::select! {
             r = probe => r.context("metadata probe")?,
             _ = shutdown.cancelled() => return Ok(false),
         };
         match answered {
-            Ok(()) => {
+            Ok(_) => {
                 if attempt > 1 {
                     tracing::info!(brokers = %cfg.brokers, attempt, "Kafka reachable");
                 }
@@ -220,7 +217,6 @@ pub async fn await_brokers(
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
-    Ok(false)
 }
 
 /// Number of partitions of a topic.

@@ -577,11 +577,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
                     };
                     if st.seen.is_duplicate(s) || st.parked.iter().any(|q| q.sample.id == s.id) {
                         c.duplicates.inc();
-                        io.audit(
-                            &topics.samples,
-                            "dup",
-                            meterflow_kafka::audit::of_sample(s),
-                        );
+                        io.audit(&topics.samples, "dup", meterflow_kafka::audit::of_sample(s));
                         continue;
                     }
                     let earlier_parked = st
