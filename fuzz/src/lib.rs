@@ -8,10 +8,10 @@
 //! first byte (so the fuzzer reaches the Avro datum decoder without guessing a schema
 //! fingerprint first).
 //!
-//! The hot record types (samples, heartbeats, usage, watermarks, revenue events) have a
-//! direct codec besides apache-avro's: every input is also decoded by both, which must
-//! give the same record or the same reason code, and every record that decodes must
-//! decode the same way from either encoder's bytes.
+//! The hot record types (samples, heartbeats, instance states, usage, watermarks, revenue
+//! events) have a direct codec besides apache-avro's: every input is also decoded by
+//! both, which must give the same record or the same reason code, and every record that
+//! decodes must decode the same way from either encoder's bytes.
 
 use meterflow_avro::{decode, encode, generic, header_of, DecodeError, Record};
 use meterflow_avro::{InstancesMsg, RatedMsg, SamplesMsg, SamplesViewMsg, UsageMsg, UsageViewMsg};
@@ -129,6 +129,7 @@ fn views_agree(m: &[u8]) {
 pub fn instances(data: &[u8]) {
     let h = [header_of::<InstanceState>(), header_of::<NodeHeartbeat>()];
     both(data, &h, |m| {
+        agree::<InstanceState>(m);
         agree::<NodeHeartbeat>(m);
         check(meterflow_avro::decode_instances_msg(m), |r| match r {
             InstancesMsg::Instance(r) => roundtrip(&r),

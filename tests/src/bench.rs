@@ -105,6 +105,7 @@ pub fn stage_alone(
     }
     let t0_ms = now_ms();
     let t0 = Instant::now();
+    let startup_secs = joined.elapsed().as_secs_f64();
     let cpu0 = stage_proc(p, stage).cpu_secs().unwrap_or(0.0);
     let broker0 = p.broker.proc.cpu_secs().unwrap_or(0.0);
     let mut reached: HashMap<i32, i64> = HashMap::new();
@@ -174,6 +175,8 @@ pub fn stage_alone(
         broker_cpu,
         // VmHWM: the process's peak over its whole life
         rss_kib: stage_proc(p, stage).peak_rss_kib().unwrap_or(0),
+        startup_secs,
+        startup_cpu: cpu0,
     })
 }
 
@@ -223,6 +226,10 @@ pub struct StageRun {
     pub cpu: f64,
     pub broker_cpu: f64,
     pub rss_kib: u64,
+    /// From its launch to its assignment (reading its tables and state, joining its
+    /// group): outside the clock, what a restart costs before work resumes.
+    pub startup_secs: f64,
+    pub startup_cpu: f64,
 }
 
 /// A relay measured: wall seconds, CPU seconds of the relay (this process) and of the
@@ -262,8 +269,8 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
     let expected_sets = run.totals(DAY).len();
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
-    println!("| stage | messages in | stage s | stage msg/s | relay s | relay msg/s | vs relay | stage CPU s | relay CPU s | broker CPU s (stage / relay) | peak RSS MiB |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| stage | messages in | stage s | stage msg/s | relay s | relay msg/s | vs relay | stage CPU s | relay CPU s | broker CPU s (stage / relay) | peak RSS MiB | start-up s (CPU s) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let row = |stage: &str,
                what: String,
                n: usize,
@@ -274,10 +281,12 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
             cpu,
             broker_cpu,
             rss_kib,
+            startup_secs,
+            startup_cpu,
         } = st;
         let (s, r) = (n as f64 / secs, n as f64 / relay);
         println!(
-            "| {stage} ({what}) | {n} | {secs:.2} | {s:.0} | {relay:.2} | {r:.0} | {:.2} | {cpu:.2} | {relay_cpu:.2} | {broker_cpu:.2} / {relay_broker:.2} | {:.0} |",
+            "| {stage} ({what}) | {n} | {secs:.2} | {s:.0} | {relay:.2} | {r:.0} | {:.2} | {cpu:.2} | {relay_cpu:.2} | {broker_cpu:.2} / {relay_broker:.2} | {:.0} | {startup_secs:.2} ({startup_cpu:.2}) |",
             s / r,
             rss_kib as f64 / 1024.0
         );

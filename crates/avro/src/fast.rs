@@ -1,5 +1,6 @@
 //! A direct Avro binary codec for the records every message of the hot topics carries
-//! (samples, heartbeats, usage, watermarks, revenue events): bytes to struct and back,
+//! (samples, heartbeats, usage, watermarks, revenue events) and for the instance states
+//! the enricher reads at every start: bytes to struct and back,
 //! with no `Value` tree in between. apache-avro builds that tree with a `String` per
 //! field name and a big integer per decimal, which was most of each stage's time.
 //!

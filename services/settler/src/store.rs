@@ -7,11 +7,12 @@
 //! the local store writes a staging file and renames it). Manifests, markers and lines
 //! are plain puts; period indexes are *created* (`PutMode::Create`: a hard link locally,
 //! `If-None-Match: *` on S3), so two masters can never both write one. On a local
-//! directory each write is also fsynced, which `object_store` leaves out: the file, then
-//! its directory and every directory above it up to the root (a directory created for
-//! it is durable only once its own entry is), so a version is on disk before the
+//! directory each write is also fsynced, which `object_store` leaves out: the file, its
+//! directory and every directory above it up to the root (a directory created for it is
+//! durable only once its own entry is), side by side, so a version is on disk before the
 //! offsets that produced it are committed. A version's data files are synced together
-//! (`put_all`: each file, then their directory once) before its manifest is written.
+//! (`put_all`: the files and their directory once, in one round) before its manifest is
+//! written.
 //! Only the `announced` markers are left unsynced (`put_unsynced`): losing one repeats
 //! an announcement, which is safe to repeat.
 
@@ -93,9 +94,16 @@ impl Store {
     }
 
     /// Make written files durable (a local directory only; object stores are durable
-    /// on return): each file synced, side by side, then each directory that holds them,
-    /// once — and with `ancestors`, every directory above up to the root, so a directory
-    /// created for them is durable too (its entry is in its parent).
+    /// on return): each file and each directory that holds them (once) synced side by
+    /// side, in one round — and with `ancestors`, every directory above up to the root,
+    /// so a directory created for them is durable too (its entry is in its parent).
+    ///
+    /// One round, not files then directories: the caller goes on only once every sync
+    /// has returned, so what it writes next (a manifest after its data files) still
+    /// finds them durable. The order inside the round only shapes what a power loss
+    /// during it can leave — a file's entry without its bytes, which a plain write's
+    /// rename before its sync can leave anyway, and which a data file nothing lists yet
+    /// or a cut latest manifest (written again, `files.rs`) already is.
     async fn sync(&self, rels: &[&str], ancestors: bool) -> Result<()> {
         let Some(root) = self.local.clone() else {
             return Ok(());
@@ -112,9 +120,9 @@ impl Store {
                 }
             }
         }
-        let files = rels.iter().map(|rel| root.join(rel));
-        sync_paths(files.collect()).await?;
-        sync_paths(dirs).await
+        let mut paths: Vec<PathBuf> = rels.iter().map(|rel| root.join(rel)).collect();
+        paths.extend(dirs);
+        sync_paths(paths).await
     }
 
     async fn write(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
@@ -132,7 +140,7 @@ impl Store {
         self.sync(&[rel], true).await
     }
 
-    /// Write several files whole, side by side, then make them durable: each file, then
+    /// Write several files whole, side by side, then make them durable: each file and
     /// each directory holding them, once (not one directory sync per file) — with
     /// `ancestors`, also every directory above up to the root (see `put`). Without, those
     /// are left to a later call with it (the manifests that follow their data files).
