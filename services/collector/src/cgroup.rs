@@ -439,24 +439,28 @@ pub fn poll(root: &Path, proc_root: &Path, meta: &RuntimeMeta) -> (Vec<Reading>,
         }
     }
     // one owner per network namespace: the sandbox (pause) first, then the lowest id
+    // each container's network namespace, looked up once per poll
+    let ns_of: Vec<Option<String>> = read_ok
+        .iter()
+        .map(|(_, s)| s.first_pid.and_then(|pid| netns(proc_root, pid)))
+        .collect();
     let mut ns_owner: BTreeMap<String, (bool, String)> = BTreeMap::new();
-    for (c, s) in &read_ok {
-        let Some(pid) = s.first_pid else { continue };
-        let Some(ns) = netns(proc_root, pid) else {
+    for ((c, s), ns) in read_ok.iter().zip(&ns_of) {
+        let (Some(pid), Some(ns)) = (s.first_pid, ns.as_ref()) else {
             continue;
         };
-        if Some(&ns) == host_ns.as_ref() {
+        if Some(ns) == host_ns.as_ref() {
             continue;
         }
         let is_pause = read_virtual(&proc_root.join(pid.to_string()).join("comm"))
             .map(|s| s.trim() == "pause")
             .unwrap_or(false);
-        let better = match ns_owner.get(&ns) {
+        let better = match ns_owner.get(ns) {
             None => true,
             Some((p, id)) => (is_pause && !p) || (is_pause == *p && c.container_id < *id),
         };
         if better {
-            ns_owner.insert(ns, (is_pause, c.container_id.clone()));
+            ns_owner.insert(ns.clone(), (is_pause, c.container_id.clone()));
         }
     }
     // labels from the runtimes' own records; pod-level ones (owner, namespace, pod name,
@@ -478,7 +482,7 @@ pub fn poll(root: &Path, proc_root: &Path, meta: &RuntimeMeta) -> (Vec<Reading>,
         }
     }
     let mut readings = Vec::new();
-    for ((c, s), own) in read_ok.into_iter().zip(own) {
+    for (((c, s), own), ns) in read_ok.into_iter().zip(own).zip(ns_of) {
         let mut labels = c
             .pod_uid
             .as_ref()
@@ -489,7 +493,7 @@ pub fn poll(root: &Path, proc_root: &Path, meta: &RuntimeMeta) -> (Vec<Reading>,
         let owner = owner_from_labels(&labels);
         let mut net = (0, 0);
         if let Some(pid) = s.first_pid {
-            let owns = netns(proc_root, pid)
+            let owns = ns
                 .and_then(|ns| ns_owner.get(&ns))
                 .is_some_and(|(_, id)| *id == c.container_id);
             if owns {
