@@ -181,7 +181,7 @@ impl CgroupDir {
 }
 
 /// A small kernel-generated file (cgroup, proc) read whole; see `read_whole`.
-pub fn read_virtual(path: &Path) -> std::io::Result<String> {
+fn read_virtual(path: &Path) -> std::io::Result<String> {
     read_whole(std::fs::File::open(path)?)
 }
 
@@ -438,12 +438,12 @@ pub fn poll(root: &Path, proc_root: &Path, meta: &RuntimeMeta) -> (Vec<Reading>,
             }),
         }
     }
-    // one owner per network namespace: the sandbox (pause) first, then the lowest id
     // each container's network namespace, looked up once per poll
     let ns_of: Vec<Option<String>> = read_ok
         .iter()
         .map(|(_, s)| s.first_pid.and_then(|pid| netns(proc_root, pid)))
         .collect();
+    // one owner per network namespace: the sandbox (pause) first, then the lowest id
     let mut ns_owner: BTreeMap<String, (bool, String)> = BTreeMap::new();
     for ((c, s), ns) in read_ok.iter().zip(&ns_of) {
         let (Some(pid), Some(ns)) = (s.first_pid, ns.as_ref()) else {
