@@ -8,6 +8,10 @@
 //!
 //! `cargo run --release -p meterflow-rater --bin bench-rerate -- [instances] [minutes] [dir]`
 
+/// The allocator of `meterflow rerate` (the `meterflow` binary), which this measures.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{ensure, Result};
 use datafusion::arrow::array::{
     ArrayRef, Decimal128Array, Int32Array, MapBuilder, RecordBatch, StringArray, StringBuilder,
