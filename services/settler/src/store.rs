@@ -4,15 +4,16 @@
 //!
 //! Paths are relative to the location's root and use `/`: `period=2026-03/entity=acme/
 //! manifest.json`. Every object is written whole (object stores have no partial object;
-//! the local store writes a staging file and renames it). Manifests, markers and lines
-//! are plain puts; period indexes are *created* (`PutMode::Create`: a hard link locally,
+//! the local store writes a staging file, syncs it and renames it into place, so a name
+//! never points at bytes not yet on disk). Manifests, markers and lines are plain puts;
+//! period indexes are *created* (`PutMode::Create`: a hard link locally,
 //! `If-None-Match: *` on S3), so two masters can never both write one. On a local
-//! directory each write is also fsynced, which `object_store` leaves out: the file, its
-//! directory and every directory above it up to the root (a directory created for it is
-//! durable only once its own entry is), side by side, so a version is on disk before the
-//! offsets that produced it are committed. A version's data files are synced together
-//! (`put_all`: the files and their directory once, in one round) before its manifest is
-//! written.
+//! directory each write is also made durable, which `object_store` leaves out: the
+//! file, its directory and every directory above it up to the root (a directory created
+//! for it is durable only once its own entry is), side by side, so a version is on disk
+//! before the offsets that produced it are committed. A version's data files are
+//! synced, and their directory, before its manifest is written (`put_all`,
+//! `write_files` + `sync_dirs_of`).
 //! Only the `announced` markers are left unsynced (`put_unsynced`): losing one repeats
 //! an announcement, which is safe to repeat.
 
@@ -93,18 +94,12 @@ impl Store {
             .fold(self.prefix.clone(), |p, part| p.join(part))
     }
 
-    /// Make written files durable (a local directory only; object stores are durable
-    /// on return): each file and each directory that holds them (once) synced side by
-    /// side, in one round — and with `ancestors`, every directory above up to the root,
-    /// so a directory created for them is durable too (its entry is in its parent).
-    ///
-    /// One round, not files then directories: the caller goes on only once every sync
-    /// has returned, so what it writes next (a manifest after its data files) still
-    /// finds them durable. The order inside the round only shapes what a power loss
-    /// during it can leave — a file's entry without its bytes, which a plain write's
-    /// rename before its sync can leave anyway, and which a data file nothing lists yet
-    /// or a cut latest manifest (written again, `files.rs`) already is.
-    async fn sync(&self, rels: &[&str], ancestors: bool) -> Result<()> {
+    /// Make the directories holding `rels` durable (a local directory only; object
+    /// stores are durable on return): each directory once, side by side — and with
+    /// `ancestors`, every directory above up to the root, so a directory created for
+    /// them is durable too (its entry is in its parent). The files themselves were
+    /// synced before they were renamed into place (`write_durable`).
+    async fn sync_dirs(&self, rels: &[&str], ancestors: bool) -> Result<()> {
         let Some(root) = self.local.clone() else {
             return Ok(());
         };
@@ -120,9 +115,7 @@ impl Store {
                 }
             }
         }
-        let mut paths: Vec<PathBuf> = rels.iter().map(|rel| root.join(rel)).collect();
-        paths.extend(dirs);
-        sync_paths(paths).await
+        sync_paths(dirs).await
     }
 
     async fn write(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
@@ -136,24 +129,53 @@ impl Store {
     /// Write `rel` whole, replacing what was there, and make it durable with every
     /// directory above it.
     pub async fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
-        self.write(rel, bytes).await?;
-        self.sync(&[rel], true).await
+        self.put_all(vec![(rel.to_string(), bytes)], true).await
     }
 
-    /// Write several files whole, side by side, then make them durable: each file and
-    /// each directory holding them, once (not one directory sync per file) — with
-    /// `ancestors`, also every directory above up to the root (see `put`). Without, those
-    /// are left to a later call with it (the manifests that follow their data files).
+    /// Write several files whole, side by side, each durable before it replaces what
+    /// was there (see `write_files`), then make the directories holding them durable,
+    /// each once (not one directory sync per file) — with `ancestors`, also every
+    /// directory above up to the root (see `put`). Without, those are left to a later
+    /// call with it (the manifests that follow their data files).
     pub async fn put_all(&self, files: Vec<(String, Vec<u8>)>, ancestors: bool) -> Result<()> {
         let rels: Vec<String> = files.iter().map(|(r, _)| r.clone()).collect();
-        futures::future::try_join_all(
-            files
-                .into_iter()
-                .map(|(r, b)| async move { self.write(&r, b).await }),
-        )
-        .await?;
+        self.write_files(files).await?;
         let rels: Vec<&str> = rels.iter().map(String::as_str).collect();
-        self.sync(&rels, ancestors).await
+        self.sync_dirs(&rels, ancestors).await
+    }
+
+    /// Write several files whole, side by side. On a local directory each goes to a
+    /// staging file beside it, is synced, then renamed into place, one blocking task a
+    /// file: its bytes are durable before its name points at them, so a crash leaves
+    /// the old file or the whole new one, never a name with bytes missing. The rename
+    /// itself is durable once the directory is synced (`put_all`, `sync_dirs_of`).
+    pub async fn write_files(&self, files: Vec<(String, Vec<u8>)>) -> Result<()> {
+        let Some(root) = self.local.clone() else {
+            futures::future::try_join_all(
+                files
+                    .into_iter()
+                    .map(|(r, b)| async move { self.write(&r, b).await }),
+            )
+            .await?;
+            return Ok(());
+        };
+        futures::future::try_join_all(files.into_iter().map(|(rel, bytes)| {
+            let path = root.join(&rel);
+            async move {
+                let p = path.clone();
+                tokio::task::spawn_blocking(move || write_durable(&p, &bytes))
+                    .await?
+                    .with_context(|| format!("writing {}", path.display()))
+            }
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Make durable the directories holding files written with `write_files` (each
+    /// once; with `ancestors`, every directory above up to the root too).
+    pub async fn sync_dirs_of(&self, rels: &[&str], ancestors: bool) -> Result<()> {
+        self.sync_dirs(rels, ancestors).await
     }
 
     /// Write `rel` whole without syncing it: only for a file whose loss after a crash
@@ -175,7 +197,11 @@ impl Store {
             .await
         {
             Ok(_) => {
-                self.sync(&[rel], true).await?;
+                // object_store links a staging file it did not sync: sync the file too
+                if let Some(root) = &self.local {
+                    sync_paths(vec![root.join(rel)]).await?;
+                }
+                self.sync_dirs(&[rel], true).await?;
                 Ok(true)
             }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
@@ -250,6 +276,44 @@ fn s3(location: &str, rest: &str, options: &BTreeMap<String, String>) -> Result<
 #[cfg(not(feature = "s3"))]
 fn s3(location: &str, _: &str, _: &BTreeMap<String, String>) -> Result<Store> {
     bail!("settlement location {location:?}: this build has no S3 support (build with the `s3` feature)")
+}
+
+/// Write `path` whole through a staging file beside it (`name#n`, the staging name
+/// `object_store` uses and leaves out of listings), synced before it is renamed into
+/// place; missing directories are created.
+fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::{ErrorKind, Write};
+    let mut n = 1u32;
+    let mut made_dirs = false;
+    let (mut file, staging) = loop {
+        let mut staging = path.as_os_str().to_owned();
+        staging.push(format!("#{n}"));
+        let staging = PathBuf::from(staging);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&staging)
+        {
+            Ok(f) => break (f, staging),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => n += 1,
+            // (another writer may create it meanwhile: create_dir_all takes that)
+            Err(e) if e.kind() == ErrorKind::NotFound && !made_dirs => match path.parent() {
+                Some(dir) => {
+                    std::fs::create_dir_all(dir)?;
+                    made_dirs = true;
+                }
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        }
+    };
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    drop(file);
+    if let Err(e) = written.and_then(|()| std::fs::rename(&staging, path)) {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// fsync each path (a file or a directory), side by side on blocking threads.
@@ -341,6 +405,40 @@ mod tests {
             .collect();
         assert_eq!(names, ["a.json"]);
         contract(&Store::open("memory://", &BTreeMap::new()).expect("memory")).await;
+    }
+
+    #[tokio::test]
+    async fn local_writes_go_through_a_synced_staging_file_and_leave_none_behind() {
+        let d = tempfile::tempdir().expect("tmp");
+        let s = Store::local(&d.path().join("out")).expect("local");
+        // many writers into one directory none of them finds: each creates it or takes
+        // the one another created
+        let files: Vec<(String, Vec<u8>)> = (0..32)
+            .map(|i| (format!("period=p/entity=new/f{i}.csv"), vec![i as u8; 10]))
+            .collect();
+        s.put_all(files, true).await.expect("put_all");
+        let dir = d.path().join("out/period=p/entity=new");
+        assert_eq!(std::fs::read_dir(&dir).expect("dir").count(), 32);
+        // a staging name already taken (a writer's crash) is stepped over, and left
+        std::fs::write(dir.join("f0.csv#1"), b"old staging").expect("leftover");
+        s.put("period=p/entity=new/f0.csv", b"new".to_vec())
+            .await
+            .expect("put");
+        assert_eq!(std::fs::read(dir.join("f0.csv")).expect("read"), b"new");
+        assert_eq!(std::fs::read_dir(&dir).expect("dir").count(), 33);
+        // a rename that fails leaves what was there and no staging file
+        std::fs::create_dir_all(dir.join("taken/inner")).expect("dir in the way");
+        let e = s
+            .put("period=p/entity=new/taken", b"x".to_vec())
+            .await
+            .expect_err("a directory is in the way");
+        assert!(format!("{e:#}").contains("entity=new/taken"), "{e:#}");
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("taken"))
+            .collect();
+        assert_eq!(names, ["taken"]);
     }
 
     #[test]
