@@ -347,9 +347,9 @@ pub async fn write_version(
 
 /// Write versions of different (period, entity) pairs together: every data file of
 /// every version written and synced side by side, their directories synced (each
-/// once), then every manifest. A manifest exists only once the files it lists are durable, and the file
-/// system's syncs are shared by the versions instead of queueing version by version
-/// (most of the settler's time was spent waiting for them).
+/// once), then every manifest. A manifest exists only once the files it lists are
+/// durable, and the file system's syncs are shared by the versions instead of queueing
+/// version by version (most of the settler's time was spent waiting for them).
 pub async fn write_versions(store: &Store, versions: Vec<Version>) -> Result<Vec<Manifest>> {
     if versions.is_empty() {
         return Ok(Vec::new());
@@ -366,7 +366,7 @@ pub async fn write_versions(store: &Store, versions: Vec<Version>) -> Result<Vec
     }
     store.write_files(data).await?;
     let rels: Vec<&str> = rels.iter().map(String::as_str).collect();
-    store.sync_dirs_of(&rels, false).await?;
+    store.sync_dirs(&rels, false).await?;
     // the manifests last: a manifest's presence means its version is complete
     store.put_all(manifests, true).await?;
     Ok(out)

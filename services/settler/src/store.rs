@@ -13,7 +13,7 @@
 //! for it is durable only once its own entry is), side by side, so a version is on disk
 //! before the offsets that produced it are committed. A version's data files are
 //! synced, and their directory, before its manifest is written (`put_all`,
-//! `write_files` + `sync_dirs_of`).
+//! `write_files` + `sync_dirs`).
 //! Only the `announced` markers are left unsynced (`put_unsynced`): losing one repeats
 //! an announcement, which is safe to repeat.
 
@@ -99,7 +99,7 @@ impl Store {
     /// `ancestors`, every directory above up to the root, so a directory created for
     /// them is durable too (its entry is in its parent). The files themselves were
     /// synced before they were renamed into place (`write_durable`).
-    async fn sync_dirs(&self, rels: &[&str], ancestors: bool) -> Result<()> {
+    pub async fn sync_dirs(&self, rels: &[&str], ancestors: bool) -> Result<()> {
         let Some(root) = self.local.clone() else {
             return Ok(());
         };
@@ -148,7 +148,7 @@ impl Store {
     /// staging file beside it, is synced, then renamed into place, one blocking task a
     /// file: its bytes are durable before its name points at them, so a crash leaves
     /// the old file or the whole new one, never a name with bytes missing. The rename
-    /// itself is durable once the directory is synced (`put_all`, `sync_dirs_of`).
+    /// itself is durable once the directory is synced (`put_all`, `sync_dirs`).
     pub async fn write_files(&self, files: Vec<(String, Vec<u8>)>) -> Result<()> {
         let Some(root) = self.local.clone() else {
             futures::future::try_join_all(
@@ -170,12 +170,6 @@ impl Store {
         }))
         .await?;
         Ok(())
-    }
-
-    /// Make durable the directories holding files written with `write_files` (each
-    /// once; with `ancestors`, every directory above up to the root too).
-    pub async fn sync_dirs_of(&self, rels: &[&str], ancestors: bool) -> Result<()> {
-        self.sync_dirs(rels, ancestors).await
     }
 
     /// Write `rel` whole without syncing it: only for a file whose loss after a crash
