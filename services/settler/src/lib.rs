@@ -396,9 +396,12 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     // current and previous period
     let mut written: HashMap<Key, Written> = HashMap::new();
     while !ctx.shutdown.is_cancelled() {
+        // where a batch's time goes (logged at debug for a batch that wrote versions)
+        let began = std::time::Instant::now();
         let batch = io
             .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
             .await?;
+        let received = began.elapsed();
         probes.refresh();
         for r in &batch.rebalances {
             match r {
@@ -566,7 +569,9 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             });
             meta.push((p, key, why, ids, label));
         }
+        let grouped = began.elapsed();
         let prepared = futures::future::try_join_all(versions).await?;
+        let (encoded, file_sets) = (began.elapsed(), prepared.len());
         let written_sets = files::write_versions(&store, prepared)
             .await?
             .into_iter()
@@ -592,6 +597,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             w.versions = man.version;
             w.ids.extend(ids);
         }
+        let corrections_written = corrections.len();
         for (key, evs) in corrections {
             let label = period.label(key.0);
             let opts = files::VersionOpts {
@@ -667,8 +673,23 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     .map(|o| (topics.rated.clone(), *p, o))
             })
             .collect();
+        let written_at = began.elapsed();
         if !offsets.is_empty() || !to_mark.is_empty() {
             io.commit(&offsets).await?;
+            if file_sets + corrections_written > 0 {
+                let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+                tracing::debug!(
+                    messages = batch.messages.len(),
+                    file_sets,
+                    corrections = corrections_written,
+                    waited_ms = ms(received),
+                    read_ms = ms(grouped - received),
+                    encoded_ms = ms(encoded - grouped),
+                    written_ms = ms(written_at - encoded),
+                    committed_ms = ms(began.elapsed() - written_at),
+                    "batch settled"
+                );
+            }
         }
         // What was read or written of periods before the previous one is forgotten (read
         // again from the store if an event comes for one): the map holds the event ids of
