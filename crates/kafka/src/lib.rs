@@ -56,9 +56,10 @@ pub fn counting_producer(
     client_id: &str,
     transactional_id: Option<&str>,
 ) -> Result<outbox::CountingProducer> {
-    producer_config(cfg, client_id, transactional_id)
+    let p = producer_config(cfg, client_id, transactional_id)
         .create_with_context(outbox::Acks::default())
-        .context("creating Kafka producer")
+        .context("creating Kafka producer")?;
+    outbox::CountingProducer::new(p).context("starting the producer's polling thread")
 }
 
 fn producer_config(
