@@ -51,9 +51,11 @@ impl ProducerContext for Acks {
 /// (`rd_kafka_queue_io_event_enable`); the thread blocks reading it (at most 100 ms,
 /// to look at its stop flag), then serves the queue until it is empty.
 pub struct CountingProducer {
-    producer: Arc<BaseProducer<Acks>>,
+    // dropped in this order, after `drop` joined the poller: the queue reference and
+    // the wake-up registration go before the client they belong to
     wake: Wake,
     poller: Option<std::thread::JoinHandle<()>>,
+    producer: Arc<BaseProducer<Acks>>,
 }
 
 impl CountingProducer {
@@ -70,9 +72,9 @@ impl CountingProducer {
                 .spawn(move || serve(&producer, &stop, queue, rx))?
         };
         Ok(CountingProducer {
-            producer,
             wake,
             poller: Some(poller),
+            producer,
         })
     }
 }
@@ -91,8 +93,9 @@ impl Drop for CountingProducer {
         if let Some(p) = self.poller.take() {
             let _ = p.join();
         }
-        // then `wake` (librdkafka stops writing to the socket before it closes), then
-        // the producer (purge, flush), served by its own `flush`
+        // then the fields: `wake` (librdkafka stops writing to the socket before it
+        // closes, the queue reference is released), then the producer (its drop purges
+        // and flushes, serving the queue itself)
     }
 }
 
@@ -119,8 +122,9 @@ impl Wake {
     fn enable(producer: &BaseProducer<Acks>, tx: UnixStream) -> Wake {
         // SAFETY: the client handle is valid while `producer` lives, and `Wake` is
         // dropped before the producer (field order in `CountingProducer`, after the
-        // poller is joined); the queue reference taken here is released in `drop`,
-        // after librdkafka was told to stop writing to `tx`, which lives until then.
+        // poller is joined; in `CountingProducer::new`, declared after it); the queue
+        // reference taken here is released in `drop`, after librdkafka was told to
+        // stop writing to `tx`, which lives until then.
         let queue = unsafe {
             let q = rdkafka::bindings::rd_kafka_queue_get_main(producer.client().native_ptr());
             let byte = [1u8];
@@ -163,8 +167,13 @@ fn serve(producer: &BaseProducer<Acks>, stop: &AtomicBool, queue: Queue, mut rx:
     while !stop.load(Ordering::Acquire) {
         // SAFETY: the queue reference outlives this thread (`Wake` is dropped after it
         // is joined).
-        #[allow(unsafe_code)]
-        while unsafe { rdkafka::bindings::rd_kafka_queue_length(queue.0) } > 0 {
+        // (bounded: should the queue ever hold what a poll does not take, the thread
+        // still sleeps between rounds instead of spinning)
+        for _ in 0..100_000 {
+            #[allow(unsafe_code)]
+            if unsafe { rdkafka::bindings::rd_kafka_queue_length(queue.0) } == 0 {
+                break;
+            }
             // a zero deadline serves one event without waiting
             producer.poll(Duration::ZERO);
         }
