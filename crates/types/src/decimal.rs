@@ -161,25 +161,48 @@ impl fmt::Display for Dec {
         if frac == 0 {
             return write!(f, "{sign}{int}");
         }
-        let s = format!("{frac:09}");
-        write!(f, "{sign}{int}.{}", s.trim_end_matches('0'))
+        // the fraction's digits without its trailing zeros (no allocation)
+        let (mut digits, mut width) = (frac, 9usize);
+        while digits % 10 == 0 {
+            digits /= 10;
+            width -= 1;
+        }
+        write!(f, "{sign}{int}.{digits:0width$}")
+    }
+}
+
+/// A `Dec` shown with exactly a number of decimals (`Dec::fixed`).
+#[derive(Clone, Copy, Debug)]
+pub struct Fixed(Dec, u32);
+
+impl fmt::Display for Fixed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let places = self.1;
+        let r = self.0.round_half_even(places);
+        let abs = r.0.unsigned_abs();
+        let int = abs / ONE as u128;
+        let sign = if r.0 < 0 { "-" } else { "" };
+        if places == 0 {
+            return write!(f, "{sign}{int}");
+        }
+        // rounded to `places`, the fraction's remaining digits are zeros
+        let digits = (abs % ONE as u128) / 10u128.pow(9 - places);
+        let width = places as usize;
+        write!(f, "{sign}{int}.{digits:0width$}")
     }
 }
 
 impl Dec {
-    /// Format with exactly `places` decimals (for settlement files after rounding).
+    /// Format with exactly `places` decimals (for settlement files after rounding; at
+    /// most the 9 a `Dec` holds).
     pub fn to_fixed(self, places: u32) -> String {
-        let r = self.round_half_even(places);
-        let neg = r.0 < 0;
-        let abs = r.0.unsigned_abs();
-        let int = abs / ONE as u128;
-        let frac = abs % ONE as u128;
-        let sign = if neg { "-" } else { "" };
-        if places == 0 {
-            return format!("{sign}{int}");
-        }
-        let s = format!("{frac:09}");
-        format!("{sign}{int}.{}", &s[..places as usize])
+        self.fixed(places).to_string()
+    }
+
+    /// `to_fixed` without allocating: shown with exactly `places` decimals (at most 9),
+    /// rounded half to even.
+    pub fn fixed(self, places: u32) -> Fixed {
+        Fixed(self, places.min(9))
     }
 }
 
@@ -302,6 +325,56 @@ mod tests {
         assert_eq!(d("1.0005").to_fixed(3), "1.000");
         assert_eq!(d("-1.0015").to_fixed(3), "-1.002");
         assert_eq!(d("7").to_fixed(2), "7.00");
+    }
+
+    #[test]
+    fn formatting_without_allocation_gives_the_bytes_it_always_gave() {
+        // the formatting of earlier builds (a settlement file regenerated must be
+        // byte-identical): the fraction through a nine-digit string, then cut
+        let plain = |v: Dec| {
+            let abs = v.0.unsigned_abs();
+            let (int, frac) = (abs / ONE as u128, abs % ONE as u128);
+            let sign = if v.0 < 0 { "-" } else { "" };
+            if frac == 0 {
+                return format!("{sign}{int}");
+            }
+            format!("{sign}{int}.{}", format!("{frac:09}").trim_end_matches('0'))
+        };
+        let fixed = |v: Dec, places: u32| {
+            let r = v.round_half_even(places);
+            let abs = r.0.unsigned_abs();
+            let (int, frac) = (abs / ONE as u128, abs % ONE as u128);
+            let sign = if r.0 < 0 { "-" } else { "" };
+            if places == 0 {
+                return format!("{sign}{int}");
+            }
+            format!("{sign}{int}.{}", &format!("{frac:09}")[..places as usize])
+        };
+        let mut raws: Vec<i128> = vec![0, 1, -1, 5, -5, 10, 999_999_999, 1_000_000_000];
+        raws.extend([
+            i128::MAX / 1000,
+            i128::MIN / 1000,
+            -4_000_000,
+            4_999_999,
+            125_000_000,
+        ]);
+        let mut x: i128 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..20_000 {
+            // xorshift: a spread of magnitudes and fractions, negatives included
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x &= (1i128 << 100) - 1;
+            let v = x >> (x % 97);
+            raws.push(if x % 3 == 0 { -v } else { v });
+        }
+        for raw in raws {
+            let v = Dec(raw);
+            assert_eq!(v.to_string(), plain(v), "{raw}");
+            for places in 0..=9 {
+                assert_eq!(v.to_fixed(places), fixed(v, places), "{raw} at {places}");
+            }
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use meterflow_types::{Dec, Millis, RatedEvent};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -191,72 +192,105 @@ pub fn focus_csv(
          ConsumedQuantity,ConsumedUnit,PricingQuantity,PricingUnit,ListUnitPrice,ContractedUnitPrice,\
          ResourceId,SkuId,SkuPriceId,SubAccountId,ProviderName,PublisherName,InvoiceIssuerName,ServiceCategory\n",
     );
-    let esc = |v: &str| {
-        if v.contains([',', '"', '\n']) {
-            format!("\"{}\"", v.replace('"', "\"\""))
-        } else {
-            v.to_string()
-        }
-    };
+    let mut times = Times::default();
+    let (period_start, period_end) = (fmt_rfc3339(period.0), fmt_rfc3339(period.1));
     for (_, _, e) in events {
-        let cost = rounded(e).to_fixed(minor_units(&e.currency));
+        let cost = rounded(e).fixed(minor_units(&e.currency));
         let class = if e.adjustment || correction_version {
             "Correction"
         } else {
             ""
         };
-        s.push_str(&format!(
-            "{cost},{cost},{cost},{cost},{},{},{},{},{},Usage,{class},Usage-Based,{},{},{},{},{},{},{},{},{},{},{},meterflow,meterflow,meterflow,Compute\n",
-            e.currency,
-            fmt_rfc3339(period.0),
-            fmt_rfc3339(period.1),
-            fmt_rfc3339(e.window_start),
-            fmt_rfc3339(e.window_end),
-            esc(&format!("{}@{} {}", e.rule_id, e.rule_version, e.unit)),
-            e.quantity,
-            esc(&e.unit),
-            e.quantity,
-            esc(&e.unit),
-            e.unit_price,
-            e.unit_price,
-            esc(&e.resource_id),
-            esc(&e.rule_id),
-            esc(&format!("{}@{}", e.rule_id, e.rule_version)),
-            esc(&e.entity_id),
-        ));
+        let (start, end) = times.window(e);
+        let _ = write!(
+            s,
+            "{cost},{cost},{cost},{cost},{},{period_start},{period_end},{start},{end},Usage,{class},Usage-Based,",
+            e.currency
+        );
+        field(
+            &mut s,
+            format_args!("{}@{} {}", e.rule_id, e.rule_version, e.unit),
+        );
+        let _ = write!(s, ",{},", e.quantity);
+        field(&mut s, &e.unit);
+        let _ = write!(s, ",{},", e.quantity);
+        field(&mut s, &e.unit);
+        let _ = write!(s, ",{},{},", e.unit_price, e.unit_price);
+        field(&mut s, &e.resource_id);
+        s.push(',');
+        field(&mut s, &e.rule_id);
+        s.push(',');
+        field(&mut s, format_args!("{}@{}", e.rule_id, e.rule_version));
+        s.push(',');
+        field(&mut s, &e.entity_id);
+        s.push_str(",meterflow,meterflow,meterflow,Compute\n");
     }
     s
 }
 
 pub fn csv(events: &[(i32, i64, RatedEvent)]) -> String {
     let mut s = String::from("id,entity_id,rule_id,rule_version,resource_id,window_start,window_end,unit,quantity,unit_price,amount,currency,amount_unrounded,adjustment\n");
-    let esc = |v: &str| {
-        if v.contains([',', '"', '\n']) {
-            format!("\"{}\"", v.replace('"', "\"\""))
-        } else {
-            v.to_string()
-        }
-    };
+    let mut times = Times::default();
     for (_, _, e) in events {
-        s.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
-            e.id,
-            esc(&e.entity_id),
-            esc(&e.rule_id),
-            e.rule_version,
-            esc(&e.resource_id),
-            fmt_rfc3339(e.window_start),
-            fmt_rfc3339(e.window_end),
-            esc(&e.unit),
+        let _ = write!(s, "{},", e.id);
+        field(&mut s, &e.entity_id);
+        s.push(',');
+        field(&mut s, &e.rule_id);
+        let _ = write!(s, ",{},", e.rule_version);
+        field(&mut s, &e.resource_id);
+        let (start, end) = times.window(e);
+        let _ = write!(s, ",{start},{end},");
+        field(&mut s, &e.unit);
+        let _ = writeln!(
+            s,
+            ",{},{},{},{},{},{}",
             e.quantity,
             e.unit_price,
-            rounded(e).to_fixed(minor_units(&e.currency)),
+            rounded(e).fixed(minor_units(&e.currency)),
             e.currency,
             e.amount,
             e.adjustment
-        ));
+        );
     }
     s
+}
+
+/// Append a CSV field: as it is, or quoted (quotes doubled) if it holds a comma, a
+/// quote or a newline. Written in place: most fields need no quoting, and the lines
+/// are the bulk of a settlement's encoding.
+fn field(s: &mut String, v: impl std::fmt::Display) {
+    let from = s.len();
+    let _ = write!(s, "{v}");
+    if s[from..].contains([',', '"', '\n']) {
+        let quoted = format!("\"{}\"", s[from..].replace('"', "\"\""));
+        s.truncate(from);
+        s.push_str(&quoted);
+    }
+}
+
+/// The RFC 3339 times of the lines' windows, each formatted once for a run of lines
+/// with the same window (lines are sorted by window start).
+#[derive(Default)]
+struct Times {
+    last: Option<(Millis, Millis, String, String)>,
+}
+
+impl Times {
+    fn window(&mut self, e: &RatedEvent) -> (&str, &str) {
+        let fresh = !matches!(&self.last, Some((s, e2, _, _)) if *s == e.window_start && *e2 == e.window_end);
+        if fresh {
+            self.last = Some((
+                e.window_start,
+                e.window_end,
+                fmt_rfc3339(e.window_start),
+                fmt_rfc3339(e.window_end),
+            ));
+        }
+        match &self.last {
+            Some((_, _, s, e)) => (s, e),
+            None => ("", ""),
+        }
+    }
 }
 
 fn parquet(events: &[(i32, i64, RatedEvent)]) -> Result<Vec<u8>> {
@@ -536,6 +570,140 @@ mod tests {
                 source_partition: 0,
             },
         )
+    }
+
+    /// The lines files of earlier builds, field by field through `format!` (a version
+    /// regenerated by this build must have the same bytes and checksums).
+    fn csv_as_before(events: &[(i32, i64, RatedEvent)]) -> String {
+        let esc = |v: &str| {
+            if v.contains([',', '"', '\n']) {
+                format!("\"{}\"", v.replace('"', "\"\""))
+            } else {
+                v.to_string()
+            }
+        };
+        let mut s = String::from("id,entity_id,rule_id,rule_version,resource_id,window_start,window_end,unit,quantity,unit_price,amount,currency,amount_unrounded,adjustment\n");
+        for (_, _, e) in events {
+            s.push_str(&format!(
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+                e.id,
+                esc(&e.entity_id),
+                esc(&e.rule_id),
+                e.rule_version,
+                esc(&e.resource_id),
+                fmt_rfc3339(e.window_start),
+                fmt_rfc3339(e.window_end),
+                esc(&e.unit),
+                e.quantity,
+                e.unit_price,
+                rounded(e).to_fixed(minor_units(&e.currency)),
+                e.currency,
+                e.amount,
+                e.adjustment
+            ));
+        }
+        s
+    }
+
+    fn focus_as_before(
+        events: &[(i32, i64, RatedEvent)],
+        period: (Millis, Millis),
+        corr: bool,
+    ) -> String {
+        let esc = |v: &str| {
+            if v.contains([',', '"', '\n']) {
+                format!("\"{}\"", v.replace('"', "\"\""))
+            } else {
+                v.to_string()
+            }
+        };
+        let mut s = focus_csv(&[], period, corr);
+        for (_, _, e) in events {
+            let cost = rounded(e).to_fixed(minor_units(&e.currency));
+            let class = if e.adjustment || corr {
+                "Correction"
+            } else {
+                ""
+            };
+            s.push_str(&format!(
+                "{cost},{cost},{cost},{cost},{},{},{},{},{},Usage,{class},Usage-Based,{},{},{},{},{},{},{},{},{},{},{},meterflow,meterflow,meterflow,Compute\n",
+                e.currency,
+                fmt_rfc3339(period.0),
+                fmt_rfc3339(period.1),
+                fmt_rfc3339(e.window_start),
+                fmt_rfc3339(e.window_end),
+                esc(&format!("{}@{} {}", e.rule_id, e.rule_version, e.unit)),
+                e.quantity,
+                esc(&e.unit),
+                e.quantity,
+                esc(&e.unit),
+                e.unit_price,
+                e.unit_price,
+                esc(&e.resource_id),
+                esc(&e.rule_id),
+                esc(&format!("{}@{}", e.rule_id, e.rule_version)),
+                esc(&e.entity_id),
+            ));
+        }
+        s
+    }
+
+    #[test]
+    fn lines_files_have_the_bytes_of_earlier_builds() {
+        let mut events = Vec::new();
+        let names = [
+            "plain",
+            "a, comma",
+            "a \"quote\"",
+            "new\nline",
+            "",
+            "ünï,\"\n",
+        ];
+        for (i, name) in names.iter().enumerate() {
+            for (j, amount) in ["0.072", "-0.0725", "1234567.125", "0", "-0.004"]
+                .iter()
+                .enumerate()
+            {
+                let (p, o, mut e) = ev(
+                    &format!("id-{i}-{j}"),
+                    (i as i64 % 3) * 3_600_000,
+                    amount,
+                    j % 2 == 1,
+                );
+                e.entity_id = (*name).into();
+                e.rule_id = names[(i + 1) % names.len()].into();
+                e.resource_id = names[(i + j) % names.len()].into();
+                e.unit = names[(i + 2 * j) % names.len()].into();
+                e.currency = ["USD", "JPY", "KWD"][j % 3].into();
+                e.quantity = format!("{j}.5").parse().expect("dec");
+                // a window of its own for some lines, shared by runs of others
+                e.window_end = e.window_start + if j == 4 { 60_000 } else { 3_600_000 };
+                events.push((p, o, e));
+            }
+        }
+        events.sort_by(|a, b| (a.2.window_start, &a.2.id).cmp(&(b.2.window_start, &b.2.id)));
+        assert_eq!(csv(&events), csv_as_before(&events));
+        for corr in [false, true] {
+            let period = (0, 86_400_000);
+            assert_eq!(
+                focus_csv(&events, period, corr),
+                focus_as_before(&events, period, corr)
+            );
+        }
+        // and the quoting itself, spelled out
+        let at = events
+            .iter()
+            .position(|(_, _, e)| e.entity_id == "a, comma")
+            .expect("a line of it");
+        let line = csv(&events[at..=at]);
+        let id = &events[at].2.id;
+        assert!(
+            line.lines()
+                .nth(1)
+                .expect("a line")
+                .starts_with(&format!("{id},\"a, comma\",")),
+            "{line}"
+        );
     }
 
     #[tokio::test]
