@@ -165,11 +165,11 @@ impl Drop for Wake {
 fn serve(producer: &BaseProducer<Acks>, stop: &AtomicBool, queue: Queue, mut rx: UnixStream) {
     let mut buf = [0u8; 64];
     while !stop.load(Ordering::Acquire) {
-        // SAFETY: the queue reference outlives this thread (`Wake` is dropped after it
-        // is joined).
         // (bounded: should the queue ever hold what a poll does not take, the thread
         // still sleeps between rounds instead of spinning)
         for _ in 0..100_000 {
+            // SAFETY: the queue reference outlives this thread (`Wake` is dropped after
+            // it is joined).
             #[allow(unsafe_code)]
             if unsafe { rdkafka::bindings::rd_kafka_queue_length(queue.0) } == 0 {
                 break;

@@ -272,23 +272,19 @@ fn field(s: &mut String, v: impl std::fmt::Display) {
 /// with the same window (lines are sorted by window start).
 #[derive(Default)]
 struct Times {
-    last: Option<(Millis, Millis, String, String)>,
+    /// The last window and its start and end, formatted.
+    last: Option<((Millis, Millis), String, String)>,
 }
 
 impl Times {
     fn window(&mut self, e: &RatedEvent) -> (&str, &str) {
-        let fresh = !matches!(&self.last, Some((s, e2, _, _)) if *s == e.window_start && *e2 == e.window_end);
-        if fresh {
-            self.last = Some((
-                e.window_start,
-                e.window_end,
-                fmt_rfc3339(e.window_start),
-                fmt_rfc3339(e.window_end),
-            ));
+        let window = (e.window_start, e.window_end);
+        if self.last.as_ref().is_none_or(|(w, _, _)| *w != window) {
+            self.last = Some((window, fmt_rfc3339(window.0), fmt_rfc3339(window.1)));
         }
         match &self.last {
-            Some((_, _, s, e)) => (s, e),
-            None => ("", ""),
+            Some((_, start, end)) => (start, end),
+            None => ("", ""), // (set just above)
         }
     }
 }
