@@ -715,3 +715,107 @@ pub fn rater_memory(instances: u32, hours: i64, speed: u32) -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// The settler's write of `sets` new versions (64 lines each, with the FOCUS file), as it
+/// writes them — every file and manifest staged and synced side by side, each manifest
+/// renamed after its files, then the directories synced (`files::write_versions`) —
+/// against the way it wrote them before session 32 (baseline, same run): the data files
+/// with their directories synced, then the manifests with theirs. `rounds` of each,
+/// alternating, into new directories each time (as each period's first versions are);
+/// the encoding is outside the clock.
+pub fn writes(sets: usize, rounds: usize) -> anyhow::Result<()> {
+    use meterflow_settler::files::{self, VersionOpts};
+    use meterflow_settler::store::Store;
+    let dir = tempfile::tempdir()?;
+    let store = Store::local(dir.path())?;
+    let opts = VersionOpts {
+        focus: true,
+        ..Default::default()
+    };
+    let events = |set: usize| -> Vec<(i32, i64, RatedEvent)> {
+        (0..64i64)
+            .map(|i| {
+                let ws = (i % 24) * 3_600_000;
+                let e = RatedEvent {
+                    id: format!("{set:04}-{i:04}-0123456789abcdef"),
+                    rule_id: ["vcpu_hours", "memory_gib_hours", "net_egress_gib"][i as usize % 3]
+                        .into(),
+                    rule_version: 1,
+                    entity_id: format!("entity-{set}"),
+                    resource_id: format!("vm-{:05}", set * 100 + i as usize / 3),
+                    window_start: ws,
+                    window_end: ws + 3_600_000,
+                    unit: "unit_hour".into(),
+                    quantity: format!("{}.25", i + 1).parse().expect("decimal"),
+                    unit_price: "0.036".parse().expect("decimal"),
+                    amount: format!("{}.0090", i + 1).parse().expect("decimal"),
+                    currency: "USD".into(),
+                    adjustment: false,
+                    usage_records: 12,
+                    source_partition: (set % 4) as i32,
+                };
+                ((set % 4) as i32, i, e)
+            })
+            .collect()
+    };
+    let prepare = |label: String| {
+        let (store, opts) = (store.clone(), opts.clone());
+        async move {
+            let mut v = Vec::with_capacity(sets);
+            for set in 0..sets {
+                v.push(
+                    files::prepare_version(
+                        &store,
+                        Some(1),
+                        &label,
+                        (0, DAY),
+                        &format!("entity-{set}"),
+                        events(set),
+                        &opts,
+                    )
+                    .await?,
+                );
+            }
+            anyhow::Ok(v)
+        }
+    };
+    let (mut now, mut before) = (Vec::new(), Vec::new());
+    block_on(async {
+        for r in 0..rounds {
+            for method in [r % 2, 1 - r % 2] {
+                let versions = prepare(format!("r{r}-m{method}")).await?;
+                let t = Instant::now();
+                if method == 0 {
+                    files::write_versions(&store, versions).await?;
+                    now.push(t.elapsed().as_secs_f64() * 1000.0);
+                } else {
+                    let (mut data, mut manifests) = (Vec::new(), Vec::new());
+                    for v in versions {
+                        let (d, m) = v.into_files();
+                        data.extend(d);
+                        manifests.push(m);
+                    }
+                    store.put_all(data).await?;
+                    store.put_all(manifests).await?;
+                    before.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let written = files::all_manifests(dir.path())?.len();
+    anyhow::ensure!(written == 2 * rounds * sets, "{written} file sets written");
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (n, b) = (median(&mut now), median(&mut before));
+    println!("| write of {sets} new versions (4 files each), median of {rounds} | ms |");
+    println!("|---|---:|");
+    println!("| as before: data files + their directories, then manifests + theirs (baseline) | {b:.1} |");
+    println!(
+        "| now: one round of file syncs, manifests renamed last, one of directory syncs | {n:.1} |"
+    );
+    println!("| now vs before (time) | {:.2} |", n / b);
+    Ok(())
+}
