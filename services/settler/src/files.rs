@@ -99,53 +99,8 @@ pub fn entity_dir(period_label: &str, entity: &str) -> String {
 }
 
 /// Versions already written for an entity and period (1, 2, ...), with their manifests.
-///
-/// A version's files and manifest are made durable together (`write_versions`), so a
-/// crash before that sync can leave the latest manifest with a file it lists missing: that
-/// version is taken as not written, like an unreadable one (`read_versions`), and is
-/// written again from its input. A file missing from an earlier version is damage no
-/// crash explains (that version was durable before the next was written): an error.
 pub async fn existing(store: &Store, dir: &str) -> Result<Vec<Manifest>> {
-    let mut versions: Vec<Manifest> = read_versions(store, dir, "manifest.json").await?;
-    let n = versions.len();
-    let mut latest_lost = false;
-    for (i, m) in versions.iter().enumerate().rev() {
-        let Some(missing) = missing_file(store, dir, m).await? else {
-            continue;
-        };
-        let manifest = store.describe(&format!(
-            "{dir}/{}",
-            version_name(m.version, "manifest.json")
-        ));
-        anyhow::ensure!(
-            i + 1 == n,
-            "{manifest} lists {}, which does not exist (damaged: a later version was written \
-             after it)",
-            store.describe(&missing)
-        );
-        tracing::warn!(
-            %manifest,
-            missing = %store.describe(&missing),
-            "latest version lists a file that does not exist: taken as a write cut short \
-             by a crash before its sync, not written (it is written again from its input)"
-        );
-        latest_lost = true;
-    }
-    if latest_lost {
-        versions.pop();
-    }
-    Ok(versions)
-}
-
-/// The first file a manifest lists that does not exist in `dir`, if any.
-async fn missing_file(store: &Store, dir: &str, m: &Manifest) -> Result<Option<String>> {
-    for name in m.files.keys() {
-        let rel = format!("{dir}/{name}");
-        if !store.exists(&rel).await? {
-            return Ok(Some(rel));
-        }
-    }
-    Ok(None)
+    read_versions(store, dir, "manifest.json").await
 }
 
 /// The JSON documents `base`, `v2.base`, ... in `dir`, up to the first missing version.
@@ -405,14 +360,6 @@ pub struct Version {
     manifest_file: (String, Vec<u8>),
 }
 
-impl Version {
-    /// Its data files and its manifest file (path, bytes), for a benchmark's other way
-    /// of writing them.
-    pub fn into_files(self) -> (Vec<crate::store::NamedBytes>, crate::store::NamedBytes) {
-        (self.files, self.manifest_file)
-    }
-}
-
 /// Write a new version of an entity's settlement for a period. Events are sorted into
 /// a canonical order first, so the same events always give the same bytes.
 pub async fn write_version(
@@ -428,26 +375,30 @@ pub async fn write_version(
     Ok(written.remove(0))
 }
 
-/// Write versions of different (period, entity) pairs together: every file of every
-/// version, manifests included, written and synced side by side; each manifest put in
-/// place after the files it lists; then their directories synced, each once
-/// (`Store::put_groups`). A reader never sees a manifest before its files, and the file
-/// system's syncs are shared by the versions instead of queueing version by version, or
-/// data files before manifests (most of the settler's time was spent waiting for them).
-/// Everything is durable on return, before the offsets that produced it are committed;
-/// a crash before that is read back by `existing`.
+/// Write versions of different (period, entity) pairs together: every data file of
+/// every version written and synced side by side, their directories synced (each
+/// once), then every manifest. A manifest exists only once the files it lists are
+/// durable, and the file system's syncs are shared by the versions instead of queueing
+/// version by version (most of the settler's time was spent waiting for them).
 pub async fn write_versions(store: &Store, versions: Vec<Version>) -> Result<Vec<Manifest>> {
-    let mut groups = Vec::with_capacity(versions.len());
+    if versions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut data = Vec::new();
+    let mut rels = Vec::new();
+    let mut manifests = Vec::new();
     let mut out = Vec::with_capacity(versions.len());
-    for mut v in versions {
-        // the manifest last: a manifest's presence means its version is complete
-        v.files.push(v.manifest_file);
-        groups.push(v.files);
+    for v in versions {
+        rels.extend(v.files.iter().map(|(r, _)| r.clone()));
+        data.extend(v.files);
+        manifests.push(v.manifest_file);
         out.push(v.manifest);
     }
-    if !groups.is_empty() {
-        store.put_groups(groups).await?;
-    }
+    store.write_files(data).await?;
+    let rels: Vec<&str> = rels.iter().map(String::as_str).collect();
+    store.sync_dirs(&rels, false).await?;
+    // the manifests last: a manifest's presence means its version is complete
+    store.put_all(manifests, true).await?;
     Ok(out)
 }
 
@@ -874,64 +825,6 @@ mod tests {
         let msg = format!("{err:#}");
         assert!(
             msg.contains("manifest.json") && msg.contains("damaged"),
-            "{msg}"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_latest_manifest_whose_files_a_crash_lost_is_written_again_and_an_earlier_one_is_an_error(
-    ) {
-        let dir = tempfile::tempdir().expect("tmp");
-        let store = Store::local(dir.path()).expect("store");
-        let opts = VersionOpts {
-            focus: true,
-            ..Default::default()
-        };
-        let bounds = (0, 86_400_000);
-        let write = |id: &'static str, adj: bool| {
-            let store = store.clone();
-            let opts = opts.clone();
-            async move {
-                write_version(&store, "d", bounds, "a", vec![ev(id, 0, "1", adj)], &opts)
-                    .await
-                    .expect("write")
-            }
-        };
-        let v1 = write("1", false).await;
-        let v2 = write("2", true).await;
-        let ent = dir.path().join("period=d/entity=a");
-        // the manifest's rename kept, one of its files' lost (a file system that does
-        // not keep renames in order, a power loss before the directory's sync)
-        for lost in ["v2.lines.csv", "v2.lines.parquet", "v2.focus.csv"] {
-            std::fs::remove_file(ent.join(lost)).expect("lose");
-            let read = existing(&store, "period=d/entity=a").await.expect("read");
-            assert_eq!(read, vec![v1.clone()], "{lost} lost");
-            let again = write("2", true).await;
-            assert_eq!(again, v2, "written again from its input, the same version");
-            assert_eq!(
-                existing(&store, "period=d/entity=a").await.expect("read"),
-                vec![v1.clone(), v2.clone()]
-            );
-        }
-        // the same with the first version: nothing before it
-        let d2 = tempfile::tempdir().expect("tmp");
-        let s2 = Store::local(d2.path()).expect("store");
-        write_version(&s2, "d", bounds, "b", vec![ev("1", 0, "1", false)], &opts)
-            .await
-            .expect("v1");
-        std::fs::remove_file(d2.path().join("period=d/entity=b/lines.parquet")).expect("lose");
-        assert!(existing(&s2, "period=d/entity=b")
-            .await
-            .expect("read")
-            .is_empty());
-        // a file of an earlier version missing is not a crash's doing: an error naming it
-        std::fs::remove_file(ent.join("lines.csv")).expect("lose");
-        let err = existing(&store, "period=d/entity=a")
-            .await
-            .expect_err("damaged");
-        let msg = format!("{err:#}");
-        assert!(
-            msg.contains("lines.csv") && msg.contains("damaged"),
             "{msg}"
         );
     }

@@ -11,9 +11,9 @@
 //! directory each write is also made durable, which `object_store` leaves out: the
 //! file, its directory and every directory above it up to the root (a directory created
 //! for it is durable only once its own entry is), side by side, so a version is on disk
-//! before the offsets that produced it are committed. A version's data files and its
-//! manifest are synced together, the manifest put in place after them, then their
-//! directories (`put_groups`).
+//! before the offsets that produced it are committed. A version's data files are
+//! synced, and their directory, before its manifest is written (`put_all`,
+//! `write_files` + `sync_dirs`).
 //! Only the `announced` markers are left unsynced (`put_unsynced`): losing one repeats
 //! an announcement, which is safe to repeat.
 
@@ -23,9 +23,6 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// A file's path (relative to the store's root) and its bytes.
-pub type NamedBytes = (String, Vec<u8>);
 
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -98,21 +95,26 @@ impl Store {
     }
 
     /// Make the directories holding `rels` durable (a local directory only; object
-    /// stores are durable on return), and every directory above them up to the root, so
-    /// a directory created for them is durable too (its entry is in its parent): each
-    /// directory once, side by side. The files themselves were synced before they were
-    /// renamed into place (`write_durable`, `put_groups`).
-    pub async fn sync_dirs(&self, rels: &[&str]) -> Result<()> {
+    /// stores are durable on return): each directory once, side by side — and with
+    /// `ancestors`, every directory above up to the root, so a directory created for
+    /// them is durable too (its entry is in its parent). The files themselves were
+    /// synced before they were renamed into place (`write_durable`).
+    pub async fn sync_dirs(&self, rels: &[&str], ancestors: bool) -> Result<()> {
         let Some(root) = self.local.clone() else {
             return Ok(());
         };
-        let mut dirs: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+        let mut dirs: Vec<PathBuf> = Vec::new();
         for rel in rels {
             let mut d = root.join(rel);
-            // a directory seen has had its ancestors seen too
-            while d.pop() && d.starts_with(&root) && dirs.insert(d.clone()) {}
+            while d.pop() && d.starts_with(&root) {
+                if !dirs.contains(&d) {
+                    dirs.push(d.clone());
+                }
+                if !ancestors {
+                    break;
+                }
+            }
         }
-        let dirs = dirs.into_iter().collect();
         sync_paths(dirs).await
     }
 
@@ -127,18 +129,19 @@ impl Store {
     /// Write `rel` whole, replacing what was there, and make it durable with every
     /// directory above it.
     pub async fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
-        self.put_all(vec![(rel.to_string(), bytes)]).await
+        self.put_all(vec![(rel.to_string(), bytes)], true).await
     }
 
     /// Write several files whole, side by side, each durable before it replaces what
     /// was there (see `write_files`), then make the directories holding them durable,
-    /// each once (not one directory sync per file), and every directory above them up
-    /// to the root (see `put`).
-    pub async fn put_all(&self, files: Vec<(String, Vec<u8>)>) -> Result<()> {
+    /// each once (not one directory sync per file) — with `ancestors`, also every
+    /// directory above up to the root (see `put`). Without, those are left to a later
+    /// call with it (the manifests that follow their data files).
+    pub async fn put_all(&self, files: Vec<(String, Vec<u8>)>, ancestors: bool) -> Result<()> {
         let rels: Vec<String> = files.iter().map(|(r, _)| r.clone()).collect();
         self.write_files(files).await?;
         let rels: Vec<&str> = rels.iter().map(String::as_str).collect();
-        self.sync_dirs(&rels).await
+        self.sync_dirs(&rels, ancestors).await
     }
 
     /// Write several files whole, side by side. On a local directory each goes to a
@@ -146,7 +149,7 @@ impl Store {
     /// file: its bytes are durable before its name points at them, so a crash leaves
     /// the old file or the whole new one, never a name with bytes missing. The rename
     /// itself is durable once the directory is synced (`put_all`, `sync_dirs`).
-    async fn write_files(&self, files: Vec<(String, Vec<u8>)>) -> Result<()> {
+    pub async fn write_files(&self, files: Vec<(String, Vec<u8>)>) -> Result<()> {
         let Some(root) = self.local.clone() else {
             futures::future::try_join_all(
                 files
@@ -167,51 +170,6 @@ impl Store {
         }))
         .await?;
         Ok(())
-    }
-
-    /// Write groups of files whole, each group's last file (a version's manifest) in
-    /// place only after the others of its group, and make them all durable, with every
-    /// directory up to the root. Locally, every file of every group is written to its
-    /// staging file and synced side by side; then each group's staging files are
-    /// renamed into place in order, the last one last; then the directories are synced,
-    /// each once. One round of file syncs and one of directory syncs, not two of each:
-    /// a reader never sees a last file before the rest of its group, but a crash before
-    /// the directory syncs may keep a later rename and lose an earlier one on a file
-    /// system that does not keep renames in order — so a reader that trusts a manifest
-    /// after a crash checks that its files exist (`files::existing`). Object stores: the
-    /// other files of every group side by side, then the last files (each put is
-    /// durable on return).
-    pub async fn put_groups(&self, groups: Vec<Vec<(String, Vec<u8>)>>) -> Result<()> {
-        let Some(root) = self.local.clone() else {
-            let (mut rest, mut lasts) = (Vec::new(), Vec::new());
-            for mut g in groups {
-                lasts.extend(g.pop());
-                rest.extend(g);
-            }
-            self.write_files(rest).await?;
-            return self.write_files(lasts).await;
-        };
-        let rels: Vec<String> = groups.iter().flatten().map(|(r, _)| r.clone()).collect();
-        futures::future::try_join_all(groups.into_iter().map(|g| {
-            let root = &root;
-            async move {
-                let paths: Vec<PathBuf> = g.iter().map(|(r, _)| root.join(r)).collect();
-                let staged = futures::future::join_all(g.into_iter().map(|(rel, bytes)| {
-                    let path = root.join(&rel);
-                    async move {
-                        let p = path.clone();
-                        tokio::task::spawn_blocking(move || stage(&p, &bytes))
-                            .await?
-                            .with_context(|| format!("writing {}", path.display()))
-                    }
-                }))
-                .await;
-                tokio::task::spawn_blocking(move || rename_in_order(staged, paths)).await?
-            }
-        }))
-        .await?;
-        let rels: Vec<&str> = rels.iter().map(String::as_str).collect();
-        self.sync_dirs(&rels).await
     }
 
     /// Write `rel` whole without syncing it: only for a file whose loss after a crash
@@ -237,7 +195,7 @@ impl Store {
                 if let Some(root) = &self.local {
                     sync_paths(vec![root.join(rel)]).await?;
                 }
-                self.sync_dirs(&[rel]).await?;
+                self.sync_dirs(&[rel], true).await?;
                 Ok(true)
             }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
@@ -318,16 +276,6 @@ fn s3(location: &str, _: &str, _: &BTreeMap<String, String>) -> Result<Store> {
 /// `object_store` uses and leaves out of listings), synced before it is renamed into
 /// place; missing directories are created.
 fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let staging = stage(path, bytes)?;
-    std::fs::rename(&staging, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&staging);
-    })
-}
-
-/// Write `bytes` to a new staging file beside `path` and sync it; its name is returned
-/// for the rename into place. Missing directories are created; on an error the staging
-/// file is removed.
-fn stage(path: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
     use std::io::{ErrorKind, Write};
     let mut n = 1u32;
     let mut made_dirs = false;
@@ -355,39 +303,11 @@ fn stage(path: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
     };
     let written = file.write_all(bytes).and_then(|()| file.sync_all());
     drop(file);
-    if let Err(e) = written {
+    if let Err(e) = written.and_then(|()| std::fs::rename(&staging, path)) {
         let _ = std::fs::remove_file(&staging);
         return Err(e);
     }
-    Ok(staging)
-}
-
-/// Rename a group's staged files into place, in order. If any failed to stage, none is
-/// renamed; if a rename fails, none after it is. Staging files not renamed are removed.
-fn rename_in_order(staged: Vec<Result<PathBuf>>, paths: Vec<PathBuf>) -> Result<()> {
-    let mut failed = None;
-    let mut pending = Vec::with_capacity(staged.len());
-    for (s, path) in staged.into_iter().zip(paths) {
-        match s {
-            Ok(staging) => pending.push((staging, path)),
-            Err(e) => {
-                failed.get_or_insert(e);
-            }
-        }
-    }
-    for (staging, path) in pending {
-        if failed.is_none() {
-            match std::fs::rename(&staging, &path) {
-                Ok(()) => continue,
-                Err(e) => {
-                    failed =
-                        Some(anyhow::Error::new(e).context(format!("writing {}", path.display())))
-                }
-            }
-        }
-        let _ = std::fs::remove_file(&staging);
-    }
-    failed.map_or(Ok(()), Err)
+    Ok(())
 }
 
 /// fsync each path (a file or a directory), side by side on blocking threads.
@@ -442,10 +362,13 @@ mod tests {
         s.put("period=q/entity=f/a.json", Vec::new())
             .await
             .expect("put");
-        s.put_all(vec![
-            ("period=p/entity=g/x.csv".into(), b"x".to_vec()),
-            ("period=p/entity=g/y.csv".into(), b"y".to_vec()),
-        ])
+        s.put_all(
+            vec![
+                ("period=p/entity=g/x.csv".into(), b"x".to_vec()),
+                ("period=p/entity=g/y.csv".into(), b"y".to_vec()),
+            ],
+            true,
+        )
         .await
         .expect("put_all");
         s.put_unsynced("period=p/entity=g/marker", Vec::new())
@@ -487,7 +410,7 @@ mod tests {
         let files: Vec<(String, Vec<u8>)> = (0..32)
             .map(|i| (format!("period=p/entity=new/f{i}.csv"), vec![i as u8; 10]))
             .collect();
-        s.put_all(files).await.expect("put_all");
+        s.put_all(files, true).await.expect("put_all");
         let dir = d.path().join("out/period=p/entity=new");
         assert_eq!(std::fs::read_dir(&dir).expect("dir").count(), 32);
         // a staging name already taken (a writer's crash) is stepped over, and left
@@ -510,64 +433,6 @@ mod tests {
             .filter(|n| n.starts_with("taken"))
             .collect();
         assert_eq!(names, ["taken"]);
-    }
-
-    #[tokio::test]
-    async fn groups_are_put_whole_their_last_file_only_after_the_rest_and_never_alone() {
-        let d = tempfile::tempdir().expect("tmp");
-        let s = Store::local(&d.path().join("out")).expect("local");
-        let group = |e: &str, n: u8| -> Vec<(String, Vec<u8>)> {
-            ["a.csv", "b.parquet", "manifest.json"]
-                .iter()
-                .map(|f| (format!("period=p/entity={e}/{f}"), vec![n; 100]))
-                .collect()
-        };
-        s.put_groups((0..20).map(|i| group(&format!("e{i}"), i)).collect())
-            .await
-            .expect("put_groups");
-        for i in 0..20u8 {
-            let dir = d.path().join(format!("out/period=p/entity=e{i}"));
-            let mut names: Vec<String> = std::fs::read_dir(&dir)
-                .expect("dir")
-                .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
-                .collect();
-            names.sort();
-            assert_eq!(names, ["a.csv", "b.parquet", "manifest.json"], "e{i}");
-            assert_eq!(
-                std::fs::read(dir.join("b.parquet")).expect("read"),
-                vec![i; 100]
-            );
-        }
-        // a group one of whose files cannot be written (a file where its directory
-        // should be): nothing of that group is put in place, no staging file is left,
-        // and the other groups are whole
-        std::fs::write(d.path().join("out/period=p/blocked"), b"").expect("block");
-        let mut bad = group("bad", 7);
-        bad.insert(1, ("period=p/blocked/x.csv".into(), vec![1]));
-        let e = s
-            .put_groups(vec![group("fine", 8), bad])
-            .await
-            .expect_err("a file is in the way");
-        assert!(format!("{e:#}").contains("blocked/x.csv"), "{e:#}");
-        let bad_dir = d.path().join("out/period=p/entity=bad");
-        let left: Vec<String> = std::fs::read_dir(&bad_dir)
-            .expect("dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
-            .collect();
-        assert!(left.is_empty(), "{left:?}");
-        assert_eq!(
-            s.get("period=p/entity=fine/manifest.json")
-                .await
-                .expect("get"),
-            Some(vec![8; 100])
-        );
-        // the same contract without a local directory
-        let m = Store::open("memory://", &BTreeMap::new()).expect("memory");
-        m.put_groups(vec![group("m", 3)]).await.expect("put_groups");
-        assert_eq!(
-            m.get("period=p/entity=m/manifest.json").await.expect("get"),
-            Some(vec![3; 100])
-        );
     }
 
     #[test]

@@ -19,8 +19,6 @@
 //! paced fleet against the moment each window could close.
 //! `bench-pipeline rater-memory [instances] [hours] [speed]`: the rater's peak RSS with
 //! the same open windows and 1× / 10× the events in them.
-//! `bench-pipeline writes [sets] [rounds]`: the settler's write of a batch of new
-//! versions, as it writes them against the way it wrote them before (no broker).
 
 /// The relays (the baselines) run in this process: they allocate as the enricher does
 /// (mimalloc, see its `main.rs`). The rater and settler run on glibc's malloc, so their
@@ -61,9 +59,6 @@ fn main() -> anyhow::Result<()> {
                 num(1, 8)?,
                 num(2, 720)? as u32,
             );
-        }
-        "writes" => {
-            return meterflow_tests::bench::writes(num(0, 60)? as usize, num(1, 30)? as usize);
         }
         "" | "stages" | "chain" | "enricher" | "probes" => {}
         other => anyhow::bail!("unknown mode {other}"),
