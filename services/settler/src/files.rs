@@ -279,13 +279,13 @@ struct Times {
 impl Times {
     fn window(&mut self, e: &RatedEvent) -> (&str, &str) {
         let window = (e.window_start, e.window_end);
-        if self.last.as_ref().is_none_or(|(w, _, _)| *w != window) {
-            self.last = Some((window, fmt_rfc3339(window.0), fmt_rfc3339(window.1)));
+        if self.last.as_ref().is_some_and(|last| last.0 != window) {
+            self.last = None;
         }
-        match &self.last {
-            Some((_, start, end)) => (start, end),
-            None => ("", ""), // (set just above)
-        }
+        let (_, start, end) = self
+            .last
+            .get_or_insert_with(|| (window, fmt_rfc3339(window.0), fmt_rfc3339(window.1)));
+        (start, end)
     }
 }
 
