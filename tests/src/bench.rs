@@ -8,6 +8,7 @@ use crate::expect::{FleetRun, DAY};
 use crate::pipeline::{block_on, Pipeline};
 use crate::Proc;
 use meterflow_kafka::{read_table, KafkaConfig, StageIo};
+use meterflow_types::window::Period;
 use meterflow_types::{Millis, NodeHeartbeat, RatedEvent};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -86,6 +87,17 @@ pub fn stage_alone(
     input: &str,
     done: impl Fn(&Pipeline) -> bool,
 ) -> anyhow::Result<StageRun> {
+    stage_alone_in(p, stage, &format!("meterflow-{stage}"), input, done)
+}
+
+/// As `stage_alone`, for a stage configured with consumer group `group`.
+pub fn stage_alone_in(
+    p: &mut Pipeline,
+    stage: &str,
+    group: &str,
+    input: &str,
+    done: impl Fn(&Pipeline) -> bool,
+) -> anyhow::Result<StageRun> {
     // the input is all on its topic: its end is read once, before the clock
     let ends: HashMap<i32, i64> = meterflow_kafka::high_watermarks(&p.kafka, input)?
         .into_iter()
@@ -99,7 +111,8 @@ pub fn stage_alone(
     while !stage_proc(p, stage).settled_in_group() {
         anyhow::ensure!(
             joined.elapsed() < Duration::from_secs(120),
-            "{stage}: no assignment"
+            "{stage}: no assignment; its log ends:\n{}",
+            stage_proc(p, stage).tail(30)
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -148,9 +161,8 @@ pub fn stage_alone(
     let broker_cpu = p.broker.proc.cpu_secs().unwrap_or(0.0) - broker0;
     let secs = (stop_ms - t0_ms) as f64 / 1000.0;
     // the stage's word checked against the broker's, outside the clock
-    let group = format!("meterflow-{stage}");
     let committed: BaseConsumer = meterflow_kafka::client_config(&p.kafka, "bench-committed")
-        .set("group.id", &group)
+        .set("group.id", group)
         .create()?;
     let mut tpl = TopicPartitionList::new();
     for part in ends.keys() {
@@ -318,13 +330,52 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
     })?;
     row(
         "settler",
-        format!("revenue events + markers → {expected_sets} file sets"),
+        format!("revenue events + markers → {expected_sets} daily file sets"),
         n,
         stage,
         relay,
     );
     // the bill must be exact, or the figures mean nothing
     crate::settled::Settled::read(&p.out).assert_matches(&p.run, DAY);
+    // The same revenue events settled by calendar month, the settler's default period
+    // (a file set holds an entity's month, not its day): a settler of its own group,
+    // directory and state topics, against a relay of the same input measured again.
+    anyhow::ensure!(
+        p.settler.terminate(Duration::from_secs(60)).is_some(),
+        "the daily settler did not stop"
+    );
+    p.settler.kill9(); // reaps the exited process: its next launch starts a new one
+    let month = Period::parse("month").map_err(anyhow::Error::msg)?;
+    let month_sets = p.run.totals_in(&month).len();
+    let out = p.path().join("settlements-month");
+    p.configure(
+        "settler",
+        &format!(
+            "group = \"meterflow-settler-month\"\nout_dir = \"{}\"\nperiod = \"month\"\n\
+             [kafka.topics]\nsettlements = \"bench.settlements-month\"\n\
+             settler_state = \"bench.settler-state-month\"\n",
+            out.display()
+        ),
+    );
+    let (n, relay) = relay_topic(&p, &t.rated, "rated-month")?;
+    let files = out.clone();
+    let stage = stage_alone_in(
+        &mut p,
+        "settler",
+        "meterflow-settler-month",
+        &t.rated,
+        move |_| {
+            meterflow_settler::files::all_manifests(&files).is_ok_and(|m| m.len() >= month_sets)
+        },
+    )?;
+    row(
+        "settler",
+        format!("revenue events + markers → {month_sets} monthly file sets"),
+        n,
+        stage,
+        relay,
+    );
+    crate::settled::Settled::read(&out).assert_matches_in(&p.run, &month);
     p.stop();
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! amount half-to-even to 9 places; the settler rounds each line half-to-even to cents.
 
 use meterflow_collector::fleet::FleetConfig;
+use meterflow_types::window::Period;
 use meterflow_types::Millis;
 use std::collections::BTreeMap;
 
@@ -104,6 +105,16 @@ impl FleetRun {
         }
         t
     }
+
+    /// (period start, entity) → total in cents, for any billing period the settler
+    /// takes (calendar months, weeks and days as well as fixed lengths).
+    pub fn totals_in(&self, period: &Period) -> BTreeMap<(Millis, String), i128> {
+        let mut t = BTreeMap::new();
+        for ((e, _, w), x) in self.lines() {
+            *t.entry((period.bounds(w).0, e)).or_default() += x.cents;
+        }
+        t
+    }
 }
 
 #[cfg(test)]
@@ -138,5 +149,38 @@ mod tests {
         assert_eq!(x.nano, v * 36_000_000);
         assert_eq!(x.cents, v * 36 / 10 + i128::from(v * 36 % 10 > 5));
         assert_eq!(l.len(), 3);
+    }
+
+    #[test]
+    fn calendar_month_totals_split_at_the_month_and_sum_the_daily_ones() {
+        // 2026-01-30T00:00Z, three days of hourly polls: January and February
+        let run = FleetRun {
+            fleet: FleetConfig {
+                instances: 4,
+                entities: 2,
+                seed: 5,
+                ..Default::default()
+            },
+            start: 1_769_731_200_000,
+            poll_ms: HOUR,
+            polls: 73,
+            reassign: Vec::new(),
+        };
+        let month = Period::parse("month").expect("month");
+        let feb = 1_769_904_000_000; // 2026-02-01T00:00Z
+        let months = run.totals_in(&month);
+        let days = run.totals(DAY);
+        assert_eq!(months.len(), 4, "two entities × January and February");
+        for ((start, e), cents) in &months {
+            let want: i128 = days
+                .iter()
+                .filter(|((d, de), _)| de == e && (*d >= feb) == (*start == feb))
+                .map(|(_, c)| c)
+                .sum();
+            assert!(*start == feb || *start == feb - 31 * DAY, "{start}");
+            assert_eq!(*cents, want, "{e} from {start}");
+        }
+        // a fixed length is the same as `totals`
+        assert_eq!(run.totals_in(&Period::parse("1d").expect("1d")), days);
     }
 }

@@ -256,6 +256,18 @@ impl Pipeline {
     /// `settler`) with `extra` as its configuration besides its member and Kafka
     /// settings: top-level keys first, then tables.
     pub fn launch_with(&mut self, stage: &str, extra: &str) {
+        self.configure(stage, extra);
+        match stage {
+            "enricher" => self.enricher.launch(),
+            "rater" => self.rater.launch(),
+            "settler" => self.settler.launch(),
+            other => panic!("no stage {other}"),
+        }
+    }
+
+    /// Replace a stage's configuration (as `launch_with`, without launching it): its next
+    /// launch reads it.
+    pub fn configure(&mut self, stage: &str, extra: &str) {
         let cfg = self.path().join(format!("{stage}.toml"));
         std::fs::write(
             &cfg,
@@ -265,12 +277,6 @@ impl Pipeline {
             ),
         )
         .expect("stage config");
-        match stage {
-            "enricher" => self.enricher.launch(),
-            "rater" => self.rater.launch(),
-            "settler" => self.settler.launch(),
-            other => panic!("no stage {other}"),
-        }
     }
 
     pub fn path(&self) -> PathBuf {

@@ -150,6 +150,30 @@ impl Settled {
     /// once, unrounded amount to 10⁻⁹ and rounded amount to the cent; no adjustments;
     /// and the per-period totals.
     pub fn assert_matches(&self, run: &crate::expect::FleetRun, period_ms: Millis) {
+        self.assert_lines_match(run);
+        assert_eq!(
+            self.totals_cents("USD"),
+            run.totals(period_ms),
+            "totals per period and entity"
+        );
+    }
+
+    /// As `assert_matches`, for any billing period (calendar months, for instance).
+    pub fn assert_matches_in(
+        &self,
+        run: &crate::expect::FleetRun,
+        period: &meterflow_types::window::Period,
+    ) {
+        self.assert_lines_match(run);
+        assert_eq!(
+            self.totals_cents("USD"),
+            run.totals_in(period),
+            "totals per period and entity"
+        );
+    }
+
+    /// Every line against the expectation (the per-period totals aside).
+    fn assert_lines_match(&self, run: &crate::expect::FleetRun) {
         self.assert_no_id_twice();
         let want = run.lines();
         let mut got = BTreeMap::new();
@@ -178,11 +202,6 @@ impl Settled {
                 "{k:?}: amount in cents"
             );
         }
-        assert_eq!(
-            self.totals_cents("USD"),
-            run.totals(period_ms),
-            "totals per period and entity"
-        );
     }
 }
 
