@@ -344,7 +344,6 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
         p.settler.terminate(Duration::from_secs(60)).is_some(),
         "the daily settler did not stop"
     );
-    p.settler.kill9(); // reaps the exited process: its next launch starts a new one
     let month = Period::parse("month").map_err(anyhow::Error::msg)?;
     let month_sets = p.run.totals_in(&month).len();
     let out = p.path().join("settlements-month");

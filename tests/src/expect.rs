@@ -98,20 +98,20 @@ impl FleetRun {
 
     /// (period start, entity) → total in cents, for fixed-length periods.
     pub fn totals(&self, period_ms: Millis) -> BTreeMap<(Millis, String), i128> {
-        let mut t = BTreeMap::new();
-        for ((e, _, w), x) in self.lines() {
-            *t.entry((w.div_euclid(period_ms) * period_ms, e))
-                .or_default() += x.cents;
-        }
-        t
+        self.totals_by(|w| w.div_euclid(period_ms) * period_ms)
     }
 
     /// (period start, entity) → total in cents, for any billing period the settler
     /// takes (calendar months, weeks and days as well as fixed lengths).
     pub fn totals_in(&self, period: &Period) -> BTreeMap<(Millis, String), i128> {
+        self.totals_by(|w| period.bounds(w).0)
+    }
+
+    /// (period start, entity) → total in cents, the period given by its start.
+    fn totals_by(&self, start_of: impl Fn(Millis) -> Millis) -> BTreeMap<(Millis, String), i128> {
         let mut t = BTreeMap::new();
         for ((e, _, w), x) in self.lines() {
-            *t.entry((period.bounds(w).0, e)).or_default() += x.cents;
+            *t.entry((start_of(w), e)).or_default() += x.cents;
         }
         t
     }

@@ -195,9 +195,10 @@ impl Proc {
         &self.log
     }
 
-    /// Start a prepared (or stopped) process.
+    /// Start a prepared process, or one that has exited (stopped or crashed) again; a
+    /// running one is left alone.
     pub fn launch(&mut self) {
-        if self.child.is_none() {
+        if self.child.is_none() || self.exited().is_some() {
             self.spawn();
         }
     }

@@ -150,12 +150,7 @@ impl Settled {
     /// once, unrounded amount to 10⁻⁹ and rounded amount to the cent; no adjustments;
     /// and the per-period totals.
     pub fn assert_matches(&self, run: &crate::expect::FleetRun, period_ms: Millis) {
-        self.assert_lines_match(run);
-        assert_eq!(
-            self.totals_cents("USD"),
-            run.totals(period_ms),
-            "totals per period and entity"
-        );
+        self.assert_matches_totals(run, run.totals(period_ms));
     }
 
     /// As `assert_matches`, for any billing period (calendar months, for instance).
@@ -164,16 +159,15 @@ impl Settled {
         run: &crate::expect::FleetRun,
         period: &meterflow_types::window::Period,
     ) {
-        self.assert_lines_match(run);
-        assert_eq!(
-            self.totals_cents("USD"),
-            run.totals_in(period),
-            "totals per period and entity"
-        );
+        self.assert_matches_totals(run, run.totals_in(period));
     }
 
-    /// Every line against the expectation (the per-period totals aside).
-    fn assert_lines_match(&self, run: &crate::expect::FleetRun) {
+    /// Every line against the expectation, and the per-period totals against `totals`.
+    fn assert_matches_totals(
+        &self,
+        run: &crate::expect::FleetRun,
+        totals: BTreeMap<(Millis, String), i128>,
+    ) {
         self.assert_no_id_twice();
         let want = run.lines();
         let mut got = BTreeMap::new();
@@ -202,6 +196,11 @@ impl Settled {
                 "{k:?}: amount in cents"
             );
         }
+        assert_eq!(
+            self.totals_cents("USD"),
+            totals,
+            "totals per period and entity"
+        );
     }
 }
 
