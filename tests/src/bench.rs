@@ -281,13 +281,14 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
     let expected_sets = run.totals(DAY).len();
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
-    println!("| stage | messages in | stage s | stage msg/s | relay s | relay msg/s | vs relay | stage CPU s | relay CPU s | broker CPU s (stage / relay) | peak RSS MiB | start-up s (CPU s) |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| stage | messages in | stage s | stage msg/s | relay s | relay msg/s | vs relay | stage CPU s | relay CPU s | broker CPU s (stage / relay) | peak RSS MiB | start-up s (CPU s) | relay of a copy s (broker CPU s), stage vs it |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let row = |stage: &str,
                what: String,
                n: usize,
                st: StageRun,
-               (relay, relay_cpu, relay_broker): RelayRun| {
+               (relay, relay_cpu, relay_broker): RelayRun,
+               (copy, _, copy_broker): RelayRun| {
         let StageRun {
             secs,
             cpu,
@@ -298,12 +299,16 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
         } = st;
         let (s, r) = (n as f64 / secs, n as f64 / relay);
         println!(
-            "| {stage} ({what}) | {n} | {secs:.2} | {s:.0} | {relay:.2} | {r:.0} | {:.2} | {cpu:.2} | {relay_cpu:.2} | {broker_cpu:.2} / {relay_broker:.2} | {:.0} | {startup_secs:.2} ({startup_cpu:.2}) |",
+            "| {stage} ({what}) | {n} | {secs:.2} | {s:.0} | {relay:.2} | {r:.0} | {:.2} | {cpu:.2} | {relay_cpu:.2} | {broker_cpu:.2} / {relay_broker:.2} | {:.0} | {startup_secs:.2} ({startup_cpu:.2}) | {copy:.2} ({copy_broker:.2}), {:.2} |",
             s / r,
-            rss_kib as f64 / 1024.0
+            rss_kib as f64 / 1024.0,
+            copy / secs
         );
     };
-    let (n, relay) = relay_topic(&p, &t.samples, "samples")?;
+    // each stage against a relay of its input as it lies on the topic (`relay_here`),
+    // and, for comparison with earlier sessions, of a copy of it written in large batches
+    let (_, copy) = relay_topic(&p, &t.samples, "samples")?;
+    let (n, relay) = relay_here(&p, &t.samples, "samples-here")?;
     let stage = stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
     let usage = p.messages(&t.usage);
     row(
@@ -312,8 +317,10 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
         n,
         stage,
         relay,
+        copy,
     );
-    let (n, relay) = relay_topic(&p, &t.usage, "usage")?;
+    let (_, copy) = relay_topic(&p, &t.usage, "usage")?;
+    let (n, relay) = relay_here(&p, &t.usage, "usage-here")?;
     let stage = stage_alone(&mut p, "rater", &t.usage, |_| true)?;
     let rated = p.messages(&t.rated);
     row(
@@ -322,8 +329,10 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
         n,
         stage,
         relay,
+        copy,
     );
-    let (n, relay) = relay_topic(&p, &t.rated, "rated")?;
+    let (_, copy) = relay_topic(&p, &t.rated, "rated")?;
+    let (n, relay) = relay_here(&p, &t.rated, "rated-here")?;
     let out = p.out.clone();
     let stage = stage_alone(&mut p, "settler", &t.rated, move |_| {
         meterflow_settler::files::all_manifests(&out).is_ok_and(|m| m.len() >= expected_sets)
@@ -334,6 +343,7 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
         n,
         stage,
         relay,
+        copy,
     );
     // the bill must be exact, or the figures mean nothing
     crate::settled::Settled::read(&p.out).assert_matches(&p.run, DAY);
@@ -356,7 +366,8 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
             out.display()
         ),
     );
-    let (n, relay) = relay_topic(&p, &t.rated, "rated-month")?;
+    let (_, copy) = relay_topic(&p, &t.rated, "rated-month")?;
+    let (n, relay) = relay_here(&p, &t.rated, "rated-month-here")?;
     let files = out.clone();
     let stage = stage_alone_in(
         &mut p,
@@ -373,6 +384,7 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
         n,
         stage,
         relay,
+        copy,
     );
     crate::settled::Settled::read(&out).assert_matches_in(&p.run, &month);
     p.stop();
@@ -382,12 +394,12 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
 /// The three stages together on samples that are all on the topic (the collector ran
 /// first): the clock runs from when every stage has its partitions until every stage
 /// has committed everything and every file set exists. Baseline: the relay of the same
-/// samples, also from a full topic.
+/// samples topic, as it lies there.
 pub fn chain(run: FleetRun) -> anyhow::Result<()> {
     let expected_sets = run.totals(DAY).len();
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
-    let (n, (relay, _, _)) = relay_topic(&p, &t.samples, "samples")?;
+    let (n, (relay, _, _)) = relay_here(&p, &t.samples, "samples-here")?;
     p.enricher.launch();
     p.rater.launch();
     p.settler.launch();
@@ -406,7 +418,9 @@ pub fn chain(run: FleetRun) -> anyhow::Result<()> {
     let (s, r) = (n as f64 / secs, n as f64 / relay);
     println!("| run | messages in | seconds | messages/s | vs relay |");
     println!("|---|---:|---:|---:|---:|");
-    println!("| bare relay, input on the topic beforehand | {n} | {relay:.2} | {r:.0} | 1.00 |");
+    println!(
+        "| bare relay of the samples topic as it lies there | {n} | {relay:.2} | {r:.0} | 1.00 |"
+    );
     println!(
         "| enricher + rater + settler together (→ {usage} usage, {rated} rated msgs, {expected_sets} file sets) | {n} | {secs:.2} | {s:.0} | {:.2} |",
         s / r
@@ -423,6 +437,25 @@ pub fn relay_topic(p: &Pipeline, topic: &str, name: &str) -> anyhow::Result<(usi
     let msgs = topic_messages(&p.kafka, topic)?;
     let n = msgs.len();
     let run = block_on(relay(&p.kafka, msgs, true, name, p.broker.proc.pid()))?;
+    relayed_all(p, name, n)?;
+    Ok((n, run))
+}
+
+/// The messages of `topic` relayed as they lie there — the same record batches the stage
+/// reads — through the same broker by the stages' own Kafka I/O: (count, run). The
+/// baseline of every stage figure. Relaying a copy (`relay_topic`) is faster: the copy is
+/// written in large batches, where the collector's samples and each stage's output lie
+/// in the batches their producers sent, and the broker spends up to 2.5× the CPU serving
+/// the small ones (BENCHMARKS.md, session 34).
+pub fn relay_here(p: &Pipeline, topic: &str, name: &str) -> anyhow::Result<(usize, RelayRun)> {
+    let n = usize::try_from(p.messages(topic))?;
+    let run = block_on(relay_in_place(
+        &p.kafka,
+        topic,
+        n,
+        name,
+        p.broker.proc.pid(),
+    ))?;
     relayed_all(p, name, n)?;
     Ok((n, run))
 }
@@ -457,20 +490,8 @@ pub async fn relay(
     name: &str,
     broker_pid: Option<u32>,
 ) -> anyhow::Result<RelayRun> {
-    let broker_cpu = || {
-        broker_pid
-            .and_then(|pid| crate::cpu_secs_of(&format!("/proc/{pid}/stat")))
-            .unwrap_or(0.0)
-    };
     let src = format!("bench.relay-{name}-in");
-    let dst = format!("bench.relay-{name}-out");
-    let admin: AdminClient<DefaultClientContext> =
-        meterflow_kafka::client_config(kafka, "bench-admin").create()?;
-    let topics = [
-        NewTopic::new(&src, kafka.partitions, TopicReplication::Fixed(1)),
-        NewTopic::new(&dst, kafka.partitions, TopicReplication::Fixed(1)),
-    ];
-    admin.create_topics(&topics, &AdminOptions::new()).await?;
+    create_topics(kafka, &[&src, &format!("bench.relay-{name}-out")]).await?;
     let n = msgs.len();
     // the stages' outbox, which waits out a full producer queue (millions of records);
     // every message here has a key (every meterflow producer sets one)
@@ -485,14 +506,59 @@ pub async fn relay(
     };
     // prefilled: the input is on the topic before the relay subscribes, as it was for the
     // stage; otherwise it is produced from when the relay has joined
-    let mut feed = if prefill {
+    if prefill {
         feed.await?;
-        None
+        relay_loop(kafka, &src, n, name, broker_pid, None).await
     } else {
-        Some(feed)
+        relay_loop(kafka, &src, n, name, broker_pid, Some(Box::pin(feed))).await
+    }
+}
+
+/// The `n` messages of `src`, a topic already written, relayed as they lie there (the
+/// same record batches the stage reads) to `bench.relay-{name}-out`.
+pub async fn relay_in_place(
+    kafka: &KafkaConfig,
+    src: &str,
+    n: usize,
+    name: &str,
+    broker_pid: Option<u32>,
+) -> anyhow::Result<RelayRun> {
+    create_topics(kafka, &[&format!("bench.relay-{name}-out")]).await?;
+    relay_loop(kafka, src, n, name, broker_pid, None).await
+}
+
+async fn create_topics(kafka: &KafkaConfig, names: &[&str]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        meterflow_kafka::client_config(kafka, "bench-admin").create()?;
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|t| NewTopic::new(t, kafka.partitions, TopicReplication::Fixed(1)))
+        .collect();
+    admin.create_topics(&topics, &AdminOptions::new()).await?;
+    Ok(())
+}
+
+type Feed = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
+/// The relay itself: `n` messages of `src` to `bench.relay-{name}-out` by `StageIo`
+/// (batch, produce, commit after ack), its clock from its partition assignment; `feed`,
+/// if any, writes `src` meanwhile.
+async fn relay_loop(
+    kafka: &KafkaConfig,
+    src: &str,
+    n: usize,
+    name: &str,
+    broker_pid: Option<u32>,
+    feed: Option<Feed>,
+) -> anyhow::Result<RelayRun> {
+    let broker_cpu = || {
+        broker_pid
+            .and_then(|pid| crate::cpu_secs_of(&format!("/proc/{pid}/stat")))
+            .unwrap_or(0.0)
     };
+    let dst = format!("bench.relay-{name}-out");
     let group = format!("bench-relay-{name}");
-    let mut io = StageIo::new(kafka, "relay", &group, &[&src], "relay-1")?;
+    let mut io = StageIo::new(kafka, "relay", &group, &[src], "relay-1")?;
     let stop = CancellationToken::new();
     // the clock starts when every partition is assigned, as it did for the stage
     let join = Instant::now();
@@ -515,7 +581,7 @@ pub async fn relay(
     let t0 = Instant::now();
     let cpu0 = crate::cpu_secs_of("/proc/self/stat").unwrap_or(0.0);
     let broker0 = broker_cpu();
-    let feed = feed.take().map(tokio::spawn);
+    let feed = feed.map(tokio::spawn);
     let mut done = 0usize;
     while done < n {
         let mut b = io
@@ -536,7 +602,7 @@ pub async fn relay(
         done += b.messages.len();
         let o: Vec<(String, i32, i64)> = offsets
             .into_iter()
-            .map(|(p, o)| (src.clone(), p, o))
+            .map(|(p, o)| (src.to_string(), p, o))
             .collect();
         io.commit(&o).await?;
         anyhow::ensure!(t0.elapsed() < LIMIT, "relay stalled at {done}/{n}");
