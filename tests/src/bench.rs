@@ -391,6 +391,72 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two (or more) builds of the settler alternated on the same revenue events, by calendar
+/// month (its default period): the enricher and rater run once, then each round runs every
+/// build in turn, each as its own group with its own directory and state topics, against
+/// a relay of its input measured just before it. Each bill is checked. On a machine
+/// whose speed drifts within the hour, alternation in one run is how two builds compare.
+pub fn settler_ab(
+    run: FleetRun,
+    builds: &[std::path::PathBuf],
+    rounds: usize,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(!builds.is_empty(), "no settler builds to compare");
+    let mut p = prefilled(run)?;
+    let t = p.kafka.topics.clone();
+    stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
+    p.enricher.terminate(Duration::from_secs(30));
+    stage_alone(&mut p, "rater", &t.usage, |_| true)?;
+    p.rater.terminate(Duration::from_secs(30));
+    let month = Period::parse("month").map_err(anyhow::Error::msg)?;
+    let month_sets = p.run.totals_in(&month).len();
+    println!("| run | build | revenue events | settler s | relay s | vs relay | settler CPU s | broker CPU s (settler / relay) |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
+    for i in 0..rounds * builds.len() {
+        let b = i % builds.len();
+        let name = format!("ab{i}");
+        let group = format!("meterflow-settler-{name}");
+        let out = p.path().join(format!("settlements-{name}"));
+        p.settler.set_program(&builds[b]);
+        p.configure(
+            "settler",
+            &format!(
+                "group = \"{group}\"\nout_dir = \"{}\"\nperiod = \"month\"\n\
+                 [kafka.topics]\nsettlements = \"bench.settlements-{name}\"\n\
+                 settler_state = \"bench.settler-state-{name}\"\n",
+                out.display()
+            ),
+        );
+        let (n, (relay, _, relay_broker)) = relay_here(&p, &t.rated, &format!("rated-{name}"))?;
+        let files = out.clone();
+        let st = stage_alone_in(&mut p, "settler", &group, &t.rated, move |_| {
+            meterflow_settler::files::all_manifests(&files).is_ok_and(|m| m.len() >= month_sets)
+        })?;
+        anyhow::ensure!(
+            p.settler.terminate(Duration::from_secs(60)).is_some(),
+            "settler run {i} did not stop"
+        );
+        crate::settled::Settled::read(&out).assert_matches_in(&p.run, &month);
+        let ratio = relay / st.secs;
+        ratios[b].push(ratio);
+        println!(
+            "| {} | {} | {n} | {:.3} | {relay:.3} | {ratio:.2} | {:.3} | {:.3} / {relay_broker:.3} |",
+            i + 1,
+            builds[b].display(),
+            st.secs,
+            st.cpu,
+            st.broker_cpu
+        );
+    }
+    p.stop();
+    for (b, mut r) in builds.iter().zip(ratios) {
+        r.sort_by(f64::total_cmp);
+        println!("\nmedian vs relay, {}: {:.2}", b.display(), r[r.len() / 2]);
+    }
+    Ok(())
+}
+
 /// The three stages together on samples that are all on the topic (the collector ran
 /// first): the clock runs from when every stage has its partitions until every stage
 /// has committed everything and every file set exists. Baseline: the relay of the same

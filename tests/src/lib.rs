@@ -184,6 +184,11 @@ impl Proc {
         }
     }
 
+    /// Run `program` from the next start on (a benchmark comparing two builds).
+    pub fn set_program(&mut self, program: &Path) {
+        self.program = program.to_path_buf();
+    }
+
     /// Set (or replace) an environment variable for the next start.
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.envs.retain(|(k, _)| k != key);

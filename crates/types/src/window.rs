@@ -138,6 +138,14 @@ impl Period {
         (s, e)
     }
 
+    /// `bounds`, remembering the last period found (see `Bounds`).
+    pub fn memo(&self) -> Bounds<'_> {
+        Bounds {
+            period: self,
+            last: std::cell::Cell::new(None),
+        }
+    }
+
     /// Directory-safe label of the period starting at `start`: `2026-11` for months (in
     /// the period's zone), `20261122T0000Z` for other periods in UTC, and the local start
     /// with its offset (`20261122T0000+0100`) in other zones.
@@ -174,6 +182,31 @@ pub fn humantime_ms(s: &str) -> Result<Millis, String> {
     n.checked_mul(mult)
         .filter(|v| *v > 0)
         .ok_or_else(|| format!("duration out of range: {s:?}"))
+}
+
+/// A period's `bounds`, remembering the last period found: a stage asks for the period of
+/// each of its events, consecutive events nearly always fall in the same one, and a
+/// calendar period costs a time-zone conversion and date arithmetic each time (~2.6 % of
+/// the monthly settler's CPU, BENCHMARKS.md session 34). A period is remembered only if
+/// its own first and last instants map back to it, so the answer is always `bounds`'s.
+pub struct Bounds<'a> {
+    period: &'a Period,
+    last: std::cell::Cell<Option<(Millis, Millis)>>,
+}
+
+impl Bounds<'_> {
+    /// `[start, end)` of the period containing `t`: `Period::bounds(t)`.
+    pub fn of(&self, t: Millis) -> (Millis, Millis) {
+        if let Some((s, e)) = self.last.get() {
+            if s <= t && t < e {
+                return (s, e);
+            }
+        }
+        let b = self.period.bounds(t);
+        let regular = b.0 < b.1 && self.period.bounds(b.0) == b && self.period.bounds(b.1 - 1) == b;
+        self.last.set(regular.then_some(b));
+        b
+    }
 }
 
 #[cfg(test)]
@@ -249,6 +282,32 @@ mod tests {
             assert!(s <= t("2024-12-31T23:59:59Z") && e > s);
         }
         assert_eq!(Period::parse("month").expect("m"), Period::MONTH);
+    }
+
+    #[test]
+    fn remembered_bounds_are_the_bounds_of_every_instant() {
+        let t0 = crate::time::parse_rfc3339("2025-12-20T00:00:00Z").expect("time");
+        for spec in [
+            "month",
+            "week",
+            "day",
+            "1h",
+            "month@Europe/Berlin",
+            "day@America/Sao_Paulo",
+            "day@Pacific/Apia",
+        ] {
+            let p = Period::parse(spec).expect("period");
+            let memo = p.memo();
+            // forward through a year in uneven steps (crossing DST changes and months),
+            // then jumping back and forth
+            let mut t = t0;
+            for i in 0..4_000i64 {
+                t += 7_919_000 + (i % 13) * 60_000;
+                assert_eq!(memo.of(t), p.bounds(t), "{spec} at {t}");
+                let back = t - (i % 7) * 86_400_000;
+                assert_eq!(memo.of(back), p.bounds(back), "{spec} at {back}");
+            }
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use meterflow_runtime::{Ctx, HasHttp, HttpConfig};
 use meterflow_types::watermark::SourceTimes;
 use meterflow_types::window::Period;
 use meterflow_types::Settlement;
+use meterflow_types::{FastMap, FastSet};
 use meterflow_types::{Millis, RatedEvent};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -102,7 +103,7 @@ type Closing = (i32, Key, Option<String>, Vec<(i32, i64, RatedEvent)>);
 #[derive(Default)]
 struct Open {
     events: Vec<(i32, i64, RatedEvent)>,
-    ids: HashSet<String>,
+    ids: FastSet<String>,
 }
 
 /// What the settlement store holds of one (period, entity): how many versions, and the
@@ -110,7 +111,7 @@ struct Open {
 #[derive(Default)]
 struct Written {
     versions: u32,
-    ids: HashSet<String>,
+    ids: FastSet<String>,
 }
 
 /// The (period start, entity) pairs with a version in the store, from its manifests.
@@ -302,6 +303,7 @@ fn spawn_master(
 
 pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let period = Period::parse(&cfg.period).map_err(anyhow::Error::msg)?;
+    let bounds = period.memo();
     if !meterflow_kafka::await_brokers(&cfg.kafka, &ctx.shutdown).await? {
         return Ok(()); // stopped before the broker answered
     }
@@ -394,7 +396,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let mut open: HashMap<i32, BTreeMap<Key, Open>> = HashMap::new();
     // what the store holds per (period start, entity), loaded on demand and kept for the
     // current and previous period
-    let mut written: HashMap<Key, Written> = HashMap::new();
+    let mut written: FastMap<Key, Written> = FastMap::default();
     while !ctx.shutdown.is_cancelled() {
         // where a batch's time goes (logged at debug for a batch that wrote versions)
         let began = std::time::Instant::now();
@@ -436,7 +438,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         let mut unread: Vec<Key> = Vec::new();
         for d in &decoded {
             if let Ok(RatedMsg::Rated(e)) = d {
-                let key = (period.bounds(e.window_start).0, e.entity_id.clone());
+                let key = (bounds.of(e.window_start).0, e.entity_id.clone());
                 if written.contains_key(&key) || unread.contains(&key) {
                     continue;
                 }
@@ -478,9 +480,13 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                     let trace = probes.begin("settler.settle", msg);
                     let audited = meterflow_kafka::audit::of_rated(&e);
                     io.audit(&topics.rated, "in", audited);
-                    let (ps, pe) = period.bounds(e.window_start);
+                    let (ps, pe) = bounds.of(e.window_start);
                     let key = (ps, e.entity_id.clone());
-                    let done = &mut written.entry(key.clone()).or_default().ids;
+                    // the scan above put every key of the batch there
+                    let done = &mut written
+                        .get_mut(&key)
+                        .ok_or_else(|| anyhow::anyhow!("period {ps} of {} not looked up", key.1))?
+                        .ids;
                     let closed_before = !done.is_empty()
                         || st
                             .sources

@@ -16,6 +16,9 @@
 //! `bench-pipeline chain [instances] [polls]`: the three stages together on samples that
 //! are all on the topic, vs a relay of that topic.
 //! `bench-pipeline enricher [instances] [polls]`: the enricher alone.
+//! `bench-pipeline settler-ab [instances] [polls] [rounds]`: the settler by calendar month,
+//! the builds listed in `METERFLOW_BENCH_AB` (`/path/a:/path/b`) alternated on the same
+//! revenue events, each against its own relay.
 //! `bench-pipeline probes [instances] [polls]`: the enricher with its probe off and on.
 //! `bench-pipeline latency [instances] [polls] [poll_s] [speed]`: end-to-end latency of a
 //! paced fleet against the moment each window could close.
@@ -62,7 +65,7 @@ fn main() -> anyhow::Result<()> {
                 num(2, 720)? as u32,
             );
         }
-        "" | "stages" | "chain" | "enricher" | "probes" => {}
+        "" | "stages" | "chain" | "enricher" | "probes" | "settler-ab" => {}
         other => anyhow::bail!("unknown mode {other}"),
     }
     let instances = num(0, 200)? as u32;
@@ -73,6 +76,14 @@ fn main() -> anyhow::Result<()> {
     eprintln!("pipeline: {samples} samples ({instances} instances × {polls} polls)");
     match mode.as_str() {
         "stages" => return meterflow_tests::bench::stages(run),
+        "settler-ab" => {
+            // the builds to alternate: `METERFLOW_BENCH_AB=/path/a:/path/b`, else this build
+            let builds: Vec<std::path::PathBuf> = match std::env::var("METERFLOW_BENCH_AB") {
+                Ok(v) => std::env::split_paths(&v).collect(),
+                Err(_) => vec![meterflow_tests::bin("meterflow-settler")],
+            };
+            return meterflow_tests::bench::settler_ab(run, &builds, num(2, 3)? as usize);
+        }
         "chain" => return meterflow_tests::bench::chain(run),
         "enricher" => return enricher(run, samples),
         "probes" => return probes(run),
