@@ -511,7 +511,7 @@ pub fn relay_topic(p: &Pipeline, topic: &str, name: &str) -> anyhow::Result<(usi
 /// reads — through the same broker by the stages' own Kafka I/O: (count, run). The
 /// baseline of every stage figure. Relaying a copy (`relay_topic`) is faster: the copy is
 /// written in large batches, where the collector's samples and each stage's output lie
-/// in the batches their producers sent, and the broker spends up to 2.5× the CPU serving
+/// in the batches their producers sent, and the broker spends 2.4–4× the CPU serving
 /// the small ones (BENCHMARKS.md, session 34).
 pub fn relay_here(p: &Pipeline, topic: &str, name: &str) -> anyhow::Result<(usize, RelayRun)> {
     let n = usize::try_from(p.messages(topic))?;
