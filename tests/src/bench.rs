@@ -354,30 +354,11 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
         p.settler.terminate(Duration::from_secs(60)).is_some(),
         "the daily settler did not stop"
     );
-    let month = Period::parse("month").map_err(anyhow::Error::msg)?;
-    let month_sets = p.run.totals_in(&month).len();
-    let out = p.path().join("settlements-month");
-    p.configure(
-        "settler",
-        &format!(
-            "group = \"meterflow-settler-month\"\nout_dir = \"{}\"\nperiod = \"month\"\n\
-             [kafka.topics]\nsettlements = \"bench.settlements-month\"\n\
-             settler_state = \"bench.settler-state-month\"\n",
-            out.display()
-        ),
-    );
-    let (_, copy) = relay_topic(&p, &t.rated, "rated-month")?;
-    let (n, relay) = relay_here(&p, &t.rated, "rated-month-here")?;
-    let files = out.clone();
-    let stage = stage_alone_in(
-        &mut p,
-        "settler",
-        "meterflow-settler-month",
-        &t.rated,
-        move |_| {
-            meterflow_settler::files::all_manifests(&files).is_ok_and(|m| m.len() >= month_sets)
-        },
-    )?;
+    let ((n, relay, copy), stage, month_sets) = settler_by_month(&mut p, "month", |p| {
+        let (_, copy) = relay_topic(p, &t.rated, "rated-month")?;
+        let (n, relay) = relay_here(p, &t.rated, "rated-month-here")?;
+        Ok((n, relay, copy))
+    })?;
     row(
         "settler",
         format!("revenue events + markers → {month_sets} monthly file sets"),
@@ -386,9 +367,40 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
         relay,
         copy,
     );
-    crate::settled::Settled::read(&out).assert_matches_in(&p.run, &month);
     p.stop();
     Ok(())
+}
+
+/// The settler by calendar month, its default period, on the rated topic, as a group of
+/// its own (`meterflow-settler-{name}`, directory `settlements-{name}`, its own
+/// settlements and state topics), after `before` (its baselines) has run: what `before`
+/// returned, the stage's run, and its number of file sets, the bill checked to the cent.
+fn settler_by_month<R>(
+    p: &mut Pipeline,
+    name: &str,
+    before: impl FnOnce(&Pipeline) -> anyhow::Result<R>,
+) -> anyhow::Result<(R, StageRun, usize)> {
+    let month = Period::parse("month").map_err(anyhow::Error::msg)?;
+    let month_sets = p.run.totals_in(&month).len();
+    let group = format!("meterflow-settler-{name}");
+    let out = p.path().join(format!("settlements-{name}"));
+    p.configure(
+        "settler",
+        &format!(
+            "group = \"{group}\"\nout_dir = \"{}\"\nperiod = \"month\"\n\
+             [kafka.topics]\nsettlements = \"bench.settlements-{name}\"\n\
+             settler_state = \"bench.settler-state-{name}\"\n",
+            out.display()
+        ),
+    );
+    let baseline = before(p)?;
+    let rated = p.kafka.topics.rated.clone();
+    let files = out.clone();
+    let stage = stage_alone_in(p, "settler", &group, &rated, move |_| {
+        meterflow_settler::files::all_manifests(&files).is_ok_and(|m| m.len() >= month_sets)
+    })?;
+    crate::settled::Settled::read(&out).assert_matches_in(&p.run, &month);
+    Ok((baseline, stage, month_sets))
 }
 
 /// Two (or more) builds of the settler alternated on the same revenue events, by calendar
@@ -401,43 +413,30 @@ pub fn settler_ab(
     builds: &[std::path::PathBuf],
     rounds: usize,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(!builds.is_empty(), "no settler builds to compare");
+    anyhow::ensure!(
+        !builds.is_empty() && rounds > 0,
+        "no settler builds or rounds to compare"
+    );
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
     stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
     p.enricher.terminate(Duration::from_secs(30));
     stage_alone(&mut p, "rater", &t.usage, |_| true)?;
     p.rater.terminate(Duration::from_secs(30));
-    let month = Period::parse("month").map_err(anyhow::Error::msg)?;
-    let month_sets = p.run.totals_in(&month).len();
     println!("| run | build | revenue events | settler s | relay s | vs relay | settler CPU s | broker CPU s (settler / relay) |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
     for i in 0..rounds * builds.len() {
         let b = i % builds.len();
         let name = format!("ab{i}");
-        let group = format!("meterflow-settler-{name}");
-        let out = p.path().join(format!("settlements-{name}"));
         p.settler.set_program(&builds[b]);
-        p.configure(
-            "settler",
-            &format!(
-                "group = \"{group}\"\nout_dir = \"{}\"\nperiod = \"month\"\n\
-                 [kafka.topics]\nsettlements = \"bench.settlements-{name}\"\n\
-                 settler_state = \"bench.settler-state-{name}\"\n",
-                out.display()
-            ),
-        );
-        let (n, (relay, _, relay_broker)) = relay_here(&p, &t.rated, &format!("rated-{name}"))?;
-        let files = out.clone();
-        let st = stage_alone_in(&mut p, "settler", &group, &t.rated, move |_| {
-            meterflow_settler::files::all_manifests(&files).is_ok_and(|m| m.len() >= month_sets)
+        let ((n, (relay, _, relay_broker)), st, _) = settler_by_month(&mut p, &name, |p| {
+            relay_here(p, &t.rated, &format!("rated-{name}"))
         })?;
         anyhow::ensure!(
             p.settler.terminate(Duration::from_secs(60)).is_some(),
             "settler run {i} did not stop"
         );
-        crate::settled::Settled::read(&out).assert_matches_in(&p.run, &month);
         let ratio = relay / st.secs;
         ratios[b].push(ratio);
         println!(
