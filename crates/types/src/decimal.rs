@@ -74,6 +74,18 @@ impl Dec {
         if places >= SCALE {
             return self;
         }
+        // in 64 bits when it fits (every line's amount: a 128-bit division is a call)
+        if let Ok(v) = i64::try_from(self.0) {
+            let unit = 10i64.pow(SCALE - places);
+            let (q, r) = (v.div_euclid(unit), v.rem_euclid(unit));
+            let twice = r * 2;
+            let q = if twice > unit || (twice == unit && q % 2 != 0) {
+                q + 1
+            } else {
+                q
+            };
+            return Dec(q as i128 * unit as i128);
+        }
         let unit = 10i128.pow(SCALE - places);
         let q = self.0.div_euclid(unit);
         let r = self.0.rem_euclid(unit);
@@ -153,21 +165,18 @@ impl fmt::Display for Dec {
     /// Plain decimal with trailing zeros trimmed, at least one digit after the point
     /// only when there is a fraction: `12`, `-0.5`, `0.000000001`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let neg = self.0 < 0;
-        let abs = self.0.unsigned_abs();
-        let int = abs / ONE as u128;
-        let frac = abs % ONE as u128;
-        let sign = if neg { "-" } else { "" };
-        if frac == 0 {
-            return write!(f, "{sign}{int}");
-        }
-        // the fraction's digits without its trailing zeros (no allocation)
+        let (int, frac) = split(self.0.unsigned_abs());
+        // the fraction's digits without its trailing zeros
         let (mut digits, mut width) = (frac, 9usize);
-        while digits % 10 == 0 {
-            digits /= 10;
-            width -= 1;
+        if frac == 0 {
+            width = 0;
+        } else {
+            while digits % 10 == 0 {
+                digits /= 10;
+                width -= 1;
+            }
         }
-        write!(f, "{sign}{int}.{digits:0width$}")
+        put(f, self.0 < 0, int, digits, width)
     }
 }
 
@@ -179,17 +188,66 @@ impl fmt::Display for Fixed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let places = self.1;
         let r = self.0.round_half_even(places);
-        let abs = r.0.unsigned_abs();
-        let int = abs / ONE as u128;
-        let sign = if r.0 < 0 { "-" } else { "" };
-        if places == 0 {
-            return write!(f, "{sign}{int}");
-        }
+        let (int, frac) = split(r.0.unsigned_abs());
         // rounded to `places`, the fraction's remaining digits are zeros
-        let digits = (abs % ONE as u128) / 10u128.pow(9 - places);
-        let width = places as usize;
-        write!(f, "{sign}{int}.{digits:0width$}")
+        let digits = frac / 10u64.pow(9 - places);
+        put(f, r.0 < 0, int, digits, places as usize)
     }
+}
+
+/// An absolute value's integer part and its fraction's nine digits — in 64-bit
+/// arithmetic when it fits (every amount a bill holds; a 128-bit division is a call).
+fn split(abs: u128) -> (u128, u64) {
+    match u64::try_from(abs) {
+        Ok(a) => ((a / ONE as u64) as u128, a % ONE as u64),
+        Err(_) => (abs / ONE as u128, (abs % ONE as u128) as u64),
+    }
+}
+
+/// Write `[-]int[.frac]` in one piece, the fraction zero-padded to `width` digits (no
+/// point when `width` is 0). Settlement lines print three decimals each: this is most
+/// of their encoding, so no formatting machinery per digit group.
+fn put(f: &mut fmt::Formatter<'_>, neg: bool, int: u128, frac: u64, width: usize) -> fmt::Result {
+    // 39 integer digits at most, a sign, a point and nine fraction digits
+    let mut buf = [0u8; 52];
+    let mut i = buf.len();
+    if width > 0 {
+        let mut d = frac;
+        for _ in 0..width {
+            i -= 1;
+            buf[i] = b'0' + (d % 10) as u8;
+            d /= 10;
+        }
+        i -= 1;
+        buf[i] = b'.';
+    }
+    match u64::try_from(int) {
+        Ok(mut n) => loop {
+            i -= 1;
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        },
+        Err(_) => {
+            let mut n = int;
+            loop {
+                i -= 1;
+                buf[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    if neg {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    // ASCII digits, a sign and a point
+    f.write_str(std::str::from_utf8(&buf[i..]).map_err(|_| fmt::Error)?)
 }
 
 impl Dec {
@@ -295,6 +353,104 @@ mod tests {
         assert!(matches!("1e5".parse::<Dec>(), Err(DecError::Parse(_))));
         assert!(matches!("".parse::<Dec>(), Err(DecError::Parse(_))));
         assert!(matches!("NaN".parse::<Dec>(), Err(DecError::Parse(_))));
+    }
+
+    /// The printing of earlier builds (through `write!`), which settlement files hold.
+    fn printed_before(v: Dec, places: Option<u32>) -> String {
+        let one = ONE as u128;
+        match places {
+            None => {
+                let abs = v.0.unsigned_abs();
+                let (int, frac) = (abs / one, abs % one);
+                let sign = if v.0 < 0 { "-" } else { "" };
+                if frac == 0 {
+                    return format!("{sign}{int}");
+                }
+                let (mut digits, mut width) = (frac, 9usize);
+                while digits % 10 == 0 {
+                    digits /= 10;
+                    width -= 1;
+                }
+                format!("{sign}{int}.{digits:0width$}")
+            }
+            Some(places) => {
+                // rounded half to even in 128 bits, as before
+                let r = if places >= SCALE {
+                    v
+                } else {
+                    let unit = 10i128.pow(SCALE - places);
+                    let (q, rem) = (v.0.div_euclid(unit), v.0.rem_euclid(unit));
+                    let q = if rem * 2 > unit || (rem * 2 == unit && q % 2 != 0) {
+                        q + 1
+                    } else {
+                        q
+                    };
+                    Dec(q * unit)
+                };
+                let abs = r.0.unsigned_abs();
+                let sign = if r.0 < 0 { "-" } else { "" };
+                if places == 0 {
+                    return format!("{sign}{}", abs / one);
+                }
+                let digits = (abs % one) / 10u128.pow(9 - places);
+                format!(
+                    "{sign}{}.{digits:0width$}",
+                    abs / one,
+                    width = places as usize
+                )
+            }
+        }
+    }
+
+    #[test]
+    fn prints_what_earlier_builds_printed() {
+        let mut edges = vec![
+            0,
+            1,
+            -1,
+            9,
+            10,
+            ONE - 1,
+            ONE,
+            ONE + 1,
+            5,
+            15,
+            25,
+            500_000_000,
+        ];
+        for b in [
+            u64::MAX as i128,
+            (u64::MAX as i128) + 1,
+            MAX_ABS,
+            i64::MAX as i128,
+        ] {
+            edges.extend([b - 1, b, b + 1]);
+        }
+        // a fixed xorshift sequence over every magnitude up to 38 digits
+        let mut x: u128 = 0x2545_f491_4f6c_dd1d_9e37_79b9_7f4a_7c15;
+        let mut values: Vec<i128> = edges.iter().flat_map(|&e| [e, -e]).collect();
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let digits = (x % 39) as u32;
+            let v = (x >> 8) as i128 % 10i128.pow(digits).max(1);
+            values.push(if x & 1 == 0 { v } else { -v });
+        }
+        for raw in values {
+            if raw.unsigned_abs() > MAX_ABS as u128 {
+                continue;
+            }
+            let v = Dec::from_raw(raw);
+            assert_eq!(v.to_string(), printed_before(v, None), "{raw}");
+            for places in 0..=9 {
+                assert_eq!(
+                    v.fixed(places).to_string(),
+                    printed_before(v, Some(places)),
+                    "{raw} at {places}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -212,17 +212,17 @@ pub fn focus_csv(
             format_args!("{}@{} {}", e.rule_id, e.rule_version, e.unit),
         );
         let _ = write!(s, ",{},", e.quantity);
-        field(&mut s, &e.unit);
+        text(&mut s, &e.unit);
         let _ = write!(s, ",{},", e.quantity);
-        field(&mut s, &e.unit);
+        text(&mut s, &e.unit);
         let _ = write!(s, ",{},{},", e.unit_price, e.unit_price);
-        field(&mut s, &e.resource_id);
+        text(&mut s, &e.resource_id);
         s.push(',');
-        field(&mut s, &e.rule_id);
+        text(&mut s, &e.rule_id);
         s.push(',');
         field(&mut s, format_args!("{}@{}", e.rule_id, e.rule_version));
         s.push(',');
-        field(&mut s, &e.entity_id);
+        text(&mut s, &e.entity_id);
         s.push_str(",meterflow,meterflow,meterflow,Compute\n");
     }
     s
@@ -232,15 +232,18 @@ pub fn csv(events: &[(i32, i64, RatedEvent)]) -> String {
     let mut s = String::from("id,entity_id,rule_id,rule_version,resource_id,window_start,window_end,unit,quantity,unit_price,amount,currency,amount_unrounded,adjustment\n");
     let mut times = Times::default();
     for (_, _, e) in events {
-        let _ = write!(s, "{},", e.id);
-        field(&mut s, &e.entity_id);
+        s.push_str(&e.id);
         s.push(',');
-        field(&mut s, &e.rule_id);
+        text(&mut s, &e.entity_id);
+        s.push(',');
+        text(&mut s, &e.rule_id);
         let _ = write!(s, ",{},", e.rule_version);
-        field(&mut s, &e.resource_id);
+        text(&mut s, &e.resource_id);
         let (start, end) = times.window(e);
-        let _ = write!(s, ",{start},{end},");
-        field(&mut s, &e.unit);
+        for t in [",", start, ",", end, ","] {
+            s.push_str(t);
+        }
+        text(&mut s, &e.unit);
         let _ = writeln!(
             s,
             ",{},{},{},{},{},{}",
@@ -253,6 +256,16 @@ pub fn csv(events: &[(i32, i64, RatedEvent)]) -> String {
         );
     }
     s
+}
+
+/// `field` for a string: appended as it is when it needs no quotes (most do not), with
+/// no formatting on the way.
+fn text(s: &mut String, v: &str) {
+    if v.contains([',', '"', '\n']) {
+        field(s, v);
+    } else {
+        s.push_str(v);
+    }
 }
 
 /// Append a CSV field: as it is, or quoted (quotes doubled) if it holds a comma, a
@@ -471,6 +484,7 @@ fn encode_version(
         .collect();
     rules.sort();
     rules.dedup();
+    let line_count = events.len();
     let manifest = Manifest {
         schema_version: SCHEMA_VERSION,
         generated_at: fmt_rfc3339(opts.generated_at),
@@ -486,7 +500,7 @@ fn encode_version(
         period_end: fmt_rfc3339(bounds.1),
         version,
         previous: (version > 1).then(|| version_name(version - 1, "manifest.json")),
-        line_count: events.len(),
+        line_count,
         totals: totals
             .iter()
             .map(|(c, d)| (c.clone(), d.to_fixed(minor_units(c))))
@@ -500,7 +514,8 @@ fn encode_version(
         .collect(),
         rule_versions: rules,
         input_offsets: offsets,
-        ids: events.iter().map(|(_, _, e)| e.id.clone()).collect(),
+        // the events are encoded: their ids move into the manifest
+        ids: events.into_iter().map(|(_, _, e)| e.id).collect(),
     };
     let mut files = vec![
         (format!("{dir}/{csv_name}"), csv_bytes),

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 use store::Store;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -95,10 +96,13 @@ impl HasHttp for SettlerConfig {
     }
 }
 
+/// The longest a settler goes without a commit while its offsets stand still.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
 type Key = (Millis, String);
 /// A period that closes in this batch: its rated partition, key, the reason it closes
-/// incomplete (if it does) and its events (partition, offset, event).
-type Closing = (i32, Key, Option<String>, Vec<(i32, i64, RatedEvent)>);
+/// incomplete (if it does) and its events (partition, offset, event) with their ids.
+type Closing = (i32, Key, Option<String>, Open);
 
 #[derive(Default)]
 struct Open {
@@ -191,6 +195,109 @@ fn incomplete_of(manifests: &[files::Manifest]) -> Result<HashMap<i32, HashSet<K
         }
     }
     Ok(out)
+}
+
+/// One version to encode and write: its number, period label and bounds, entity,
+/// events and options.
+type Item = (
+    u32,
+    String,
+    (Millis, Millis),
+    String,
+    Vec<(i32, i64, RatedEvent)>,
+    files::VersionOpts,
+);
+
+/// Versions being encoded and written on a task of their own while the loop reads and
+/// groups the next batch: the loop waits for them only when it writes again, meets a
+/// rebalance or stops. Until the flight lands, no offset is committed past its events,
+/// no progress is sent for its partitions, and nothing is forgotten of what the store
+/// holds.
+struct Flight {
+    job: tokio::task::JoinHandle<Result<Vec<files::Manifest>>>,
+    /// each version's rated partition, key, the reason it is incomplete (if it is) and
+    /// its period's label
+    meta: Vec<(i32, Key, Option<String>, String)>,
+    /// per rated partition, the lowest offset of an event in flight
+    first: HashMap<i32, i64>,
+    /// cancelled when the job has ended (or on shutdown): wakes the loop's wait
+    done: CancellationToken,
+}
+
+impl Flight {
+    fn launch(
+        store: &Store,
+        items: Vec<Item>,
+        meta: Vec<(i32, Key, Option<String>, String)>,
+        first: HashMap<i32, i64>,
+        shutdown: &CancellationToken,
+    ) -> Flight {
+        let done = shutdown.child_token();
+        let (store, ended) = (store.clone(), done.clone());
+        let job = tokio::spawn(async move {
+            // however the job ends
+            let _ended = ended.drop_guard();
+            let prepared = futures::future::try_join_all(items.into_iter().map(
+                |(version, label, bounds, entity, events, opts)| {
+                    let store = &store;
+                    async move {
+                        files::prepare_version(
+                            store,
+                            Some(version),
+                            &label,
+                            bounds,
+                            &entity,
+                            events,
+                            &opts,
+                        )
+                        .await
+                    }
+                },
+            ))
+            .await?;
+            files::write_versions(&store, prepared).await
+        });
+        Flight {
+            job,
+            meta,
+            first,
+            done,
+        }
+    }
+
+    /// Whether a version of rated partition `p` is in flight.
+    fn holds(&self, p: i32) -> bool {
+        self.meta.iter().any(|m| m.0 == p)
+    }
+}
+
+/// Wait for a flight to end; log and announce its versions in order (their markers are
+/// written after the next commit). Returns how many versions it wrote.
+async fn land(
+    io: &mut StageIo,
+    f: Flight,
+    topic: &str,
+    to_mark: &mut Vec<String>,
+    files_total: &meterflow_runtime::Counter,
+    incomplete_total: &meterflow_runtime::Counter,
+) -> Result<usize> {
+    let manifests = f.job.await??;
+    let n = manifests.len();
+    for ((_, key, why, label), man) in f.meta.into_iter().zip(manifests) {
+        match &why {
+            Some(w) => {
+                tracing::warn!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, reason = %w, "settled incomplete");
+                incomplete_total.inc();
+            }
+            None => {
+                tracing::info!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, totals = ?man.totals, "settled");
+            }
+        }
+        announce(io, topic, &man).await?;
+        to_mark.push(announced_marker(&man));
+        files_total.inc();
+    }
+    Ok(n)
 }
 
 /// The master's view: every rated partition's progress, read from the settler-state topic.
@@ -397,14 +504,40 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     // what the store holds per (period start, entity), loaded on demand and kept for the
     // current and previous period
     let mut written: FastMap<Key, Written> = FastMap::default();
-    while !ctx.shutdown.is_cancelled() {
+    // the versions being encoded and written while the loop reads on (at most one flight)
+    let mut flight: Option<Flight> = None;
+    // the offsets last committed, and when
+    let mut committed: Vec<(String, i32, i64)> = Vec::new();
+    let mut last_commit = std::time::Instant::now();
+    loop {
+        if ctx.shutdown.is_cancelled() && flight.is_none() {
+            break;
+        }
         // where a batch's time goes (logged at debug for a batch that wrote versions)
         let began = std::time::Instant::now();
+        // a flight ending wakes the wait, as a shutdown does
+        let wake = flight.as_ref().map_or(&ctx.shutdown, |f| &f.done);
         let batch = io
-            .next_batch(cfg.batch_size, Duration::from_millis(200), &ctx.shutdown)
+            .next_batch(cfg.batch_size, Duration::from_millis(200), wake)
             .await?;
         let received = began.elapsed();
         probes.refresh();
+        // a flight lands once it has ended — and before a rebalance or a shutdown is
+        // acted on: what this member read of the store and its offsets stay its own
+        let mut landed = 0;
+        if let Some(f) = flight.take_if(|f| {
+            f.job.is_finished() || !batch.rebalances.is_empty() || ctx.shutdown.is_cancelled()
+        }) {
+            landed = land(
+                &mut io,
+                f,
+                &topics.settlements,
+                &mut to_mark,
+                &files_total,
+                &incomplete_total,
+            )
+            .await?;
+        }
         for r in &batch.rebalances {
             match r {
                 meterflow_kafka::Assignment::Revoked(ps) => {
@@ -436,9 +569,16 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         // what the store holds of each (period, entity) first seen here, read side by side
         // (nothing to read for one the store had none of at the assignment)
         let mut unread: Vec<Key> = Vec::new();
+        // an entity's events come in runs: each run's pair is looked at once
+        let mut last: Option<(Millis, &str)> = None;
         for d in &decoded {
             if let Ok(RatedMsg::Rated(e)) = d {
-                let key = (bounds.of(e.window_start).0, e.entity_id.clone());
+                let ps = bounds.of(e.window_start).0;
+                if last == Some((ps, e.entity_id.as_str())) {
+                    continue;
+                }
+                last = Some((ps, e.entity_id.as_str()));
+                let key = (ps, e.entity_id.clone());
                 if written.contains_key(&key) || unread.contains(&key) {
                     continue;
                 }
@@ -547,61 +687,89 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                 }
             }
             for (key, why) in due {
-                let events = periods.remove(&key).map(|o| o.events).unwrap_or_default();
-                closing.push((*p, key, why, events));
+                let o = periods.remove(&key).unwrap_or_default();
+                closing.push((*p, key, why, o));
             }
         }
-        // Every (period, entity) has a directory of its own: their versions are encoded
-        // side by side, then written together — every data file synced, then every
-        // manifest (`files::write_versions`), so the file system's syncs are shared
-        // instead of queueing set by set: most of the settler's time went to waiting
-        // for them. Then, in order, each is announced.
-        let (mut meta, mut versions) = (Vec::new(), Vec::new());
-        for (p, key, why, events) in closing {
-            let label = period.label(key.0);
-            let ids: Vec<String> = events.iter().map(|(_, _, e)| e.id.clone()).collect();
-            let opts = files::VersionOpts {
-                focus: cfg.focus,
-                generated_at: now,
-                incomplete: why.clone(),
-            };
-            let (store, bounds, l, entity) =
-                (&store, period.bounds(key.0), label.clone(), key.1.clone());
-            // the next version after those read when the pair came up (a pair held
-            // incomplete since before the assignment may not have come up: read then)
-            let next = written.get(&key).map(|w| w.versions + 1);
-            versions.push(async move {
-                files::prepare_version(store, next, &l, bounds, &entity, events, &opts).await
-            });
-            meta.push((p, key, why, ids, label));
+        // Writing needs what the store holds: a flight still writing lands first (then the
+        // versions after it are numbered from it, and a correction reads it).
+        let mut waited_landing = Duration::ZERO;
+        if !closing.is_empty() || !corrections.is_empty() {
+            if let Some(f) = flight.take() {
+                let t = std::time::Instant::now();
+                landed += land(
+                    &mut io,
+                    f,
+                    &topics.settlements,
+                    &mut to_mark,
+                    &files_total,
+                    &incomplete_total,
+                )
+                .await?;
+                waited_landing = t.elapsed();
+            }
         }
-        let grouped = began.elapsed();
-        let prepared = futures::future::try_join_all(versions).await?;
-        let (encoded, file_sets) = (began.elapsed(), prepared.len());
-        let written_sets = files::write_versions(&store, prepared)
-            .await?
-            .into_iter()
-            .zip(meta)
-            .map(|(man, (p, key, why, ids, label))| (p, key, why, ids, label, man));
-        for (p, key, why, ids, label, man) in written_sets {
-            let waiting = incomplete.entry(p).or_default();
-            match &why {
-                Some(w) => {
-                    tracing::warn!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, reason = %w, "settled incomplete");
-                    incomplete_total.inc();
-                    waiting.insert(key.clone());
+        let file_sets = closing.len();
+        if !closing.is_empty() {
+            // Every (period, entity) has a directory of its own: their versions are encoded
+            // side by side, then written together — every data file synced, then every
+            // manifest (`files::write_versions`), so the file system's syncs are shared
+            // instead of queueing set by set. That runs on a task of its own (the
+            // flight) while this loop reads on; what the versions hold is this loop's
+            // state at once (written, incomplete), and the flight lands — is announced,
+            // and its offsets may be committed — when it has ended.
+            let mut items = Vec::with_capacity(closing.len());
+            let mut meta = Vec::with_capacity(closing.len());
+            let mut first: HashMap<i32, i64> = HashMap::new();
+            for (p, key, why, Open { events, ids }) in closing {
+                // a pair held incomplete since before the assignment may not have come up
+                // yet: what the store holds of it is read now
+                if !written.contains_key(&key) {
+                    let dir = files::entity_dir(&period.label(key.0), &key.1);
+                    let versions = files::existing(&store, &dir).await?;
+                    let w = Written {
+                        versions: versions.len() as u32,
+                        ids: versions.into_iter().flat_map(|m| m.ids).collect(),
+                    };
+                    written.insert(key.clone(), w);
                 }
-                None => {
-                    tracing::info!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, totals = ?man.totals, "settled");
+                let w = written.get_mut(&key).ok_or_else(|| {
+                    anyhow::anyhow!("period {} of {} not looked up", key.0, key.1)
+                })?;
+                w.versions += 1;
+                // the period's ids move over (a first version's set as it is)
+                if w.ids.is_empty() {
+                    w.ids = ids;
+                } else {
+                    w.ids.extend(ids);
+                }
+                let waiting = incomplete.entry(p).or_default();
+                if why.is_some() {
+                    waiting.insert(key.clone());
+                } else {
                     waiting.remove(&key);
                 }
+                if let Some(o) = events.iter().map(|(_, o, _)| *o).min() {
+                    let f = first.entry(p).or_insert(o);
+                    *f = (*f).min(o);
+                }
+                let label = period.label(key.0);
+                let opts = files::VersionOpts {
+                    focus: cfg.focus,
+                    generated_at: now,
+                    incomplete: why.clone(),
+                };
+                items.push((
+                    w.versions,
+                    label.clone(),
+                    period.bounds(key.0),
+                    key.1.clone(),
+                    events,
+                    opts,
+                ));
+                meta.push((p, key, why, label));
             }
-            announce(&mut io, &topics.settlements, &man).await?;
-            to_mark.push(announced_marker(&man));
-            files_total.inc();
-            let w = written.entry(key).or_default();
-            w.versions = man.version;
-            w.ids.extend(ids);
+            flight = Some(Flight::launch(&store, items, meta, first, &ctx.shutdown));
         }
         let corrections_written = corrections.len();
         for (key, evs) in corrections {
@@ -626,7 +794,11 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         if let Some(n) = cfg.faults.stop_after_versions {
             let versions = files_total.get() + corrections_total.get();
             if versions >= n {
-                // fault injection (tests): the settler stops before it commits
+                // fault injection (tests): the settler stops before it commits (a flight
+                // launched meanwhile ends first: its files are durable too)
+                if let Some(f) = flight.take() {
+                    f.job.await??;
+                }
                 anyhow::bail!("fault injection: stopping after {versions} versions written, before their commit");
             }
         }
@@ -636,6 +808,10 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             let Some(through) = st.sources.min() else {
                 continue;
             };
+            // not while versions of the partition are in flight (sent once they landed)
+            if flight.as_ref().is_some_and(|f| f.holds(*p)) {
+                continue;
+            }
             let closed_through = through.saturating_sub(grace);
             let labels = corrected.remove(p).unwrap_or_default();
             if progress_sent.get(p) == Some(&closed_through) && labels.is_empty() {
@@ -665,8 +841,8 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             master.await??;
             anyhow::bail!("the period-index master stopped");
         }
-        // commit: never past an event of a period not yet written
-        let offsets: Vec<(String, i32, i64)> = parts
+        // commit: never past an event of a period not yet written (nor one in flight)
+        let mut offsets: Vec<(String, i32, i64)> = parts
             .iter()
             .filter_map(|(p, st)| {
                 let first_open = open.get(p).and_then(|m| {
@@ -674,38 +850,61 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                         .flat_map(|o| o.events.iter().map(|(_, off, _)| *off))
                         .min()
                 });
-                first_open
-                    .or(st.position)
-                    .map(|o| (topics.rated.clone(), *p, o))
+                let in_flight = flight.as_ref().and_then(|f| f.first.get(p).copied());
+                let first = match (first_open, in_flight) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                first.or(st.position).map(|o| (topics.rated.clone(), *p, o))
             })
             .collect();
-        let written_at = began.elapsed();
-        if !offsets.is_empty() || !to_mark.is_empty() {
+        offsets.sort_unstable();
+        let processed = began.elapsed();
+        // A commit when the offsets moved or versions were announced (their markers wait
+        // for it), on a rebalance or shutdown, and otherwise once a second: while a
+        // period is open its first event holds the offsets where they are, batch after
+        // batch, and committing them again is a broker round trip for nothing (the
+        // records sent meanwhile — progress, dead letters, audit counts — are sent, and
+        // acknowledged at the next commit).
+        let due = offsets != committed
+            || !to_mark.is_empty()
+            || !batch.rebalances.is_empty()
+            || ctx.shutdown.is_cancelled()
+            || last_commit.elapsed() >= COMMIT_INTERVAL;
+        if due && (!offsets.is_empty() || !to_mark.is_empty()) {
             io.commit(&offsets).await?;
-            if file_sets + corrections_written > 0 {
+            committed = offsets;
+            last_commit = std::time::Instant::now();
+            if file_sets + landed + corrections_written > 0 {
                 let ms = |d: Duration| d.as_secs_f64() * 1000.0;
                 tracing::debug!(
                     messages = batch.messages.len(),
-                    file_sets,
+                    launched = file_sets,
+                    landed,
                     corrections = corrections_written,
                     waited_ms = ms(received),
-                    read_ms = ms(grouped - received),
-                    encoded_ms = ms(encoded - grouped),
-                    written_ms = ms(written_at - encoded),
-                    committed_ms = ms(began.elapsed() - written_at),
+                    processed_ms = ms(processed - received),
+                    landing_waited_ms = ms(waited_landing),
+                    committed_ms = ms(began.elapsed() - processed),
                     "batch settled"
                 );
             }
         }
         // What was read or written of periods before the previous one is forgotten (read
         // again from the store if an event comes for one): the map holds the event ids of
-        // recent periods, not of every period since the assignment.
+        // recent periods, not of every period since the assignment. A pair in flight is
+        // kept: the store does not hold its version yet.
         if let Some(through) = parts.values().filter_map(|st| st.sources.min()).min() {
             let current = period.bounds(through.saturating_sub(grace)).0;
             let horizon = period.bounds(current.saturating_sub(1)).0;
             let before = written.len();
+            let flying = |key: &Key| {
+                flight
+                    .as_ref()
+                    .is_some_and(|f| f.meta.iter().any(|m| m.1 == *key))
+            };
             written.retain(|key, w| {
-                let keep = key.0 >= horizon;
+                let keep = key.0 >= horizon || flying(key);
                 if !keep && w.versions > 0 {
                     stored.insert(key.clone());
                 }
