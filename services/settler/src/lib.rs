@@ -271,33 +271,37 @@ impl Flight {
     }
 }
 
-/// Wait for a flight to end; log and announce its versions in order (their markers are
-/// written after the next commit). Returns how many versions it wrote.
-async fn land(
-    io: &mut StageIo,
-    f: Flight,
-    topic: &str,
-    to_mark: &mut Vec<String>,
-    files_total: &meterflow_runtime::Counter,
-    incomplete_total: &meterflow_runtime::Counter,
-) -> Result<usize> {
-    let manifests = f.job.await??;
-    let n = manifests.len();
-    for ((_, key, why, label), man) in f.meta.into_iter().zip(manifests) {
-        match &why {
-            Some(w) => {
-                tracing::warn!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, reason = %w, "settled incomplete");
-                incomplete_total.inc();
+/// Where a landed flight's versions are announced, and what counts them.
+struct Landing<'a> {
+    topic: &'a str,
+    files_total: &'a meterflow_runtime::Counter,
+    incomplete_total: &'a meterflow_runtime::Counter,
+}
+
+impl Landing<'_> {
+    /// Wait for a flight to end; log and announce its versions in order (their markers
+    /// are written after the next commit). Returns how many versions it wrote.
+    async fn land(&self, io: &mut StageIo, f: Flight, to_mark: &mut Vec<String>) -> Result<usize> {
+        let (topic, files_total, incomplete_total) =
+            (self.topic, self.files_total, self.incomplete_total);
+        let manifests = f.job.await??;
+        let n = manifests.len();
+        for ((_, key, why, label), man) in f.meta.into_iter().zip(manifests) {
+            match &why {
+                Some(w) => {
+                    tracing::warn!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, reason = %w, "settled incomplete");
+                    incomplete_total.inc();
+                }
+                None => {
+                    tracing::info!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, totals = ?man.totals, "settled");
+                }
             }
-            None => {
-                tracing::info!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, totals = ?man.totals, "settled");
-            }
+            announce(io, topic, &man).await?;
+            to_mark.push(announced_marker(&man));
+            files_total.inc();
         }
-        announce(io, topic, &man).await?;
-        to_mark.push(announced_marker(&man));
-        files_total.inc();
+        Ok(n)
     }
-    Ok(n)
 }
 
 /// The master's view: every rated partition's progress, read from the settler-state topic.
@@ -506,6 +510,11 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let mut written: FastMap<Key, Written> = FastMap::default();
     // the versions being encoded and written while the loop reads on (at most one flight)
     let mut flight: Option<Flight> = None;
+    let landing = Landing {
+        topic: &topics.settlements,
+        files_total: &files_total,
+        incomplete_total: &incomplete_total,
+    };
     // the offsets last committed, and when
     let mut committed: Vec<(String, i32, i64)> = Vec::new();
     let mut last_commit = std::time::Instant::now();
@@ -528,15 +537,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         if let Some(f) = flight.take_if(|f| {
             f.job.is_finished() || !batch.rebalances.is_empty() || ctx.shutdown.is_cancelled()
         }) {
-            landed = land(
-                &mut io,
-                f,
-                &topics.settlements,
-                &mut to_mark,
-                &files_total,
-                &incomplete_total,
-            )
-            .await?;
+            landed = landing.land(&mut io, f, &mut to_mark).await?;
         }
         for r in &batch.rebalances {
             match r {
@@ -697,15 +698,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
         if !closing.is_empty() || !corrections.is_empty() {
             if let Some(f) = flight.take() {
                 let t = std::time::Instant::now();
-                landed += land(
-                    &mut io,
-                    f,
-                    &topics.settlements,
-                    &mut to_mark,
-                    &files_total,
-                    &incomplete_total,
-                )
-                .await?;
+                landed += landing.land(&mut io, f, &mut to_mark).await?;
                 waited_landing = t.elapsed();
             }
         }
