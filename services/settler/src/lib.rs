@@ -118,6 +118,18 @@ struct Written {
     ids: FastSet<String>,
 }
 
+impl Written {
+    /// What the store holds of a (period start, entity): its versions' manifests.
+    async fn read(store: &Store, period: &Period, (ps, entity): &Key) -> Result<Written> {
+        let versions =
+            files::existing(store, &files::entity_dir(&period.label(*ps), entity)).await?;
+        Ok(Written {
+            versions: versions.len() as u32,
+            ids: versions.into_iter().flat_map(|m| m.ids).collect(),
+        })
+    }
+}
+
 /// The (period start, entity) pairs with a version in the store, from its manifests.
 fn keys_of(manifests: &[files::Manifest]) -> Result<HashSet<Key>> {
     manifests
@@ -282,23 +294,21 @@ impl Landing<'_> {
     /// Wait for a flight to end; log and announce its versions in order (their markers
     /// are written after the next commit). Returns how many versions it wrote.
     async fn land(&self, io: &mut StageIo, f: Flight, to_mark: &mut Vec<String>) -> Result<usize> {
-        let (topic, files_total, incomplete_total) =
-            (self.topic, self.files_total, self.incomplete_total);
         let manifests = f.job.await??;
         let n = manifests.len();
         for ((_, key, why, label), man) in f.meta.into_iter().zip(manifests) {
             match &why {
                 Some(w) => {
                     tracing::warn!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, reason = %w, "settled incomplete");
-                    incomplete_total.inc();
+                    self.incomplete_total.inc();
                 }
                 None => {
                     tracing::info!(period = %label, entity = %key.1, version = man.version, lines = man.line_count, totals = ?man.totals, "settled");
                 }
             }
-            announce(io, topic, &man).await?;
+            announce(io, self.topic, &man).await?;
             to_mark.push(announced_marker(&man));
-            files_total.inc();
+            self.files_total.inc();
         }
         Ok(n)
     }
@@ -590,19 +600,11 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                 }
             }
         }
-        let read = futures::future::try_join_all(unread.iter().map(|(ps, entity)| {
-            let dir = files::entity_dir(&period.label(*ps), entity);
-            let store = &store;
-            async move { files::existing(store, &dir).await }
-        }))
+        let read = futures::future::try_join_all(
+            unread.iter().map(|key| Written::read(&store, &period, key)),
+        )
         .await?;
-        for (key, versions) in unread.into_iter().zip(read) {
-            let w = Written {
-                versions: versions.len() as u32,
-                ids: versions.into_iter().flat_map(|m| m.ids).collect(),
-            };
-            written.insert(key, w);
-        }
+        written.extend(unread.into_iter().zip(read));
         for (msg, decoded) in batch.messages.iter().zip(decoded) {
             let p = msg.partition();
             let st = parts.entry(p).or_default();
@@ -718,12 +720,7 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
                 // a pair held incomplete since before the assignment may not have come up
                 // yet: what the store holds of it is read now
                 if !written.contains_key(&key) {
-                    let dir = files::entity_dir(&period.label(key.0), &key.1);
-                    let versions = files::existing(&store, &dir).await?;
-                    let w = Written {
-                        versions: versions.len() as u32,
-                        ids: versions.into_iter().flat_map(|m| m.ids).collect(),
-                    };
+                    let w = Written::read(&store, &period, &key).await?;
                     written.insert(key.clone(), w);
                 }
                 let w = written.get_mut(&key).ok_or_else(|| {
