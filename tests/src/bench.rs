@@ -354,7 +354,7 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
         p.settler.terminate(Duration::from_secs(60)).is_some(),
         "the daily settler did not stop"
     );
-    let ((n, relay, copy), stage, month_sets) = settler_by_month(&mut p, "month", |p| {
+    let ((n, relay, copy), stage, month_sets) = settler_in(&mut p, "month", "month", |p| {
         let (_, copy) = relay_topic(p, &t.rated, "rated-month")?;
         let (n, relay) = relay_here(p, &t.rated, "rated-month-here")?;
         Ok((n, relay, copy))
@@ -371,23 +371,24 @@ pub fn stages(run: FleetRun) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The settler by calendar month, its default period, on the rated topic, as a group of
-/// its own (`meterflow-settler-{name}`, directory `settlements-{name}`, its own
+/// The settler by `period` (`month`, its default, or `day`, ...) on the rated topic, as a
+/// group of its own (`meterflow-settler-{name}`, directory `settlements-{name}`, its own
 /// settlements and state topics), after `before` (its baselines) has run: what `before`
 /// returned, the stage's run, and its number of file sets, the bill checked to the cent.
-fn settler_by_month<R>(
+fn settler_in<R>(
     p: &mut Pipeline,
     name: &str,
+    period: &str,
     before: impl FnOnce(&Pipeline) -> anyhow::Result<R>,
 ) -> anyhow::Result<(R, StageRun, usize)> {
-    let month = Period::parse("month").map_err(anyhow::Error::msg)?;
-    let month_sets = p.run.totals_in(&month).len();
+    let by = Period::parse(period).map_err(anyhow::Error::msg)?;
+    let sets = p.run.totals_in(&by).len();
     let group = format!("meterflow-settler-{name}");
     let out = p.path().join(format!("settlements-{name}"));
     p.configure(
         "settler",
         &format!(
-            "group = \"{group}\"\nout_dir = \"{}\"\nperiod = \"month\"\n\
+            "group = \"{group}\"\nout_dir = \"{}\"\nperiod = \"{period}\"\n\
              [kafka.topics]\nsettlements = \"bench.settlements-{name}\"\n\
              settler_state = \"bench.settler-state-{name}\"\n",
             out.display()
@@ -397,14 +398,14 @@ fn settler_by_month<R>(
     let rated = p.kafka.topics.rated.clone();
     let files = out.clone();
     let stage = stage_alone_in(p, "settler", &group, &rated, move |_| {
-        meterflow_settler::files::all_manifests(&files).is_ok_and(|m| m.len() >= month_sets)
+        meterflow_settler::files::all_manifests(&files).is_ok_and(|m| m.len() >= sets)
     })?;
-    crate::settled::Settled::read(&out).assert_matches_in(&p.run, &month);
-    Ok((baseline, stage, month_sets))
+    crate::settled::Settled::read(&out).assert_matches_in(&p.run, &by);
+    Ok((baseline, stage, sets))
 }
 
-/// Two (or more) builds of the settler alternated on the same revenue events, by calendar
-/// month (its default period): the enricher and rater run once, then each round runs every
+/// Two (or more) builds of the settler alternated on the same revenue events, by `period`
+/// (calendar month, its default, unless told): the enricher and rater run once, then each round runs every
 /// build in turn, each as its own group with its own directory and state topics, against
 /// a relay of its input measured just before it. Each bill is checked. On a machine
 /// whose speed drifts within the hour, alternation in one run is how two builds compare.
@@ -412,6 +413,7 @@ pub fn settler_ab(
     run: FleetRun,
     builds: &[std::path::PathBuf],
     rounds: usize,
+    period: &str,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         !builds.is_empty() && rounds > 0,
@@ -430,7 +432,7 @@ pub fn settler_ab(
         let b = i % builds.len();
         let name = format!("ab{i}");
         p.settler.set_program(&builds[b]);
-        let ((n, (relay, _, relay_broker)), st, _) = settler_by_month(&mut p, &name, |p| {
+        let ((n, (relay, _, relay_broker)), st, _) = settler_in(&mut p, &name, period, |p| {
             relay_here(p, &t.rated, &format!("rated-{name}"))
         })?;
         anyhow::ensure!(

@@ -16,9 +16,9 @@
 //! `bench-pipeline chain [instances] [polls]`: the three stages together on samples that
 //! are all on the topic, vs a relay of that topic.
 //! `bench-pipeline enricher [instances] [polls]`: the enricher alone.
-//! `bench-pipeline settler-ab [instances] [polls] [rounds]`: the settler by calendar month,
-//! the builds listed in `METERFLOW_BENCH_AB` (`/path/a:/path/b`) alternated on the same
-//! revenue events, each against its own relay.
+//! `bench-pipeline settler-ab [instances] [polls] [rounds] [period]`: the settler by
+//! `period` (default `month`, its default), the builds listed in `METERFLOW_BENCH_AB`
+//! (`/path/a:/path/b`) alternated on the same revenue events, each against its own relay.
 //! `bench-pipeline probes [instances] [polls]`: the enricher with its probe off and on.
 //! `bench-pipeline latency [instances] [polls] [poll_s] [speed]`: end-to-end latency of a
 //! paced fleet against the moment each window could close.
@@ -82,7 +82,8 @@ fn main() -> anyhow::Result<()> {
                 Ok(v) => std::env::split_paths(&v).collect(),
                 Err(_) => vec![meterflow_tests::bin("meterflow-settler")],
             };
-            return meterflow_tests::bench::settler_ab(run, &builds, num(2, 3)? as usize);
+            let period = args.get(3).map_or("month", String::as_str);
+            return meterflow_tests::bench::settler_ab(run, &builds, num(2, 3)? as usize, period);
         }
         "chain" => return meterflow_tests::bench::chain(run),
         "enricher" => return enricher(run, samples),
