@@ -388,30 +388,17 @@ pub async fn write_version(
     Ok(written.remove(0))
 }
 
-/// Write versions of different (period, entity) pairs together: every data file of
-/// every version written and synced side by side, their directories synced (each
-/// once), then every manifest. A manifest exists only once the files it lists are
-/// durable, and the file system's syncs are shared by the versions instead of queueing
-/// version by version (most of the settler's time was spent waiting for them).
+/// Write versions of different (period, entity) pairs together, side by side, each its
+/// data files and then its manifest (`Store::put_sets`): a manifest exists only once the
+/// files it lists are durable.
 pub async fn write_versions(store: &Store, versions: Vec<Version>) -> Result<Vec<Manifest>> {
-    if versions.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut data = Vec::new();
-    let mut rels = Vec::new();
-    let mut manifests = Vec::new();
+    let mut sets = Vec::with_capacity(versions.len());
     let mut out = Vec::with_capacity(versions.len());
     for v in versions {
-        rels.extend(v.files.iter().map(|(r, _)| r.clone()));
-        data.extend(v.files);
-        manifests.push(v.manifest_file);
+        sets.push((v.files, v.manifest_file));
         out.push(v.manifest);
     }
-    store.write_files(data).await?;
-    let rels: Vec<&str> = rels.iter().map(String::as_str).collect();
-    store.sync_dirs(&rels, false).await?;
-    // the manifests last: a manifest's presence means its version is complete
-    store.put_all(manifests, true).await?;
+    store.put_sets(sets).await?;
     Ok(out)
 }
 

@@ -12,8 +12,8 @@
 //! file, its directory and every directory above it up to the root (a directory created
 //! for it is durable only once its own entry is), side by side, so a version is on disk
 //! before the offsets that produced it are committed. A version's data files are
-//! synced, and their directory, before its manifest is written (`put_all`,
-//! `write_files` + `sync_dirs`).
+//! synced, and their directory, before its manifest is written (`put_sets`, one
+//! blocking task a set).
 //! Only the `announced` markers are left unsynced (`put_unsynced`): losing one repeats
 //! an announcement, which is safe to repeat.
 
@@ -23,6 +23,9 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// A file set: its data files, then its manifest (relative paths and bytes).
+pub type FileSet = (Vec<(String, Vec<u8>)>, (String, Vec<u8>));
 
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -172,6 +175,37 @@ impl Store {
         Ok(())
     }
 
+    /// Write file sets, each its data files and then its manifest, so that a manifest
+    /// exists only once the files it lists are durable. On a local directory, one
+    /// blocking task a set (not one a file: the hand-offs to and from the blocking
+    /// threads cost as much as the writes): its data files, each synced before it is
+    /// renamed into place; their directory synced; the manifest the same way and its
+    /// directory again. The sets run side by side, then every directory above them up
+    /// to the root is synced once. An object store's writes are durable on return:
+    /// every data file, then every manifest.
+    pub async fn put_sets(&self, sets: Vec<FileSet>) -> Result<()> {
+        let Some(root) = self.local.clone() else {
+            let (data, manifests): (Vec<_>, Vec<_>) = sets.into_iter().unzip();
+            self.write_files(data.into_iter().flatten().collect())
+                .await?;
+            return self.write_files(manifests).await;
+        };
+        let mut dirs: Vec<String> = Vec::new();
+        for (_, (rel, _)) in &sets {
+            let dir = rel.rsplit_once('/').map_or("", |(d, _)| d);
+            if !dir.is_empty() && !dirs.iter().any(|d| d == dir) {
+                dirs.push(dir.to_string());
+            }
+        }
+        futures::future::try_join_all(sets.into_iter().map(|set| {
+            let root = root.clone();
+            async move { tokio::task::spawn_blocking(move || write_set(&root, set)).await? }
+        }))
+        .await?;
+        let dirs: Vec<&str> = dirs.iter().map(String::as_str).collect();
+        self.sync_dirs(&dirs, true).await
+    }
+
     /// Write `rel` whole without syncing it: only for a file whose loss after a crash
     /// repeats work that is safe to repeat (a version's `announced` marker: without it
     /// the version is announced again, with the same entity, period and version).
@@ -310,6 +344,32 @@ fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One file set's data files and then its manifest, on this (blocking) thread, each
+/// durable before the next step (see `Store::put_sets`).
+fn write_set(root: &Path, (data, manifest): FileSet) -> Result<()> {
+    let write = |rel: &str, bytes: &[u8]| -> Result<PathBuf> {
+        let path = root.join(rel);
+        write_durable(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path.parent().unwrap_or(root).to_path_buf())
+    };
+    let sync_dir = |dir: &Path| -> Result<()> {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))
+    };
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for (rel, bytes) in &data {
+        let dir = write(rel, bytes)?;
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    for dir in &dirs {
+        sync_dir(dir)?;
+    }
+    sync_dir(&write(&manifest.0, &manifest.1)?)
+}
+
 /// fsync each path (a file or a directory), side by side on blocking threads.
 async fn sync_paths(paths: Vec<PathBuf>) -> Result<()> {
     futures::future::try_join_all(paths.into_iter().map(|path| async move {
@@ -374,11 +434,39 @@ mod tests {
         s.put_unsynced("period=p/entity=g/marker", Vec::new())
             .await
             .expect("put_unsynced");
+        // file sets: each its data files, then its manifest
+        let set = |e: &str| -> FileSet {
+            (
+                vec![
+                    (format!("period=r/entity={e}/v1.csv"), e.as_bytes().to_vec()),
+                    (format!("period=r/entity={e}/v1.parquet"), b"pq".to_vec()),
+                ],
+                (
+                    format!("period=r/entity={e}/v1.manifest.json"),
+                    b"m".to_vec(),
+                ),
+            )
+        };
+        s.put_sets(vec![set("a"), set("b")])
+            .await
+            .expect("put_sets");
+        for (f, want) in [
+            ("a/v1.csv", &b"a"[..]),
+            ("b/v1.csv", b"b"),
+            ("b/v1.parquet", b"pq"),
+            ("a/v1.manifest.json", b"m"),
+        ] {
+            let got = s.get(&format!("period=r/entity={f}")).await.expect("get");
+            assert_eq!(got.as_deref(), Some(want), "{f}");
+        }
         for (f, want) in [("x.csv", &b"x"[..]), ("y.csv", b"y"), ("marker", b"")] {
             let got = s.get(&format!("period=p/entity=g/{f}")).await.expect("get");
             assert_eq!(got.as_deref(), Some(want), "{f}");
         }
-        assert_eq!(s.dirs("").await.expect("dirs"), ["period=p", "period=q"]);
+        assert_eq!(
+            s.dirs("").await.expect("dirs"),
+            ["period=p", "period=q", "period=r"]
+        );
         assert_eq!(
             s.dirs("period=p").await.expect("dirs"),
             ["entity=e", "entity=g"]
@@ -433,6 +521,26 @@ mod tests {
             .filter(|n| n.starts_with("taken"))
             .collect();
         assert_eq!(names, ["taken"]);
+        // a set whose data file cannot be written gets no manifest
+        std::fs::create_dir_all(dir.join("v1.csv")).expect("dir in the way");
+        let sets: Vec<FileSet> = ["new", "other"]
+            .iter()
+            .map(|e| {
+                (
+                    vec![(format!("period=p/entity={e}/v1.csv"), b"l".to_vec())],
+                    (
+                        format!("period=p/entity={e}/v1.manifest.json"),
+                        b"m".to_vec(),
+                    ),
+                )
+            })
+            .collect();
+        let e = s
+            .put_sets(sets)
+            .await
+            .expect_err("a directory is in the way");
+        assert!(format!("{e:#}").contains("entity=new/v1.csv"), "{e:#}");
+        assert!(!dir.join("v1.manifest.json").exists());
     }
 
     #[test]
