@@ -405,10 +405,11 @@ fn settler_in<R>(
 }
 
 /// Two (or more) builds of the settler alternated on the same revenue events, by `period`
-/// (calendar month, its default, unless told): the enricher and rater run once, then each round runs every
-/// build in turn, each as its own group with its own directory and state topics, against
-/// a relay of its input measured just before it. Each bill is checked. On a machine
-/// whose speed drifts within the hour, alternation in one run is how two builds compare.
+/// (`month`, its default, or `day`, ...): the enricher and rater run once, then each
+/// round runs every build in turn, each as its own group with its own directory and
+/// state topics, against a relay of its input measured just before it. Each bill is
+/// checked. On a machine whose speed drifts within the hour, alternation in one run is
+/// how two builds compare.
 pub fn settler_ab(
     run: FleetRun,
     builds: &[std::path::PathBuf],

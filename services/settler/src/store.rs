@@ -98,11 +98,11 @@ impl Store {
     }
 
     /// Make the directories holding `rels` durable (a local directory only; object
-    /// stores are durable on return): each directory once, side by side — and with
-    /// `ancestors`, every directory above up to the root, so a directory created for
-    /// them is durable too (its entry is in its parent). The files themselves were
-    /// synced before they were renamed into place (`write_durable`).
-    pub async fn sync_dirs(&self, rels: &[&str], ancestors: bool) -> Result<()> {
+    /// stores are durable on return): each directory once, side by side, and every
+    /// directory above up to the root, so a directory created for them is durable too
+    /// (its entry is in its parent). The files themselves were synced before they were
+    /// renamed into place (`write_durable`).
+    pub async fn sync_dirs(&self, rels: &[&str]) -> Result<()> {
         let Some(root) = self.local.clone() else {
             return Ok(());
         };
@@ -112,9 +112,6 @@ impl Store {
             while d.pop() && d.starts_with(&root) {
                 if !dirs.contains(&d) {
                     dirs.push(d.clone());
-                }
-                if !ancestors {
-                    break;
                 }
             }
         }
@@ -132,19 +129,18 @@ impl Store {
     /// Write `rel` whole, replacing what was there, and make it durable with every
     /// directory above it.
     pub async fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
-        self.put_all(vec![(rel.to_string(), bytes)], true).await
+        self.put_all(vec![(rel.to_string(), bytes)]).await
     }
 
     /// Write several files whole, side by side, each durable before it replaces what
     /// was there (see `write_files`), then make the directories holding them durable,
-    /// each once (not one directory sync per file) — with `ancestors`, also every
-    /// directory above up to the root (see `put`). Without, those are left to a later
-    /// call with it (the manifests that follow their data files).
-    pub async fn put_all(&self, files: Vec<(String, Vec<u8>)>, ancestors: bool) -> Result<()> {
+    /// each once (not one directory sync per file), and every directory above up to the
+    /// root (see `put`).
+    pub async fn put_all(&self, files: Vec<(String, Vec<u8>)>) -> Result<()> {
         let rels: Vec<String> = files.iter().map(|(r, _)| r.clone()).collect();
         self.write_files(files).await?;
         let rels: Vec<&str> = rels.iter().map(String::as_str).collect();
-        self.sync_dirs(&rels, ancestors).await
+        self.sync_dirs(&rels).await
     }
 
     /// Write several files whole, side by side. On a local directory each goes to a
@@ -203,7 +199,7 @@ impl Store {
         }))
         .await?;
         let dirs: Vec<&str> = dirs.iter().map(String::as_str).collect();
-        self.sync_dirs(&dirs, true).await
+        self.sync_dirs(&dirs).await
     }
 
     /// Write `rel` whole without syncing it: only for a file whose loss after a crash
@@ -229,7 +225,7 @@ impl Store {
                 if let Some(root) = &self.local {
                     sync_paths(vec![root.join(rel)]).await?;
                 }
-                self.sync_dirs(&[rel], true).await?;
+                self.sync_dirs(&[rel]).await?;
                 Ok(true)
             }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
@@ -422,13 +418,10 @@ mod tests {
         s.put("period=q/entity=f/a.json", Vec::new())
             .await
             .expect("put");
-        s.put_all(
-            vec![
-                ("period=p/entity=g/x.csv".into(), b"x".to_vec()),
-                ("period=p/entity=g/y.csv".into(), b"y".to_vec()),
-            ],
-            true,
-        )
+        s.put_all(vec![
+            ("period=p/entity=g/x.csv".into(), b"x".to_vec()),
+            ("period=p/entity=g/y.csv".into(), b"y".to_vec()),
+        ])
         .await
         .expect("put_all");
         s.put_unsynced("period=p/entity=g/marker", Vec::new())
@@ -498,7 +491,7 @@ mod tests {
         let files: Vec<(String, Vec<u8>)> = (0..32)
             .map(|i| (format!("period=p/entity=new/f{i}.csv"), vec![i as u8; 10]))
             .collect();
-        s.put_all(files, true).await.expect("put_all");
+        s.put_all(files).await.expect("put_all");
         let dir = d.path().join("out/period=p/entity=new");
         assert_eq!(std::fs::read_dir(&dir).expect("dir").count(), 32);
         // a staging name already taken (a writer's crash) is stepped over, and left

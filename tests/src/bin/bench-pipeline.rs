@@ -17,7 +17,7 @@
 //! are all on the topic, vs a relay of that topic.
 //! `bench-pipeline enricher [instances] [polls]`: the enricher alone.
 //! `bench-pipeline settler-ab [instances] [polls] [rounds] [period]`: the settler by
-//! `period` (default `month`, its default), the builds listed in `METERFLOW_BENCH_AB`
+//! `period` (default `month`, the settler's default), the builds listed in `METERFLOW_BENCH_AB`
 //! (`/path/a:/path/b`) alternated on the same revenue events, each against its own relay.
 //! `bench-pipeline probes [instances] [polls]`: the enricher with its probe off and on.
 //! `bench-pipeline latency [instances] [polls] [poll_s] [speed]`: end-to-end latency of a
