@@ -417,6 +417,25 @@ fn an_explicit_reassignment_moves_the_usage_from_its_valid_from_on() {
 
 /// After records were sent again: the bill settles to the cent with no correction
 /// version, i.e. nothing sent again was billed again.
+/// The usage of the run's last hour window as it was sent (key, bytes, partition).
+fn last_hour_usage(p: &Pipeline, run: &FleetRun) -> Vec<(Vec<u8>, Vec<u8>, Option<i32>)> {
+    let usage = as_sent(p, &p.kafka.topics.usage, |u: &Usage| {
+        u.interval_start >= run.end() - meterflow_tests::expect::HOUR
+    });
+    assert!(usage.len() >= 9 * 12, "{} usage records", usage.len());
+    usage
+}
+
+/// Start the collector and wait for it to finish the run.
+fn collect_all(p: &mut Pipeline) {
+    p.start_collector();
+    let finished = p
+        .collector
+        .as_mut()
+        .and_then(|c| c.wait(Duration::from_secs(300)));
+    assert!(finished.is_some(), "collector never finished{}", p.logs());
+}
+
 fn settled_once(p: &mut Pipeline, run: &FleetRun) {
     p.drain(Duration::from_secs(120), all_periods_settled(run));
     let s = Settled::read(&p.out);
@@ -510,16 +529,139 @@ fn usage_sent_again_after_a_rater_restart_is_not_billed_twice() {
     // partitions, as an enricher replaying after a crash between its output and its
     // checkpoint would send it: records counted in windows that closed before the restart
     let t = p.kafka.topics.clone();
-    let again = as_sent(&p, &t.usage, |u: &Usage| {
-        u.interval_start >= run.end() - meterflow_tests::expect::HOUR
-    });
-    assert!(
-        again.len() >= 9 * 12,
-        "{} usage records to resend",
-        again.len()
-    );
-    p.produce(&t.usage, &again);
+    p.produce(&t.usage, &last_hour_usage(&p, &run));
     settled_once(&mut p, &run);
+    p.stop();
+}
+
+#[test]
+fn a_copy_in_the_batch_that_closes_its_window_is_not_billed_again() {
+    // The rater closes the windows a batch's watermarks passed once the batch is read. A
+    // copy of a counted record that comes after the watermark closing its window, in the
+    // same batch (a rater catching up on a backlog after a restart), must still be known
+    // as counted: before the fix it was looked up among the ids of windows closed in
+    // earlier batches, not found, and billed again as an adjustment.
+    let run = two_days(43);
+    let mut p = Pipeline::start_stages(run.clone(), 36_000, "day", &["enricher", "settler"]);
+    collect_all(&mut p);
+    let t = p.kafka.topics.clone();
+    let sources = p.kafka.partitions;
+    // the enricher's last watermarks, which close the last hour window, on every usage
+    // partition that holds usage
+    p.wait_for(
+        Duration::from_secs(120),
+        "the enricher's watermarks past the run's end",
+        |p| {
+            let usage = p.read(&t.usage);
+            let mut through: HashMap<(i32, i32), i64> = HashMap::new();
+            let mut used = std::collections::HashSet::new();
+            for r in &usage {
+                if r.key.as_ref().is_some_and(|k| !k.is_empty()) {
+                    used.insert(r.partition);
+                } else if let Some(w) = r
+                    .payload
+                    .as_ref()
+                    .and_then(|b| meterflow_avro::decode::<meterflow_types::Watermark>(b).ok())
+                {
+                    let e = through
+                        .entry((r.partition, w.source_partition))
+                        .or_default();
+                    *e = (*e).max(w.time);
+                }
+            }
+            !used.is_empty()
+                && used.iter().all(|up| {
+                    (0..sources).all(|s| {
+                        through
+                            .get(&(*up, s))
+                            .is_some_and(|t| *t > run.end() + meterflow_tests::expect::HOUR)
+                    })
+                })
+        },
+    );
+    // copies of the last hour's usage after those watermarks, on the same partitions
+    p.produce(&t.usage, &last_hour_usage(&p, &run));
+    // the rater reads the whole topic in one batch: the last window's records, the
+    // watermarks that close it, then the copies
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    p.launch_with(
+        "rater",
+        &format!(
+            "rules_dir = \"{}\"\nbilling_period = \"day\"\nbatch_size = 1000000\n",
+            rules.display()
+        ),
+    );
+    settled_once(&mut p, &run);
+    let s = Settled::read(&p.out);
+    assert!(
+        s.lines.iter().all(|l| !l.adjustment),
+        "adjustments billed: {:?}",
+        s.lines
+            .iter()
+            .filter(|l| l.adjustment)
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    p.stop();
+}
+
+#[test]
+fn late_usage_is_rated_once_even_when_it_comes_again_after_a_rater_restart() {
+    let run = two_days(47);
+    let mut p = Pipeline::start(run.clone(), 36_000, "day");
+    p.start_collector();
+    settled_once(&mut p, &run);
+    let t = p.kafka.topics.clone();
+    // usage the last hour window never counted (new ids), after it closed: late, billed
+    // as adjustments
+    let late: Vec<(Vec<u8>, Vec<u8>, Option<i32>)> = p
+        .read(&t.usage)
+        .into_iter()
+        .filter_map(|r| {
+            let mut u: Usage = meterflow_avro::decode(r.payload.as_deref()?).ok()?;
+            if u.interval_start < run.end() - meterflow_tests::expect::HOUR {
+                return None;
+            }
+            u.id = format!("{:032x}", u128::from_str_radix(&u.id, 16).ok()? ^ 1);
+            Some((r.key?, meterflow_avro::encode(&u), Some(r.partition)))
+        })
+        .collect();
+    assert!(late.len() >= 9 * 12, "{} late usage records", late.len());
+    let adjustments = |p: &Pipeline| {
+        p.records::<RatedEvent>(&t.rated)
+            .into_iter()
+            .filter(|e| e.adjustment)
+            .count()
+    };
+    let rated_all = |p: &mut Pipeline, what: &str| {
+        p.wait_for(Duration::from_secs(120), what, |p| {
+            p.caught_up("meterflow-rater", &t.usage)
+        });
+    };
+    p.produce(&t.usage, &late);
+    rated_all(&mut p, "the rater to rate the late usage");
+    let once = adjustments(&p);
+    assert!(
+        once >= late.len(),
+        "{once} adjustments for {} late records",
+        late.len()
+    );
+    // the rater restarts (SIGKILL), then the same late usage comes again, as an enricher
+    // replaying would send it: known as taken, not rated a second time
+    p.rater.kill9();
+    p.rater.restart();
+    p.wait_for(
+        Duration::from_secs(120),
+        "the rater back in its group",
+        |p| p.rater.settled_in_group(),
+    );
+    p.produce(&t.usage, &late);
+    rated_all(&mut p, "the rater to read the late usage again");
+    assert_eq!(
+        adjustments(&p),
+        once,
+        "late usage rated again after the restart"
+    );
     p.stop();
 }
 
@@ -592,13 +734,8 @@ fn an_instance_that_moves_node_mid_run_is_billed_once_to_the_cent() {
 fn an_enricher_catching_up_commits_and_sends_its_watermarks_once_the_backlog_is_worked_off() {
     let run = two_days(19);
     let mut p = Pipeline::start_stages(run.clone(), 36_000, "day", &["rater", "settler"]);
-    p.start_collector();
     // the whole run on the samples topic before the enricher starts: a backlog
-    let finished = p
-        .collector
-        .as_mut()
-        .and_then(|c| c.wait(Duration::from_secs(300)));
-    assert!(finished.is_some(), "collector never finished{}", p.logs());
+    collect_all(&mut p);
     // Intervals of an hour: only the end of the backlog (a short batch after full ones)
     // makes its progress durable and sends the watermarks that close the last windows.
     p.launch_with(

@@ -51,6 +51,10 @@ pub struct Report {
     /// Members whose group had not settled when the next fault was due (the run stops).
     pub unsettled: Vec<String>,
     pub seconds: f64,
+    /// The raters' batches that billed late usage as adjustments, and that dropped copies
+    /// of counted usage behind the watermark closing their window (from their logs).
+    pub late_batches: usize,
+    pub copies_behind_close: usize,
 }
 
 impl Report {
@@ -77,6 +81,10 @@ impl Report {
             self.settled_twice,
             self.dead_lettered,
             self.parked
+        );
+        println!(
+            "raters: {} batches billed late usage as adjustments; {} dropped copies behind the watermark closing their window",
+            self.late_batches, self.copies_behind_close
         );
         for d in self.differences.iter().take(20) {
             println!("  {d}");
@@ -211,6 +219,8 @@ pub fn run(c: &Chaos) -> Report {
             parked: 0,
             unsettled,
             seconds,
+            late_batches: 0,
+            copies_behind_close: 0,
         };
     }
     let want = fleet.totals(DAY).len();
@@ -240,6 +250,8 @@ pub fn run(c: &Chaos) -> Report {
         live.insert(r.key.clone(), r.payload.is_some());
     }
     let parked = live.values().filter(|l| **l).count();
+    // every stage's whole log, replicas too
+    let logs: String = p.procs().iter().map(|x| x.log()).collect();
     let report = Report {
         samples: i64::from(c.instances) * c.polls,
         faults,
@@ -251,12 +263,104 @@ pub fn run(c: &Chaos) -> Report {
         parked,
         unsettled,
         seconds,
+        late_batches: logs.matches("late usage billed as adjustments").count(),
+        copies_behind_close: logs
+            .matches("copies of counted usage dropped behind the watermark")
+            .count(),
     };
     if !report.passed() {
+        dump(&p);
         keep(&mut p);
     }
     p.stop();
     report
+}
+
+/// A failed run's usage, revenue events and rater state, record by record (the broker's
+/// storage may be in memory): `usage.csv`, `rated.csv`, `rater_state.csv` in the kept
+/// directory.
+fn dump(p: &Pipeline) {
+    use meterflow_types::{RatedEvent, Usage, Watermark};
+    use std::fmt::Write as _;
+    let Some(dir) = p.dir.as_ref().map(|d| d.path().to_path_buf()) else {
+        return;
+    };
+    let t = &p.kafka.topics;
+    let key = |r: &meterflow_kafka::TableRecord| {
+        String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned()
+    };
+    let mut usage = String::from(
+        "partition,offset,kind,id,sample_id,entity_id,instance_id,interval_start,interval_end,source,time\n",
+    );
+    for r in p.read(&t.usage) {
+        let b = r.payload.as_deref().unwrap_or_default();
+        let _ = if let Ok(u) = meterflow_avro::decode::<Usage>(b) {
+            writeln!(
+                usage,
+                "{},{},usage,{},{},{},{},{},{},,",
+                r.partition,
+                r.offset,
+                u.id,
+                u.sample_id,
+                u.entity_id,
+                u.instance_id,
+                u.interval_start,
+                u.interval_end
+            )
+        } else if let Ok(w) = meterflow_avro::decode::<Watermark>(b) {
+            writeln!(
+                usage,
+                "{},{},watermark,,,,,,,{},{}",
+                r.partition, r.offset, w.source_partition, w.time
+            )
+        } else {
+            writeln!(usage, "{},{},other,,,,,,,,", r.partition, r.offset)
+        };
+    }
+    let mut rated = String::from(
+        "partition,offset,id,entity_id,rule,window_start,adjustment,usage_records,source_partition,quantity,amount\n",
+    );
+    for r in p.read(&t.rated) {
+        let b = r.payload.as_deref().unwrap_or_default();
+        let _ = match meterflow_avro::decode::<RatedEvent>(b) {
+            Ok(e) => writeln!(
+                rated,
+                "{},{},{},{},{}@{},{},{},{},{},{},{}",
+                r.partition,
+                r.offset,
+                e.id,
+                e.entity_id,
+                e.rule_id,
+                e.rule_version,
+                e.window_start,
+                e.adjustment,
+                e.usage_records,
+                e.source_partition,
+                e.quantity,
+                e.amount
+            ),
+            Err(_) => writeln!(rated, "{},{},marker,,,,,,,,", r.partition, r.offset),
+        };
+    }
+    let mut state = String::from("offset,key,bytes\n");
+    for r in p.read(&t.rater_state) {
+        let _ = writeln!(
+            state,
+            "{},{},{}",
+            r.offset,
+            key(&r),
+            r.payload.as_ref().map_or(-1, |b| b.len() as i64)
+        );
+    }
+    for (name, text) in [
+        ("usage.csv", usage),
+        ("rated.csv", rated),
+        ("rater_state.csv", state),
+    ] {
+        if let Err(e) = std::fs::write(dir.join(name), text) {
+            eprintln!("could not write {name}: {e}");
+        }
+    }
 }
 
 /// Keep the run's directory (logs, configs, broker storage) for a failed run.

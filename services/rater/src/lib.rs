@@ -643,6 +643,11 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         // this record's (geometry, window, key) → taken (not a duplicate): the first
         // rule of a geometry decides in the shared set, the others follow
         let mut decided: Vec<(usize, Millis, u128, bool)> = Vec::new();
+        // closed windows that took late usage in this batch (their ids are written again):
+        // how many records, from which offsets
+        let mut late_taken: BTreeMap<(i32, usize, Millis), (u64, i64, i64)> = BTreeMap::new();
+        // copies dropped behind the watermark that closes their window in this batch
+        let mut behind_close = 0u64;
         for (msg, prepared) in batch.messages.iter().zip(prepared) {
             decided.clear();
             let p = msg.partition();
@@ -727,11 +732,28 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                     if replaying {
                                         continue; // handled before the checkpoint
                                     }
+                                    // a window the watermark passed in this batch is
+                                    // closed once the batch is read: until then the ids
+                                    // it counted are its open ones (a copy right behind
+                                    // the closing watermark, in a rater catching up, was
+                                    // billed again)
+                                    if st
+                                        .open_ids
+                                        .get(&(geometry[r], ws))
+                                        .is_some_and(|ids| ids.contains(&k))
+                                    {
+                                        dup_total.inc();
+                                        behind_close += 1;
+                                        continue;
+                                    }
                                     let seen = st.closed_ids[r].entry(ws).or_default();
                                     if !seen.insert(k) {
                                         dup_total.inc(); // counted in the window already
                                         continue;
                                     }
+                                    let e = late_taken.entry((p, r, ws)).or_insert((0, off, off));
+                                    e.0 += 1;
+                                    e.2 = off;
                                     let to_date = if engine.rules[r].reads_to_date {
                                         let ps = period.bounds(ws).0;
                                         vec![(
@@ -810,7 +832,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         // close the windows the watermark has passed
         let mut markers: Vec<(i32, Millis)> = Vec::new();
         // windows closed in this batch (their ids) and windows past the dedup horizon
-        let mut closed_now: Vec<(i32, usize, Millis, std::sync::Arc<[u128]>)> = Vec::new();
+        let mut closed_now: Vec<(i32, usize, Millis)> = Vec::new();
         let mut closed_gone: Vec<(i32, usize, Millis)> = Vec::new();
         for (p, st) in parts.iter_mut() {
             let Some(wm) = st.sources.min() else { continue };
@@ -833,12 +855,14 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                             sorted_ids(st.open_ids.remove(&(g, ws)).unwrap_or_default()).into()
                         })
                         .clone();
-                    let ids = ClosedIds {
-                        counted,
-                        late: Ids::default(),
-                    };
-                    closed_now.push((*p, r, ws, ids.counted.clone()));
-                    st.closed_ids[r].insert(ws, ids);
+                    // late usage this batch took after the watermark passed the window
+                    // (before it closed here) stays known
+                    let late = st.closed_ids[r]
+                        .remove(&ws)
+                        .map(|c| c.late)
+                        .unwrap_or_default();
+                    closed_now.push((*p, r, ws));
+                    st.closed_ids[r].insert(ws, ClosedIds { counted, late });
                     closed_gone.extend(
                         prune_closed(&mut st.closed_ids[r], horizon)
                             .into_iter()
@@ -900,16 +924,46 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         if engine.rules.len() == quarantined.len() {
             anyhow::bail!("every rule is quarantined");
         }
-        // The ids each closed window counted, sent whether or not progress is due now:
-        // acknowledged (with the revenue events) before any checkpoint that passes it, so
-        // usage replayed after a crash is still known as counted; a tombstone once past
-        // the horizon.
-        for (p, r, ws, ids) in closed_now {
+        if behind_close > 0 {
+            // an upstream replay that reached this rater only after the window's watermark
+            tracing::info!(
+                pieces = behind_close,
+                "copies of counted usage dropped behind the watermark that closed their windows"
+            );
+        }
+        for ((p, r, ws), (records, first, last)) in &late_taken {
+            tracing::info!(
+                partition = p,
+                rule = %rule_tag(engine, *r),
+                window_start = %meterflow_types::time::fmt_rfc3339(*ws),
+                records,
+                offsets = %format!("{first}..={last}"),
+                "late usage billed as adjustments"
+            );
+        }
+        // The ids each closed window counted (and the late usage it took as adjustments),
+        // sent whether or not progress is due now: acknowledged (with the revenue events)
+        // before any checkpoint that passes it, so usage replayed after a crash is still
+        // known as counted; a tombstone once past the horizon.
+        let more: Vec<_> = late_taken
+            .into_keys()
+            .filter(|w| !closed_now.contains(w))
+            .collect();
+        closed_now.extend(more);
+        for (p, r, ws) in closed_now {
+            let Some(c) = parts.get(&p).and_then(|st| st.closed_ids[r].get(&ws)) else {
+                continue; // past the horizon already (tombstoned below)
+            };
+            let ids = if c.late.is_empty() {
+                id_bytes(&c.counted)
+            } else {
+                id_bytes(&sorted_ids(c.counted.iter().chain(c.late.iter()).copied()))
+            };
             let rec = meterflow_types::RaterClosedWindow {
                 partition: p,
                 rule: rule_tag(engine, r),
                 window_start: ws,
-                ids: id_bytes(&ids),
+                ids,
             };
             io.send(
                 &topics.rater_state,
