@@ -4,5 +4,6 @@ mod chaos;
 mod hostile;
 mod probe;
 mod query;
+mod redelivery;
 mod tansu;
 mod up;

@@ -55,6 +55,10 @@ pub struct Report {
     /// of counted usage behind the watermark closing their window (from their logs).
     pub late_batches: usize,
     pub copies_behind_close: usize,
+    /// The raters' batches that dropped copies of usage in closed windows at all.
+    pub copies_after_close: usize,
+    /// Batches of any stage that dropped records the Kafka client delivered again.
+    pub redelivered: usize,
 }
 
 impl Report {
@@ -83,8 +87,12 @@ impl Report {
             self.parked
         );
         println!(
-            "raters: {} batches billed late usage as adjustments; {} dropped copies behind the watermark closing their window",
-            self.late_batches, self.copies_behind_close
+            "raters: {} batches billed late usage as adjustments; {} dropped copies of usage in closed windows, {} of them behind the watermark closing the window in the same batch",
+            self.late_batches, self.copies_after_close, self.copies_behind_close
+        );
+        println!(
+            "stages: {} batches dropped records their Kafka client delivered again",
+            self.redelivered
         );
         for d in self.differences.iter().take(20) {
             println!("  {d}");
@@ -221,6 +229,8 @@ pub fn run(c: &Chaos) -> Report {
             seconds,
             late_batches: 0,
             copies_behind_close: 0,
+            copies_after_close: 0,
+            redelivered: 0,
         };
     }
     let want = fleet.totals(DAY).len();
@@ -265,10 +275,19 @@ pub fn run(c: &Chaos) -> Report {
         seconds,
         late_batches: logs.matches("late usage billed as adjustments").count(),
         copies_behind_close: logs
-            .matches("copies of counted usage dropped behind the watermark")
+            .lines()
+            .filter(|l| l.contains("copies of usage counted in closed windows dropped"))
+            .filter(|l| !l.contains("in_this_batch=0"))
+            .count(),
+        copies_after_close: logs
+            .matches("copies of usage counted in closed windows dropped")
+            .count(),
+        redelivered: logs
+            .matches("records delivered again by the client dropped")
             .count(),
     };
-    if !report.passed() {
+    // METERFLOW_CHAOS_DUMP keeps a passing run's files too
+    if !report.passed() || std::env::var_os("METERFLOW_CHAOS_DUMP").is_some() {
         dump(&p);
         keep(&mut p);
     }

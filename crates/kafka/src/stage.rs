@@ -43,6 +43,11 @@ pub struct Ctx {
     /// revoke) are dropped and their offsets never committed: a member that lost a
     /// partition must not commit over its new owner's progress.
     owned: Mutex<HashMap<(String, i32), i64>>,
+    /// The offsets handed to the stage since each partition was assigned, as one range
+    /// `[first, next)`: a record inside it is one the client delivered again, dropped
+    /// (a stage sees each record of an assignment once). Forgotten on every assignment
+    /// change and rewind.
+    delivered: Mutex<HashMap<(String, i32), (i64, i64)>>,
     rewind: i64,
     /// Partition ends from the client's statistics, for the probes' `lag`.
     ends: crate::probe::PartitionEnds,
@@ -112,6 +117,11 @@ impl ConsumerContext for Ctx {
                     owned.extend(parts(tpl).into_iter().map(|k| (k, 0)));
                     owned.extend(floors);
                 }
+                if let Ok(mut d) = self.delivered.lock() {
+                    for k in parts(tpl) {
+                        d.remove(&k);
+                    }
+                }
                 if let Err(e) = c.assign(tpl) {
                     tracing::error!(error = %e, "assigning partitions");
                 }
@@ -126,6 +136,11 @@ impl ConsumerContext for Ctx {
                 if let Ok(mut owned) = self.owned.lock() {
                     for k in parts(tpl) {
                         owned.remove(&k);
+                    }
+                }
+                if let Ok(mut d) = self.delivered.lock() {
+                    for k in parts(tpl) {
+                        d.remove(&k);
                     }
                 }
                 if let Ok(mut ev) = self.events.lock() {
@@ -156,6 +171,34 @@ pub struct Coordinates<'a> {
     pub offset: i64,
     pub key: Option<&'a [u8]>,
     pub payload: &'a [u8],
+}
+
+/// Drop from `messages` the records of a partition inside the range already handed over
+/// since its assignment (`delivered`: partition → `[first, next)`), and extend the range
+/// by the rest; (partition, offset) of each dropped one.
+fn drop_delivered(
+    delivered: &mut HashMap<(String, i32), (i64, i64)>,
+    messages: &mut Vec<OwnedMessage>,
+) -> Vec<(i32, i64)> {
+    let mut again = Vec::new();
+    messages.retain(|m| {
+        let o = m.offset();
+        match delivered.get_mut(&(m.topic().to_string(), m.partition())) {
+            Some((first, n)) if *first <= o && o < *n => {
+                again.push((m.partition(), o));
+                false
+            }
+            Some((_, n)) => {
+                *n = (*n).max(o + 1);
+                true
+            }
+            None => {
+                delivered.insert((m.topic().to_string(), m.partition()), (o, o + 1));
+                true
+            }
+        }
+    });
+    again
 }
 
 pub struct Batch {
@@ -232,6 +275,7 @@ impl StageIo {
                 events: Mutex::new(Vec::new()),
                 changed: tokio::sync::Notify::new(),
                 owned: Mutex::new(HashMap::new()),
+                delivered: Mutex::new(HashMap::new()),
                 rewind: cfg.resume_rewind,
                 ends: Default::default(),
             })
@@ -327,6 +371,23 @@ impl StageIo {
                     .find(|(t, p, _)| *p == m.partition() && *t == m.topic())
                     .is_some_and(|(_, _, floor)| m.offset() >= *floor)
             });
+        }
+        // each record once: the client can hand a range over again (seen on Tansu 0.6
+        // as a restarted rater caught up; RELIABILITY.md, session 37)
+        if let Ok(mut next) = self.consumer.context().delivered.lock() {
+            let again = drop_delivered(&mut next, &mut messages);
+            if !again.is_empty() {
+                let (lo, hi) = again.iter().fold((i64::MAX, i64::MIN), |(lo, hi), (_, o)| {
+                    (lo.min(*o), hi.max(*o))
+                });
+                tracing::warn!(
+                    stage = %self.stage,
+                    records = again.len(),
+                    partitions = ?again.iter().map(|(p, _)| *p).collect::<std::collections::BTreeSet<_>>(),
+                    offsets = %format!("{lo}..={hi}"),
+                    "records delivered again by the client dropped"
+                );
+            }
         }
         let rebalances = std::mem::take(
             &mut *self
@@ -506,6 +567,9 @@ impl StageIo {
                 Some(floor) => *floor = offset,
                 None => return Ok(()), // not ours (any more): nothing to re-read
             }
+        }
+        if let Ok(mut d) = ctx.delivered.lock() {
+            d.remove(&(topic.to_string(), partition));
         }
         let from = (offset - ctx.rewind).max(0);
         self.consumer
@@ -712,5 +776,60 @@ mod commit_log_tests {
         // off unless asked for
         assert_eq!(logged("info", &tpl), "");
         assert_eq!(parse_commit_log("INFO committed 3 records"), None);
+    }
+}
+
+#[cfg(test)]
+mod delivered_tests {
+    use super::*;
+
+    fn msgs(p: i32, offsets: &[i64]) -> Vec<OwnedMessage> {
+        offsets
+            .iter()
+            .map(|o| {
+                OwnedMessage::new(
+                    Some(b"v".to_vec()),
+                    None,
+                    "usage".into(),
+                    rdkafka::Timestamp::NotAvailable,
+                    p,
+                    *o,
+                    None,
+                )
+            })
+            .collect()
+    }
+
+    fn offsets(m: &[OwnedMessage]) -> Vec<(i32, i64)> {
+        m.iter().map(|m| (m.partition(), m.offset())).collect()
+    }
+
+    #[test]
+    fn a_range_handed_over_again_is_dropped_once_and_only_it() {
+        let mut d = HashMap::new();
+        let mut b = msgs(0, &[100, 101, 102]);
+        b.extend(msgs(1, &[7]));
+        assert!(drop_delivered(&mut d, &mut b).is_empty());
+        assert_eq!(offsets(&b), [(0, 100), (0, 101), (0, 102), (1, 7)]);
+        // the client hands 101..=102 over again (one of them twice) with what follows
+        let mut b = msgs(0, &[101, 102, 102, 103, 104]);
+        b.extend(msgs(1, &[8]));
+        assert_eq!(
+            drop_delivered(&mut d, &mut b),
+            [(0, 101), (0, 102), (0, 102)]
+        );
+        assert_eq!(offsets(&b), [(0, 103), (0, 104), (1, 8)]);
+        // offsets past a gap (transaction markers, compaction) are new
+        let mut b = msgs(0, &[110]);
+        assert!(drop_delivered(&mut d, &mut b).is_empty());
+        // below the first offset handed over: not seen in this assignment, kept
+        let mut b = msgs(0, &[99]);
+        assert!(drop_delivered(&mut d, &mut b).is_empty());
+        assert_eq!(offsets(&b), [(0, 99)]);
+        // a new assignment (or a rewind) forgets the range: all of it again
+        d.remove(&("usage".to_string(), 0));
+        let mut b = msgs(0, &[100, 101]);
+        assert!(drop_delivered(&mut d, &mut b).is_empty());
+        assert_eq!(b.len(), 2);
     }
 }

@@ -646,8 +646,10 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         // closed windows that took late usage in this batch (their ids are written again):
         // how many records, from which offsets
         let mut late_taken: BTreeMap<(i32, usize, Millis), (u64, i64, i64)> = BTreeMap::new();
-        // copies dropped behind the watermark that closes their window in this batch
+        // copies dropped behind the watermark that closes their window in this batch, and
+        // copies of usage in windows closed before it
         let mut behind_close = 0u64;
+        let mut behind_closed = 0u64;
         for (msg, prepared) in batch.messages.iter().zip(prepared) {
             decided.clear();
             let p = msg.partition();
@@ -749,6 +751,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
                                     let seen = st.closed_ids[r].entry(ws).or_default();
                                     if !seen.insert(k) {
                                         dup_total.inc(); // counted in the window already
+                                        behind_closed += 1;
                                         continue;
                                     }
                                     let e = late_taken.entry((p, r, ws)).or_insert((0, off, off));
@@ -924,11 +927,12 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         if engine.rules.len() == quarantined.len() {
             anyhow::bail!("every rule is quarantined");
         }
-        if behind_close > 0 {
+        if behind_close + behind_closed > 0 {
             // an upstream replay that reached this rater only after the window's watermark
             tracing::info!(
-                pieces = behind_close,
-                "copies of counted usage dropped behind the watermark that closed their windows"
+                in_this_batch = behind_close,
+                before = behind_closed,
+                "copies of usage counted in closed windows dropped"
             );
         }
         for ((p, r, ws), (records, first, last)) in &late_taken {
