@@ -3,7 +3,6 @@
 
 use meterflow_avro::{InstancesMsg, SamplesMsg};
 use meterflow_kafka::KafkaConfig;
-use meterflow_tests::pipeline::block_on;
 use meterflow_tests::{bin, meterflow, Proc, Tansu};
 use meterflow_types::{Dec, Sample};
 use std::collections::BTreeMap;
@@ -90,12 +89,7 @@ fn query(brokers: &str, extra: &[&str]) -> (Option<i32>, serde_json::Value) {
 fn every_node_answers_a_query_a_stopped_one_is_named_and_usage_equals_the_samples_topic() {
     let dir = tempfile::tempdir().expect("tmp");
     let broker = Tansu::start(dir.path());
-    let cfg = KafkaConfig {
-        brokers: broker.brokers(),
-        partitions: 4,
-        ..KafkaConfig::default()
-    };
-    block_on(meterflow_kafka::ensure_topics(&cfg)).expect("topics");
+    let cfg = broker.with_topics();
     let mut procs: Vec<Proc> = ['a', 'b', 'c']
         .iter()
         .map(|n| collector(dir.path(), &cfg.brokers, *n))

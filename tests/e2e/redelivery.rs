@@ -60,12 +60,7 @@ fn read_all(
 fn a_stage_takes_each_record_of_an_assignment_once_and_in_order() {
     let dir = tempfile::tempdir().expect("tmp");
     let broker = Tansu::start(dir.path());
-    let cfg = KafkaConfig {
-        brokers: broker.brokers(),
-        partitions: 4,
-        ..KafkaConfig::default()
-    };
-    block_on(meterflow_kafka::ensure_topics(&cfg)).expect("topics");
+    let cfg = broker.with_topics();
     let topic = cfg.topics.usage.clone();
     // many producer batches per partition, as the enricher writes them
     let mut out = meterflow_kafka::Outbox::connect(&cfg, "test-producer").expect("producer");

@@ -409,6 +409,18 @@ impl Tansu {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The Kafka settings of a test on this broker (4 partitions a topic), every
+    /// meterflow topic created.
+    pub fn with_topics(&self) -> meterflow_kafka::KafkaConfig {
+        let cfg = meterflow_kafka::KafkaConfig {
+            brokers: self.brokers(),
+            partitions: 4,
+            ..meterflow_kafka::KafkaConfig::default()
+        };
+        crate::pipeline::block_on(meterflow_kafka::ensure_topics(&cfg)).expect("topics");
+        cfg
+    }
+
     pub fn storage(&self) -> &str {
         &self.storage
     }
