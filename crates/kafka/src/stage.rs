@@ -183,7 +183,12 @@ fn drop_delivered(
     let mut again = Vec::new();
     messages.retain(|m| {
         let o = m.offset();
-        match delivered.get_mut(&(m.topic().to_string(), m.partition())) {
+        // a member owns a few partitions: a scan, with no key to build per message
+        let range = delivered
+            .iter_mut()
+            .find(|((t, p), _)| *p == m.partition() && t == m.topic())
+            .map(|(_, r)| r);
+        match range {
             Some((first, n)) if *first <= o && o < *n => {
                 again.push((m.partition(), o));
                 false
