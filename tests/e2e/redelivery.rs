@@ -2,7 +2,7 @@
 //! from the beginning and from a committed offset (which it starts `resume_rewind`
 //! records before, dropping what lies below). The 1M chaos runs saw the client hand
 //! records over again right after assignments (RELIABILITY.md, session 37); this plain
-//! setup does not provoke that, the unit test of `drop_delivered` covers the drop.
+//! setup does not provoke that; the unit test of `Owned::admit` covers the drop.
 
 use meterflow_kafka::Message;
 use meterflow_kafka::{Assignment, KafkaConfig, StageIo};

@@ -295,7 +295,7 @@ pub fn run(c: &Chaos) -> Report {
     report
 }
 
-/// A failed run's usage, revenue events and rater state, record by record (the broker's
+/// A kept run's usage, revenue events and rater state, record by record (the broker's
 /// storage may be in memory): `usage.csv`, `rated.csv`, `rater_state.csv` in the kept
 /// directory.
 fn dump(p: &Pipeline) {

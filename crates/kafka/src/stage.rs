@@ -38,19 +38,53 @@ pub struct Ctx {
     events: Mutex<Vec<Assignment>>,
     /// Told of every assignment change (`next_batch` returns to the stage at once).
     changed: tokio::sync::Notify,
-    /// The partitions this member owns now → the committed offset at assignment (records
-    /// below it are dropped; 0 when none). Records of other partitions (fetched before a
+    /// The partitions this member owns now. Records of other partitions (fetched before a
     /// revoke) are dropped and their offsets never committed: a member that lost a
     /// partition must not commit over its new owner's progress.
-    owned: Mutex<HashMap<(String, i32), i64>>,
-    /// The offsets handed to the stage since each partition was assigned, as one range
-    /// `[first, next)`: a record inside it is one the client delivered again, dropped
-    /// (a stage sees each record of an assignment once). Forgotten on every assignment
-    /// change and rewind.
-    delivered: Mutex<HashMap<(String, i32), (i64, i64)>>,
+    owned: Mutex<HashMap<(String, i32), Owned>>,
     rewind: i64,
     /// Partition ends from the client's statistics, for the probes' `lag`.
     ends: crate::probe::PartitionEnds,
+}
+
+/// What a member holds of a partition it owns.
+#[derive(Clone, Copy, Debug, Default)]
+struct Owned {
+    /// Records below it are dropped: the committed offset at assignment (0 when none),
+    /// or a rewind's offset.
+    floor: i64,
+    /// The offsets handed to the stage since then, as one range `[first, next)`: a record
+    /// inside it is one the client delivered again, dropped (a stage sees each record of
+    /// an assignment once).
+    handed: Option<(i64, i64)>,
+}
+
+impl Owned {
+    fn from(floor: i64) -> Owned {
+        Owned {
+            floor,
+            handed: None,
+        }
+    }
+
+    /// Whether the record at `offset` goes to the stage (then it is counted as handed
+    /// over): `None` below the floor, `Some(false)` if handed over already.
+    fn admit(&mut self, offset: i64) -> Option<bool> {
+        if offset < self.floor {
+            return None;
+        }
+        Some(match &mut self.handed {
+            Some((first, next)) if *first <= offset && offset < *next => false,
+            Some((_, next)) => {
+                *next = (*next).max(offset + 1);
+                true
+            }
+            None => {
+                self.handed = Some((offset, offset + 1));
+                true
+            }
+        })
+    }
 }
 
 fn parts(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -114,13 +148,8 @@ impl ConsumerContext for Ctx {
                     }
                 }
                 if let Ok(mut owned) = self.owned.lock() {
-                    owned.extend(parts(tpl).into_iter().map(|k| (k, 0)));
-                    owned.extend(floors);
-                }
-                if let Ok(mut d) = self.delivered.lock() {
-                    for k in parts(tpl) {
-                        d.remove(&k);
-                    }
+                    owned.extend(parts(tpl).into_iter().map(|k| (k, Owned::from(0))));
+                    owned.extend(floors.into_iter().map(|(k, o)| (k, Owned::from(o))));
                 }
                 if let Err(e) = c.assign(tpl) {
                     tracing::error!(error = %e, "assigning partitions");
@@ -136,11 +165,6 @@ impl ConsumerContext for Ctx {
                 if let Ok(mut owned) = self.owned.lock() {
                     for k in parts(tpl) {
                         owned.remove(&k);
-                    }
-                }
-                if let Ok(mut d) = self.delivered.lock() {
-                    for k in parts(tpl) {
-                        d.remove(&k);
                     }
                 }
                 if let Ok(mut ev) = self.events.lock() {
@@ -171,39 +195,6 @@ pub struct Coordinates<'a> {
     pub offset: i64,
     pub key: Option<&'a [u8]>,
     pub payload: &'a [u8],
-}
-
-/// Drop from `messages` the records of a partition inside the range already handed over
-/// since its assignment (`delivered`: partition → `[first, next)`), and extend the range
-/// by the rest; (partition, offset) of each dropped one.
-fn drop_delivered(
-    delivered: &mut HashMap<(String, i32), (i64, i64)>,
-    messages: &mut Vec<OwnedMessage>,
-) -> Vec<(i32, i64)> {
-    let mut again = Vec::new();
-    messages.retain(|m| {
-        let o = m.offset();
-        // a member owns a few partitions: a scan, with no key to build per message
-        let range = delivered
-            .iter_mut()
-            .find(|((t, p), _)| *p == m.partition() && t == m.topic())
-            .map(|(_, r)| r);
-        match range {
-            Some((first, n)) if *first <= o && o < *n => {
-                again.push((m.partition(), o));
-                false
-            }
-            Some((_, n)) => {
-                *n = (*n).max(o + 1);
-                true
-            }
-            None => {
-                delivered.insert((m.topic().to_string(), m.partition()), (o, o + 1));
-                true
-            }
-        }
-    });
-    again
 }
 
 pub struct Batch {
@@ -280,7 +271,6 @@ impl StageIo {
                 events: Mutex::new(Vec::new()),
                 changed: tokio::sync::Notify::new(),
                 owned: Mutex::new(HashMap::new()),
-                delivered: Mutex::new(HashMap::new()),
                 rewind: cfg.resume_rewind,
                 ends: Default::default(),
             })
@@ -363,24 +353,22 @@ impl StageIo {
             }
         }
         drop(stream);
-        // only partitions owned now, and nothing below the committed offset (rewind)
-        if let Ok(owned) = self.consumer.context().owned.lock() {
-            // a member owns a few partitions: a scan, with no key to build per message
-            let owned: Vec<(&str, i32, i64)> = owned
-                .iter()
-                .map(|((t, p), floor)| (t.as_str(), *p, *floor))
-                .collect();
+        // only partitions owned now, nothing below the committed offset (rewind), and each
+        // record once: the client can hand a range over again (seen on Tansu 0.6 as a
+        // restarted rater caught up; RELIABILITY.md, session 37)
+        if let Ok(mut owned) = self.consumer.context().owned.lock() {
+            let mut again: Vec<(i32, i64)> = Vec::new();
             messages.retain(|m| {
-                owned
-                    .iter()
-                    .find(|(t, p, _)| *p == m.partition() && *t == m.topic())
-                    .is_some_and(|(_, _, floor)| m.offset() >= *floor)
+                // a member owns a few partitions: a scan, with no key to build per message
+                let admitted = owned
+                    .iter_mut()
+                    .find(|((t, p), _)| *p == m.partition() && t == m.topic())
+                    .and_then(|(_, o)| o.admit(m.offset()));
+                if admitted == Some(false) {
+                    again.push((m.partition(), m.offset()));
+                }
+                admitted == Some(true)
             });
-        }
-        // each record once: the client can hand a range over again (seen on Tansu 0.6
-        // as a restarted rater caught up; RELIABILITY.md, session 37)
-        if let Ok(mut next) = self.consumer.context().delivered.lock() {
-            let again = drop_delivered(&mut next, &mut messages);
             if !again.is_empty() {
                 let (lo, hi) = again.iter().fold((i64::MAX, i64::MIN), |(lo, hi), (_, o)| {
                     (lo.min(*o), hi.max(*o))
@@ -569,12 +557,10 @@ impl StageIo {
         let ctx = self.consumer.context();
         if let Ok(mut owned) = ctx.owned.lock() {
             match owned.get_mut(&(topic.to_string(), partition)) {
-                Some(floor) => *floor = offset,
+                // read again from `offset` on purpose: nothing counts as handed over
+                Some(o) => *o = Owned::from(offset),
                 None => return Ok(()), // not ours (any more): nothing to re-read
             }
-        }
-        if let Ok(mut d) = ctx.delivered.lock() {
-            d.remove(&(topic.to_string(), partition));
         }
         let from = (offset - ctx.rewind).max(0);
         self.consumer
@@ -785,56 +771,41 @@ mod commit_log_tests {
 }
 
 #[cfg(test)]
-mod delivered_tests {
+mod owned_tests {
     use super::*;
-
-    fn msgs(p: i32, offsets: &[i64]) -> Vec<OwnedMessage> {
-        offsets
-            .iter()
-            .map(|o| {
-                OwnedMessage::new(
-                    Some(b"v".to_vec()),
-                    None,
-                    "usage".into(),
-                    rdkafka::Timestamp::NotAvailable,
-                    p,
-                    *o,
-                    None,
-                )
-            })
-            .collect()
-    }
-
-    fn offsets(m: &[OwnedMessage]) -> Vec<(i32, i64)> {
-        m.iter().map(|m| (m.partition(), m.offset())).collect()
-    }
 
     #[test]
     fn a_range_handed_over_again_is_dropped_once_and_only_it() {
-        let mut d = HashMap::new();
-        let mut b = msgs(0, &[100, 101, 102]);
-        b.extend(msgs(1, &[7]));
-        assert!(drop_delivered(&mut d, &mut b).is_empty());
-        assert_eq!(offsets(&b), [(0, 100), (0, 101), (0, 102), (1, 7)]);
+        let mut o = Owned::from(100);
+        let take = |o: &mut Owned, offs: &[i64]| -> Vec<Option<bool>> {
+            offs.iter().map(|x| o.admit(*x)).collect()
+        };
+        // below the floor (the committed offset): dropped, not counted
+        assert_eq!(take(&mut o, &[98, 99]), [None, None]);
+        assert_eq!(take(&mut o, &[100, 101, 102]), [Some(true); 3]);
         // the client hands 101..=102 over again (one of them twice) with what follows
-        let mut b = msgs(0, &[101, 102, 102, 103, 104]);
-        b.extend(msgs(1, &[8]));
         assert_eq!(
-            drop_delivered(&mut d, &mut b),
-            [(0, 101), (0, 102), (0, 102)]
+            take(&mut o, &[101, 102, 102, 103, 104]),
+            [
+                Some(false),
+                Some(false),
+                Some(false),
+                Some(true),
+                Some(true)
+            ]
         );
-        assert_eq!(offsets(&b), [(0, 103), (0, 104), (1, 8)]);
         // offsets past a gap (transaction markers, compaction) are new
-        let mut b = msgs(0, &[110]);
-        assert!(drop_delivered(&mut d, &mut b).is_empty());
-        // below the first offset handed over: not seen in this assignment, kept
-        let mut b = msgs(0, &[99]);
-        assert!(drop_delivered(&mut d, &mut b).is_empty());
-        assert_eq!(offsets(&b), [(0, 99)]);
-        // a new assignment (or a rewind) forgets the range: all of it again
-        d.remove(&("usage".to_string(), 0));
-        let mut b = msgs(0, &[100, 101]);
-        assert!(drop_delivered(&mut d, &mut b).is_empty());
-        assert_eq!(b.len(), 2);
+        assert_eq!(take(&mut o, &[110]), [Some(true)]);
+        assert_eq!(take(&mut o, &[105, 110]), [Some(false), Some(false)]);
+        // a new assignment (or a rewind) starts again: all of it once more
+        let mut o = Owned::from(100);
+        assert_eq!(take(&mut o, &[100, 101]), [Some(true); 2]);
+        // with no committed offset (floor 0), a first record past the start: earlier ones
+        // arriving later were not handed over, and go to the stage
+        let mut o = Owned::from(0);
+        assert_eq!(
+            take(&mut o, &[50, 49, 50]),
+            [Some(true), Some(true), Some(false)]
+        );
     }
 }

@@ -928,7 +928,7 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
             anyhow::bail!("every rule is quarantined");
         }
         if behind_close + behind_closed > 0 {
-            // an upstream replay that reached this rater only after the window's watermark
+            // copies that reached this rater after their window's watermark
             tracing::info!(
                 in_this_batch = behind_close,
                 before = behind_closed,
@@ -949,11 +949,9 @@ pub async fn run(cfg: RaterConfig, ctx: Ctx) -> Result<()> {
         // sent whether or not progress is due now: acknowledged (with the revenue events)
         // before any checkpoint that passes it, so usage replayed after a crash is still
         // known as counted; a tombstone once past the horizon.
-        let more: Vec<_> = late_taken
-            .into_keys()
-            .filter(|w| !closed_now.contains(w))
-            .collect();
-        closed_now.extend(more);
+        closed_now.extend(late_taken.into_keys());
+        closed_now.sort_unstable();
+        closed_now.dedup();
         for (p, r, ws) in closed_now {
             let Some(c) = parts.get(&p).and_then(|st| st.closed_ids[r].get(&ws)) else {
                 continue; // past the horizon already (tombstoned below)
