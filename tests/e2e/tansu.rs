@@ -1913,6 +1913,35 @@ fn past_the_deadline_a_period_is_settled_incomplete_then_completed_exactly() {
 }
 
 #[test]
+fn a_settler_syncing_its_filesystem_once_a_phase_settles_exactly_through_a_kill() {
+    let run = two_days(37);
+    let mut p = Pipeline::start_stages(run.clone(), 7_200, "day", &["enricher", "rater"]);
+    let out = p.out.display().to_string();
+    p.launch_with(
+        "settler",
+        &format!(
+            "period = \"day\"\nout_dir = \"{out}\"\n[storage_options]\nsync = \"filesystem\"\n"
+        ),
+    );
+    p.start_collector();
+    // a crash between the files and the offset commit
+    p.wait_for(Duration::from_secs(120), "the first file sets", |p| {
+        meterflow_settler::files::all_manifests(&p.out).is_ok_and(|m| !m.is_empty())
+    });
+    p.settler.kill9();
+    p.settler.restart();
+    p.drain(Duration::from_secs(300), all_periods_settled(&run));
+    let s = Settled::read(&p.out);
+    assert!(s.manifests.iter().all(|m| m.version == 1));
+    s.assert_matches(&run, DAY);
+    assert!(
+        p.settler.log().contains("sync=Filesystem"),
+        "the settler took the option"
+    );
+    p.stop();
+}
+
+#[test]
 fn settlement_files_on_s3_compatible_storage_survive_a_settler_kill_index_once_and_rebuild_byte_for_byte(
 ) {
     use meterflow_settler::store::{blocking, Store};

@@ -37,8 +37,11 @@ pub struct SettlerConfig {
     /// (S3-compatible object storage, configured from the `AWS_*` environment and
     /// `storage_options`).
     pub out_dir: String,
-    /// Object-store options for `out_dir` (S3: `aws_endpoint`, `aws_region`,
-    /// `aws_allow_http`, `aws_access_key_id`, `aws_secret_access_key`, ...).
+    /// Options for `out_dir`. S3: `aws_endpoint`, `aws_region`, `aws_allow_http`,
+    /// `aws_access_key_id`, `aws_secret_access_key`, ... A directory: `sync`, `each`
+    /// (fsync every file and directory written, the default) or `filesystem` (Linux: one
+    /// `syncfs` a phase of a batch, for a directory on a filesystem of its own; see
+    /// `store::LocalSync`).
     pub storage_options: BTreeMap<String, String>,
     /// `month`, `week` or `day` (calendar, UTC unless a time zone is named:
     /// `month@Europe/Berlin`), or a fixed duration such as `6h`. The rater's
@@ -425,13 +428,14 @@ fn spawn_master(
 pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
     let period = Period::parse(&cfg.period).map_err(anyhow::Error::msg)?;
     let bounds = period.memo();
+    // before waiting for the broker: a bad location or option is an error at once
+    let store = Store::open(&cfg.out_dir, &cfg.storage_options)?;
+    tracing::info!(location = %store, sync = ?store.sync(), "settlement files go to");
     if !meterflow_kafka::await_brokers(&cfg.kafka, &ctx.shutdown).await? {
         return Ok(()); // stopped before the broker answered
     }
     ensure_topics(&cfg.kafka).await?;
     let topics = cfg.kafka.topics.clone();
-    let store = Store::open(&cfg.out_dir, &cfg.storage_options)?;
-    tracing::info!(location = %store, "settlement files go to");
     let mut io = StageIo::new(
         &cfg.kafka,
         "settler",

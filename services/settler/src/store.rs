@@ -16,6 +16,16 @@
 //! blocking task a set).
 //! Only the `announced` markers are left unsynced (`put_unsynced`): losing one repeats
 //! an announcement, which is safe to repeat.
+//!
+//! A local directory opened with the storage option `sync = "filesystem"` (Linux) makes
+//! a batch of file sets durable with one `syncfs` of its filesystem a phase instead of
+//! an fsync a file and directory (`LocalSync`): every data file of the batch staged,
+//! the filesystem synced, the data files renamed into place and every manifest staged,
+//! synced again, the manifests renamed into place, synced a third time. The same order
+//! holds (a manifest exists only once the files it lists are durable, a name never
+//! points at bytes not yet on disk), at three syncs a batch; but a `syncfs` writes out
+//! everything dirty on that filesystem, other programs' writes too, so it is for a
+//! settlement directory on a filesystem of its own.
 
 use anyhow::{bail, Context, Result};
 use object_store::path::Path as ObjPath;
@@ -33,7 +43,37 @@ pub struct Store {
     prefix: ObjPath,
     /// A local directory's absolute path (writes there are fsynced).
     local: Option<PathBuf>,
+    /// How a local directory's file sets are made durable.
+    sync: LocalSync,
     location: String,
+}
+
+/// How a local directory makes a batch of file sets durable (the storage option
+/// `sync`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LocalSync {
+    /// `each` (the default): fsync every file and directory written, the sets side by
+    /// side. Right on any filesystem, shared or not.
+    #[default]
+    Each,
+    /// `filesystem` (Linux): one `syncfs` of the directory's filesystem a phase of the
+    /// batch, three a batch, whatever its number of files. It writes out every dirty
+    /// page of that filesystem, so it is for a settlement directory on a filesystem of
+    /// its own (beside a broker's log it waits for the broker's writes too).
+    Filesystem,
+}
+
+impl std::str::FromStr for LocalSync {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<LocalSync> {
+        match s {
+            "each" => Ok(LocalSync::Each),
+            "filesystem" if cfg!(target_os = "linux") => Ok(LocalSync::Filesystem),
+            "filesystem" => bail!("sync = \"filesystem\" needs Linux (syncfs)"),
+            other => bail!("sync = {other:?}: use \"each\" or \"filesystem\""),
+        }
+    }
 }
 
 impl std::fmt::Display for Store {
@@ -49,12 +89,13 @@ impl Store {
     /// `aws_access_key_id`, ...; an unknown key is an error).
     pub fn open(location: &str, options: &BTreeMap<String, String>) -> Result<Store> {
         match location.split_once("://") {
-            None => Store::local(Path::new(location)),
-            Some(("file", path)) => Store::local(Path::new(path)),
+            None => Store::local_with(Path::new(location), options),
+            Some(("file", path)) => Store::local_with(Path::new(path), options),
             Some(("memory", _)) => Ok(Store {
                 inner: Arc::new(object_store::memory::InMemory::new()),
                 prefix: ObjPath::default(),
                 local: None,
+                sync: LocalSync::Each,
                 location: location.to_string(),
             }),
             Some(("s3", rest)) => s3(location, rest, options),
@@ -66,6 +107,21 @@ impl Store {
 
     /// A local directory (created if missing).
     pub fn local(dir: &Path) -> Result<Store> {
+        Store::local_with(dir, &BTreeMap::new())
+    }
+
+    /// A local directory with storage options: `sync` (`each` or `filesystem`, see
+    /// `LocalSync`) is the only one; any other is an error.
+    pub fn local_with(dir: &Path, options: &BTreeMap<String, String>) -> Result<Store> {
+        let mut sync = LocalSync::Each;
+        for (k, v) in options {
+            match k.as_str() {
+                "sync" => sync = v.parse().with_context(|| format!("storage option {k:?}"))?,
+                _ => {
+                    bail!("storage option {k:?}: a local settlement directory takes only \"sync\"")
+                }
+            }
+        }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let abs = dir
             .canonicalize()
@@ -74,8 +130,14 @@ impl Store {
             inner: Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&abs)?),
             prefix: ObjPath::default(),
             local: Some(abs),
+            sync,
             location: dir.display().to_string(),
         })
+    }
+
+    /// How a local directory's file sets are made durable (`Each` for object stores).
+    pub fn sync(&self) -> LocalSync {
+        self.sync
     }
 
     /// The local directory behind this store, if it is one.
@@ -177,8 +239,10 @@ impl Store {
     /// threads cost as much as the writes): its data files, each synced before it is
     /// renamed into place; their directory synced; the manifest the same way and its
     /// directory again. The sets run side by side, then every directory above them up
-    /// to the root is synced once. An object store's writes are durable on return:
-    /// every data file, then every manifest.
+    /// to the root is synced once. With `sync = "filesystem"`, the whole batch on one
+    /// blocking task in three phases, each ended by one `syncfs` (see `LocalSync`). An
+    /// object store's writes are durable on return: every data file, then every
+    /// manifest.
     pub async fn put_sets(&self, sets: Vec<FileSet>) -> Result<()> {
         let Some(root) = self.local.clone() else {
             let (data, manifests): (Vec<_>, Vec<_>) = sets.into_iter().unzip();
@@ -186,6 +250,13 @@ impl Store {
                 .await?;
             return self.write_files(manifests).await;
         };
+        #[cfg(target_os = "linux")]
+        if self.sync == LocalSync::Filesystem {
+            return tokio::task::spawn_blocking(move || {
+                write_sets_syncing_the_filesystem(&root, sets)
+            })
+            .await?;
+        }
         let mut dirs: Vec<String> = Vec::new();
         for (_, (rel, _)) in &sets {
             let dir = rel.rsplit_once('/').map_or("", |(d, _)| d);
@@ -293,6 +364,7 @@ fn s3(location: &str, rest: &str, options: &BTreeMap<String, String>) -> Result<
         inner: Arc::new(b.build().with_context(|| format!("opening {location}"))?),
         prefix: ObjPath::parse(prefix).with_context(|| format!("prefix of {location}"))?,
         local: None,
+        sync: LocalSync::Each,
         location: location.to_string(),
     })
 }
@@ -306,6 +378,17 @@ fn s3(location: &str, _: &str, _: &BTreeMap<String, String>) -> Result<Store> {
 /// `object_store` uses and leaves out of listings), synced before it is renamed into
 /// place; missing directories are created.
 fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let staging = stage(path, bytes, true)?;
+    if let Err(e) = std::fs::rename(&staging, path) {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Write `bytes` to a new staging file beside `path` (`name#n`, the first free `n`),
+/// synced if `sync`; missing directories are created. Its path, for the rename.
+fn stage(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<PathBuf> {
     use std::io::{ErrorKind, Write};
     let mut n = 1u32;
     let mut made_dirs = false;
@@ -331,13 +414,69 @@ fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             Err(e) => return Err(e),
         }
     };
-    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| if sync { file.sync_all() } else { Ok(()) });
     drop(file);
-    if let Err(e) = written.and_then(|()| std::fs::rename(&staging, path)) {
-        let _ = std::fs::remove_file(&staging);
-        return Err(e);
+    match written {
+        Ok(()) => Ok(staging),
+        Err(e) => {
+            let _ = std::fs::remove_file(&staging);
+            Err(e)
+        }
     }
-    Ok(())
+}
+
+/// A batch of file sets made durable with one `syncfs` a phase (`LocalSync::Filesystem`):
+/// every data file staged, synced, renamed into place with every manifest staged,
+/// synced, the manifests renamed into place, synced. On an error no manifest of the
+/// batch is in place and no staging file is left.
+#[cfg(target_os = "linux")]
+fn write_sets_syncing_the_filesystem(root: &Path, sets: Vec<FileSet>) -> Result<()> {
+    type Staged = Vec<(PathBuf, PathBuf)>;
+    fn stage_all<'a>(
+        root: &Path,
+        files: impl Iterator<Item = &'a (String, Vec<u8>)>,
+        staged: &mut Staged,
+    ) -> Result<()> {
+        for (rel, bytes) in files {
+            let path = root.join(rel);
+            let s = stage(&path, bytes, false)
+                .with_context(|| format!("writing {}", path.display()))?;
+            staged.push((s, path));
+        }
+        Ok(())
+    }
+    // (an entry leaves `staged` once renamed: what is left on an error is removed)
+    fn rename_all(staged: &mut Staged) -> Result<()> {
+        while let Some((s, path)) = staged.last() {
+            std::fs::rename(s, path).with_context(|| format!("writing {}", path.display()))?;
+            staged.pop();
+        }
+        Ok(())
+    }
+    // opened before the writes: syncfs reports the write-back errors since then
+    let fs = std::fs::File::open(root).with_context(|| format!("opening {}", root.display()))?;
+    let syncfs = || {
+        rustix::fs::syncfs(&fs)
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("syncing the filesystem of {}", root.display()))
+    };
+    let mut staged = Staged::new();
+    let mut run = || -> Result<()> {
+        stage_all(root, sets.iter().flat_map(|(data, _)| data), &mut staged)?;
+        syncfs()?;
+        rename_all(&mut staged)?;
+        stage_all(root, sets.iter().map(|(_, manifest)| manifest), &mut staged)?;
+        syncfs()?;
+        rename_all(&mut staged)?;
+        syncfs()
+    };
+    let result = run();
+    for (s, _) in &staged {
+        let _ = std::fs::remove_file(s);
+    }
+    result
 }
 
 /// One file set's data files and then its manifest, on this (blocking) thread, each
@@ -482,6 +621,80 @@ mod tests {
         contract(&Store::open("memory://", &BTreeMap::new()).expect("memory")).await;
     }
 
+    fn syncing_the_filesystem() -> BTreeMap<String, String> {
+        [("sync".to_string(), "filesystem".to_string())].into()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_directory_synced_a_filesystem_at_a_time_keeps_the_same_contract() {
+        let d = tempfile::tempdir().expect("tmp");
+        let s = Store::local_with(&d.path().join("out"), &syncing_the_filesystem()).expect("local");
+        assert_eq!(s.sync, LocalSync::Filesystem);
+        contract(&s).await;
+        // many sets in one batch, in directories none of them finds
+        let sets: Vec<FileSet> = (0..50)
+            .map(|i| {
+                let dir = format!("period=d{}/entity=e{i}", i % 7);
+                (
+                    vec![
+                        (format!("{dir}/lines.csv"), format!("csv {i}").into_bytes()),
+                        (format!("{dir}/lines.parquet"), vec![i as u8; 100]),
+                    ],
+                    (
+                        format!("{dir}/manifest.json"),
+                        format!("m {i}").into_bytes(),
+                    ),
+                )
+            })
+            .collect();
+        s.put_sets(sets).await.expect("put_sets");
+        for i in 0..50 {
+            let dir = d.path().join(format!("out/period=d{}/entity=e{i}", i % 7));
+            let mut names: Vec<String> = std::fs::read_dir(&dir)
+                .expect("dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+                .collect();
+            names.sort();
+            assert_eq!(
+                names,
+                ["lines.csv", "lines.parquet", "manifest.json"],
+                "{i}"
+            );
+            let m = std::fs::read(dir.join("manifest.json")).expect("manifest");
+            assert_eq!(m, format!("m {i}").into_bytes());
+        }
+        // a data file that cannot be written: no manifest of the batch, no staging left
+        let bad = d.path().join("out/period=x/entity=b");
+        std::fs::create_dir_all(bad.join("lines.csv")).expect("a directory in the way");
+        let sets: Vec<FileSet> = ["a", "b"]
+            .iter()
+            .map(|e| {
+                (
+                    vec![
+                        (format!("period=x/entity={e}/lines.parquet"), b"pq".to_vec()),
+                        (format!("period=x/entity={e}/lines.csv"), b"l".to_vec()),
+                    ],
+                    (format!("period=x/entity={e}/manifest.json"), b"m".to_vec()),
+                )
+            })
+            .collect();
+        let e = s
+            .put_sets(sets)
+            .await
+            .expect_err("a directory is in the way");
+        assert!(format!("{e:#}").contains("entity=b/lines.csv"), "{e:#}");
+        for e in ["a", "b"] {
+            let dir = d.path().join(format!("out/period=x/entity={e}"));
+            let names: Vec<String> = std::fs::read_dir(&dir)
+                .expect("dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+                .filter(|n| n != "lines.csv")
+                .collect();
+            assert!(names.is_empty(), "{e}: {names:?}");
+        }
+    }
+
     #[tokio::test]
     async fn local_writes_go_through_a_synced_staging_file_and_leave_none_behind() {
         let d = tempfile::tempdir().expect("tmp");
@@ -547,6 +760,28 @@ mod tests {
         );
         let e = Store::open("ftp://h/x", &BTreeMap::new()).expect_err("ftp");
         assert!(e.to_string().contains("unknown scheme"), "{e}");
+        // a local directory takes one option, `sync`
+        let dir = d.path().join("y").display().to_string();
+        let s = Store::open(&dir, &BTreeMap::new()).expect("default");
+        assert_eq!(s.sync, LocalSync::Each);
+        let each = [("sync".to_string(), "each".to_string())].into();
+        assert_eq!(
+            Store::open(&dir, &each).expect("each").sync,
+            LocalSync::Each
+        );
+        match Store::open(&dir, &syncing_the_filesystem()) {
+            Ok(s) => assert_eq!(s.sync, LocalSync::Filesystem),
+            Err(e) => assert!(
+                !cfg!(target_os = "linux") && format!("{e:#}").contains("needs Linux"),
+                "{e:#}"
+            ),
+        }
+        let bad = [("sync".to_string(), "never".to_string())].into();
+        let e = Store::open(&dir, &bad).expect_err("bad sync");
+        assert!(format!("{e:#}").contains("\"never\""), "{e:#}");
+        let other = [("aws_region".to_string(), "x".to_string())].into();
+        let e = Store::open(&url, &other).expect_err("an S3 option on a directory");
+        assert!(format!("{e:#}").contains("aws_region"), "{e:#}");
         #[cfg(feature = "s3")]
         {
             let bad = [("no_such_option".to_string(), "1".to_string())].into();
