@@ -15,6 +15,7 @@ fn a_short_chaos_run_with_kills_and_members_coming_and_going_settles_to_the_cent
         drain_secs: 300,
         storage: "memory://tansu/".into(),
         broker_restarts: 0,
+        settler_extra: String::new(),
     });
     report.print();
     assert!(report.passed(), "{report:#?}");

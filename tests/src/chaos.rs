@@ -34,6 +34,9 @@ pub struct Chaos {
     /// SIGKILLs of the broker itself, each followed by a restart on the same storage,
     /// spread among the stage kills.
     pub broker_restarts: usize,
+    /// More of the settler's configuration (TOML appended to its `out_dir` and `period`),
+    /// e.g. a `[storage_options]` table; empty for the defaults.
+    pub settler_extra: String,
 }
 
 #[derive(Debug)]
@@ -116,7 +119,25 @@ pub fn run(c: &Chaos) -> Report {
     };
     let mut rng = Rng(c.seed);
     let t0 = Instant::now();
-    let mut p = Pipeline::start_on(&c.storage, fleet.clone(), c.speed, "day");
+    let mut p = Pipeline::start_stages_on(
+        &c.storage,
+        fleet.clone(),
+        c.speed,
+        "day",
+        &["rater", "enricher"],
+    );
+    let mut faults = Vec::new();
+    let out = p.out.display().to_string();
+    p.launch_with(
+        "settler",
+        &format!("out_dir = \"{out}\"\nperiod = \"day\"\n{}", c.settler_extra),
+    );
+    if !c.settler_extra.is_empty() {
+        faults.push(format!(
+            "settler configured with: {}",
+            c.settler_extra.trim().replace('\n', "; ")
+        ));
+    }
     p.start_collector();
     // the collector's run takes about this long; faults are spread over it
     let span_ms = (c.polls * fleet.poll_ms / i64::from(c.speed.max(1))).max(1000) as u64;
@@ -126,7 +147,6 @@ pub fn run(c: &Chaos) -> Report {
     let broker_at: Vec<usize> = (1..=c.broker_restarts)
         .map(|j| j * total / (c.broker_restarts + 1))
         .collect();
-    let mut faults = Vec::new();
     let log = |faults: &mut Vec<String>, what: String| {
         let line = format!("t={:>7.1}s {what}", t0.elapsed().as_secs_f64());
         eprintln!("{line}");

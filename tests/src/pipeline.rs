@@ -61,7 +61,18 @@ impl Pipeline {
     /// persistent across a broker restart).
     pub fn start_on(storage: &str, run: FleetRun, speed: u32, period: &str) -> Pipeline {
         let stages = ["settler", "rater", "enricher"];
-        Pipeline::launch_all(storage, run, speed, period, &stages, &rules_dir(), false)
+        Pipeline::start_stages_on(storage, run, speed, period, &stages)
+    }
+
+    /// Like `start_on`, launching only the named stages (as `start_stages`).
+    pub fn start_stages_on(
+        storage: &str,
+        run: FleetRun,
+        speed: u32,
+        period: &str,
+        stages: &[&str],
+    ) -> Pipeline {
+        Pipeline::launch_all(storage, run, speed, period, stages, &rules_dir(), false)
     }
 
     /// Like `start`, with the stages started before their broker, as when a deployment

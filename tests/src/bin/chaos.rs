@@ -8,12 +8,20 @@
 //! 1,000 polls) and 4 SIGKILLs, on Tansu with sqlite storage, whose broker is also
 //! SIGKILLed and restarted twice.
 //!
+//! `--sync=filesystem`: the settler writes with the storage option `sync =
+//! "filesystem"` (one `syncfs` a phase of a batch) instead of an fsync a file.
+//!
 //! Exit code 1 unless the bill is exact.
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let persistent = args.iter().any(|a| a == "--persistent");
     args.retain(|a| a != "--persistent");
+    let settler_extra = match args.iter().find_map(|a| a.strip_prefix("--sync=")) {
+        Some(how) => format!("[storage_options]\nsync = \"{how}\"\n"),
+        None => String::new(),
+    };
+    args.retain(|a| !a.starts_with("--sync="));
     let arg = |i: usize, d: u64| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (samples, kills, seed) = if persistent {
         (arg(0, 20_000), arg(1, 4) as usize, arg(2, 1))
@@ -42,6 +50,7 @@ fn main() {
             "memory://tansu/".into()
         },
         broker_restarts,
+        settler_extra,
     });
     report.print();
     if !report.passed() {
