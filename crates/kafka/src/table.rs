@@ -111,6 +111,8 @@ fn read_to_end(
     // per partition, the high watermark of the first fetch answer of this read
     let mut target: HashMap<i32, i64> = HashMap::new();
     let mut last_error = None;
+    // records read per partition, for the report of a read that timed out
+    let mut read: HashMap<i32, u64> = HashMap::new();
     while !pending.is_empty() {
         if target.len() < n as usize {
             for &p in &pending {
@@ -133,8 +135,20 @@ fn read_to_end(
         if Instant::now() >= deadline {
             let why =
                 last_error.map_or(String::new(), |e: KafkaError| format!("; last error: {e}"));
+            let position = consumer.position().ok();
+            let stuck: Vec<String> = pending
+                .iter()
+                .map(|p| {
+                    let at = position
+                        .as_ref()
+                        .and_then(|l| l.find_partition(topic, *p))
+                        .map(|e| e.offset());
+                    describe_pending(*p, start(*p), &next, &read, at, target.get(p).copied())
+                })
+                .collect();
             anyhow::bail!(
-                "timed out reading {topic} to the end (partitions {pending:?} never reached it){why}"
+                "timed out reading {topic} to the end (partitions {pending:?} never reached it: {}){why}",
+                stuck.join("; ")
             );
         }
         // short waits: the end is known from the watermark the first fetch answer leaves
@@ -172,6 +186,7 @@ fn read_to_end(
             Some(Ok(m)) => {
                 let p = m.partition();
                 next.insert(p, m.offset() + 1);
+                *read.entry(p).or_default() += 1;
                 on_record(to_record(topic, &m));
                 // the last record of the batch that ends at the target (batches are
                 // delivered whole: the reader never stops inside one)
@@ -185,6 +200,30 @@ fn read_to_end(
     let mut v: Vec<(i32, i64)> = next.into_iter().collect();
     v.sort_unstable();
     Ok(v)
+}
+
+/// Where a partition that never reached its end stood when the read gave up: what a
+/// report needs to tell a slow broker (records still coming) from a partition whose end
+/// the fetches announce but never deliver (no records, no end-of-partition event).
+fn describe_pending(
+    p: i32,
+    start: i64,
+    next: &HashMap<i32, i64>,
+    read: &HashMap<i32, u64>,
+    position: Option<Offset>,
+    target: Option<i64>,
+) -> String {
+    let position = match position {
+        Some(Offset::Offset(o)) => o.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => "unknown".into(),
+    };
+    let target = target.map_or("none (no fetch answered)".into(), |t| t.to_string());
+    format!(
+        "partition {p}: from {start}, {} records read, next {}, fetch position {position}, end per first fetch {target}",
+        read.get(&p).copied().unwrap_or(0),
+        next.get(&p).copied().unwrap_or(start),
+    )
 }
 
 /// Drop a client on a thread of its own. Closing one waits for its threads and its group

@@ -60,6 +60,12 @@ pub struct EnricherConfig {
     /// How often the ownership and instance tables are re-read when nothing is parked.
     #[serde(with = "humantime_serde")]
     pub table_refresh: Duration,
+    /// How long one read of the ownership and instance tables to their end may take. A
+    /// read that takes longer is given up with a report of where each partition stood,
+    /// and tried again (the enricher goes on with the tables it has; samples without an
+    /// owner wait parked, their deadline counting only from a read that succeeds).
+    #[serde(with = "humantime_serde")]
+    pub table_read_timeout: Duration,
     /// How often progress is made durable: the usage acknowledged, the duplicate-detection
     /// checkpoint, then the offset commit it covers, then the watermarks sent.
     #[serde(with = "humantime_serde")]
@@ -89,6 +95,9 @@ pub struct Faults {
     /// the next flush fails after the records sent with it were delivered (a broker
     /// refusing one write of many). The enricher stops with the error.
     pub refuse_usage: Option<u64>,
+    /// The first n reads of the tables after start-up time out at once (a read given a
+    /// deadline already past): the enricher must report each and try again, not stop.
+    pub fail_table_reads: Option<u64>,
 }
 
 impl Default for EnricherConfig {
@@ -105,6 +114,7 @@ impl Default for EnricherConfig {
             max_age: Duration::from_secs(2 * 366 * 24 * 3600),
             batch_size: 5000,
             table_refresh: Duration::from_secs(2),
+            table_read_timeout: Duration::from_secs(60),
             checkpoint_interval: Duration::from_secs(1),
             watermark_interval: Duration::from_millis(200),
             dedup_retention: Duration::from_secs(7 * 24 * 3600),
@@ -143,7 +153,7 @@ pub struct Tables {
 impl Tables {
     /// Read everything new on the instances and ownership topics (at start-up; then
     /// `TableFeed` reads them on a thread of its own).
-    pub fn refresh(&mut self, cfg: &KafkaConfig) -> Result<usize> {
+    pub fn refresh(&mut self, cfg: &KafkaConfig, timeout: Duration) -> Result<usize> {
         let read_from = Instant::now();
         let from = self.offsets.clone();
         let mut n = 0;
@@ -152,7 +162,7 @@ impl Tables {
         // Tansu), and holding all of them before applying any took memory in proportion
         // to the topic (560 MiB at two million records)
         tokio::task::block_in_place(|| {
-            read_tables(cfg, &from, |r| {
+            read_tables(cfg, &from, timeout, |r| {
                 self.apply_one(&cfg.topics, r);
                 n += 1;
             })
@@ -252,20 +262,48 @@ impl Tables {
 fn read_tables(
     cfg: &KafkaConfig,
     from: &HashMap<(String, i32), i64>,
+    timeout: Duration,
     each: impl FnMut(TableRecord),
 ) -> Result<()> {
     let t = &cfg.topics;
-    let timeout = Duration::from_secs(60);
     meterflow_kafka::read_table_each(cfg, &[&t.instances, &t.ownership], from, timeout, each)
 }
 
+/// The wait before reading the tables again after `failures` reads in a row failed:
+/// half a second, doubling, at most ten.
+fn table_retry_wait(failures: u32) -> Duration {
+    Duration::from_millis(500)
+        .saturating_mul(1 << failures.saturating_sub(1).min(5))
+        .min(Duration::from_secs(10))
+}
+
+/// Sleep `d` in short steps, returning early once `stop` says so.
+fn sleep_unless(stop: &std::sync::atomic::AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// One read of the table topics to their end: the records, and when the read started.
-type TableRead = Result<(Vec<TableRecord>, Instant)>;
+type TableRead = (Vec<TableRecord>, Instant);
+
+/// How the table reads go: the read's deadline, and what a failure costs.
+struct FeedSettings {
+    every: Duration,
+    timeout: Duration,
+    /// `faults.fail_table_reads`
+    fail_first: u64,
+    failures: meterflow_runtime::Counter,
+}
 
 /// Reads the instance and ownership topics to their end over and over on a thread of its
 /// own — every `table_refresh`, or back to back while `urgent` (samples are parked,
 /// waiting for an owner) — so the main loop never waits for a read (a read to the end
 /// takes a few hundred milliseconds: a quarter of the enricher's time when it blocked).
+/// A read that fails (its deadline passed: a broker slow or away) is reported and tried
+/// again, never the end of the enricher: until one succeeds the enricher works with the
+/// tables it has, and a parked sample's deadline does not count (see `Parked::parked_at`).
 struct TableFeed {
     rx: std::sync::mpsc::Receiver<TableRead>,
     urgent: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -273,7 +311,11 @@ struct TableFeed {
 }
 
 impl TableFeed {
-    fn start(cfg: &KafkaConfig, from: HashMap<(String, i32), i64>, every: Duration) -> TableFeed {
+    fn start(
+        cfg: &KafkaConfig,
+        from: HashMap<(String, i32), i64>,
+        settings: FeedSettings,
+    ) -> TableFeed {
         use std::sync::atomic::{AtomicBool, Ordering};
         let (tx, rx) = std::sync::mpsc::channel();
         let urgent = std::sync::Arc::new(AtomicBool::new(false));
@@ -281,22 +323,46 @@ impl TableFeed {
         let (cfg, u, st) = (cfg.clone(), urgent.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut offsets = from;
+            let (mut reads, mut failed_in_a_row) = (0u64, 0u32);
             while !st.load(Ordering::Relaxed) {
                 let started = Instant::now();
+                reads += 1;
+                let timeout = if reads <= settings.fail_first {
+                    Duration::ZERO // fault injection: the deadline has passed
+                } else {
+                    settings.timeout
+                };
                 let mut recs = Vec::new();
-                let read = read_tables(&cfg, &offsets, |r| recs.push(r)).map(|()| recs);
-                if let Ok(recs) = &read {
-                    for r in recs {
-                        offsets.insert((r.topic.clone(), r.partition), r.offset + 1);
-                    }
+                if let Err(e) = read_tables(&cfg, &offsets, timeout, |r| recs.push(r)) {
+                    // what was read is dropped: the next read starts where this one did
+                    failed_in_a_row += 1;
+                    settings.failures.inc();
+                    let wait = table_retry_wait(failed_in_a_row);
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        failed_in_a_row,
+                        retry_in = ?wait,
+                        "reading the ownership and instance tables failed; going on with the tables as they are"
+                    );
+                    sleep_unless(&st, wait);
+                    continue;
                 }
-                let failed = read.is_err();
-                if tx.send(read.map(|r| (r, started))).is_err() || failed {
-                    return; // the enricher is gone, or it stops on the error
+                if failed_in_a_row > 0 {
+                    tracing::info!(
+                        after_failures = failed_in_a_row,
+                        "the ownership and instance tables read to the end again"
+                    );
+                    failed_in_a_row = 0;
+                }
+                for r in &recs {
+                    offsets.insert((r.topic.clone(), r.partition), r.offset + 1);
+                }
+                if tx.send((recs, started)).is_err() {
+                    return; // the enricher is gone
                 }
                 while !st.load(Ordering::Relaxed)
                     && !u.load(Ordering::Relaxed)
-                    && started.elapsed() < every
+                    && started.elapsed() < settings.every
                 {
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -317,8 +383,7 @@ impl TableFeed {
             .store(urgent, std::sync::atomic::Ordering::Relaxed);
         loop {
             match self.rx.try_recv() {
-                Ok(read) => {
-                    let (recs, started) = read?;
+                Ok((recs, started)) => {
                     tables.apply(topics, recs, started);
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(()),
@@ -399,14 +464,48 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         &cfg.member,
     )?;
     let mut tables = Tables::default();
-    let n = tables.refresh(&cfg.kafka)?;
+    // the first read is waited for (no sample is joined without it), and tried again
+    // until it succeeds: a broker slow at start-up is no reason to stop
+    let mut failed_in_a_row = 0u32;
+    let n = loop {
+        match tables.refresh(&cfg.kafka, cfg.table_read_timeout) {
+            Ok(n) => break n,
+            Err(e) => {
+                failed_in_a_row += 1;
+                let wait = table_retry_wait(failed_in_a_row);
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    failed_in_a_row,
+                    retry_in = ?wait,
+                    "reading the ownership and instance tables at start-up failed; trying again"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = ctx.shutdown.cancelled() => return Ok(()),
+                }
+            }
+        }
+    };
     tracing::info!(
         records = n,
         instances = tables.instances.len(),
         owners = tables.owners.len(),
         "tables read to the end"
     );
-    let feed = TableFeed::start(&cfg.kafka, tables.offsets.clone(), cfg.table_refresh);
+    let feed = TableFeed::start(
+        &cfg.kafka,
+        tables.offsets.clone(),
+        FeedSettings {
+            every: cfg.table_refresh,
+            timeout: cfg.table_read_timeout,
+            fail_first: cfg.faults.fail_table_reads.unwrap_or(0),
+            failures: ctx.metrics.counter(
+                "meterflow_enricher_table_read_failures_total",
+                "Reads of the ownership and instance tables that failed (and were tried again).",
+                &[],
+            ),
+        },
+    );
     let mut probes = Probes::new(&cfg.kafka, "enricher", &cfg.member, ctx.metrics.clone())?
         .with_ends(io.partition_ends());
     let m = &ctx.metrics;
