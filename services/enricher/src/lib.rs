@@ -277,6 +277,26 @@ fn table_retry_wait(failures: u32) -> Duration {
         .min(Duration::from_secs(10))
 }
 
+/// Count and report a failed read of the tables (`when`: "start-up" or "refresh");
+/// returns how long to wait before the next.
+fn table_read_failed(
+    e: &anyhow::Error,
+    failed_in_a_row: &mut u32,
+    failures: &meterflow_runtime::Counter,
+    when: &str,
+) -> Duration {
+    *failed_in_a_row += 1;
+    failures.inc();
+    let wait = table_retry_wait(*failed_in_a_row);
+    tracing::warn!(
+        error = format!("{e:#}"),
+        failed_in_a_row = *failed_in_a_row,
+        retry_in = ?wait,
+        "reading the ownership and instance tables failed ({when}); going on with the tables as they are"
+    );
+    wait
+}
+
 /// Sleep `d` in short steps, returning early once `stop` says so.
 fn sleep_unless(stop: &std::sync::atomic::AtomicBool, d: Duration) {
     let until = Instant::now() + d;
@@ -335,15 +355,8 @@ impl TableFeed {
                 let mut recs = Vec::new();
                 if let Err(e) = read_tables(&cfg, &offsets, timeout, |r| recs.push(r)) {
                     // what was read is dropped: the next read starts where this one did
-                    failed_in_a_row += 1;
-                    settings.failures.inc();
-                    let wait = table_retry_wait(failed_in_a_row);
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        failed_in_a_row,
-                        retry_in = ?wait,
-                        "reading the ownership and instance tables failed; going on with the tables as they are"
-                    );
+                    let wait =
+                        table_read_failed(&e, &mut failed_in_a_row, &settings.failures, "refresh");
                     sleep_unless(&st, wait);
                     continue;
                 }
@@ -464,21 +477,20 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         &cfg.member,
     )?;
     let mut tables = Tables::default();
+    let read_failures = ctx.metrics.counter(
+        "meterflow_enricher_table_read_failures_total",
+        "Reads of the ownership and instance tables that failed (and were tried again).",
+        &[],
+    );
     // the first read is waited for (no sample is joined without it), and tried again
-    // until it succeeds: a broker slow at start-up is no reason to stop
+    // until it succeeds (each try continues where the last stopped): a broker slow at
+    // start-up is no reason to stop
     let mut failed_in_a_row = 0u32;
     let n = loop {
         match tables.refresh(&cfg.kafka, cfg.table_read_timeout) {
             Ok(n) => break n,
             Err(e) => {
-                failed_in_a_row += 1;
-                let wait = table_retry_wait(failed_in_a_row);
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    failed_in_a_row,
-                    retry_in = ?wait,
-                    "reading the ownership and instance tables at start-up failed; trying again"
-                );
+                let wait = table_read_failed(&e, &mut failed_in_a_row, &read_failures, "start-up");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = ctx.shutdown.cancelled() => return Ok(()),
@@ -499,11 +511,7 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
             every: cfg.table_refresh,
             timeout: cfg.table_read_timeout,
             fail_first: cfg.faults.fail_table_reads.unwrap_or(0),
-            failures: ctx.metrics.counter(
-                "meterflow_enricher_table_read_failures_total",
-                "Reads of the ownership and instance tables that failed (and were tried again).",
-                &[],
-            ),
+            failures: read_failures,
         },
     );
     let mut probes = Probes::new(&cfg.kafka, "enricher", &cfg.member, ctx.metrics.clone())?
