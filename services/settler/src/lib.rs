@@ -913,11 +913,10 @@ pub async fn run(cfg: SettlerConfig, ctx: Ctx) -> Result<()> {
             }
         }
 
-        // the records are acknowledged: mark their versions announced (concurrently, as
-        // the file sets were written; not synced: a marker lost to a crash only repeats
-        // an announcement, identical, on start)
-        futures::future::try_join_all(to_mark.iter().map(|m| store.put_unsynced(m, Vec::new())))
-            .await?;
+        // the records are acknowledged: mark their versions announced (on one blocking
+        // task; not synced: a marker lost to a crash only repeats an announcement,
+        // identical, on start)
+        store.mark_all(&to_mark).await?;
         to_mark.clear();
     }
     Ok(())

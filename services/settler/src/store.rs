@@ -14,8 +14,8 @@
 //! before the offsets that produced it are committed. A version's data files are
 //! synced, and their directory, before its manifest is written (`put_sets`, one
 //! blocking task a set).
-//! Only the `announced` markers are left unsynced (`put_unsynced`): losing one repeats
-//! an announcement, which is safe to repeat.
+//! Only the `announced` markers are left unsynced (`mark_all`, a batch's markers on one
+//! blocking task): losing one repeats an announcement, which is safe to repeat.
 //!
 //! A local directory opened with the storage option `sync = "filesystem"` (Linux) makes
 //! a batch of file sets durable with one `syncfs` of its filesystem a phase instead of
@@ -273,11 +273,28 @@ impl Store {
         self.sync_dirs(&dirs).await
     }
 
-    /// Write `rel` whole without syncing it: only for a file whose loss after a crash
-    /// repeats work that is safe to repeat (a version's `announced` marker: without it
-    /// the version is announced again, with the same entity, period and version).
-    pub async fn put_unsynced(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
-        self.write(rel, bytes).await
+    /// Create empty files (markers) without syncing them: only for files whose loss
+    /// after a crash repeats work that is safe to repeat (a version's `announced`
+    /// marker: without it the version is announced again, with the same entity, period
+    /// and version). On a local directory all of them on one blocking task, each
+    /// created in place (an empty file has no bytes to tear, so no staging file);
+    /// on an object store side by side.
+    pub async fn mark_all(&self, rels: &[String]) -> Result<()> {
+        if rels.is_empty() {
+            return Ok(());
+        }
+        let Some(root) = self.local.clone() else {
+            futures::future::try_join_all(rels.iter().map(|r| self.write(r, Vec::new()))).await?;
+            return Ok(());
+        };
+        let paths: Vec<PathBuf> = rels.iter().map(|r| root.join(r)).collect();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            for path in &paths {
+                create_empty(path).with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        })
+        .await?
     }
 
     /// Create `rel` unless it exists: false if it did (another writer was first).
@@ -372,6 +389,27 @@ fn s3(location: &str, rest: &str, options: &BTreeMap<String, String>) -> Result<
 #[cfg(not(feature = "s3"))]
 fn s3(location: &str, _: &str, _: &BTreeMap<String, String>) -> Result<Store> {
     bail!("settlement location {location:?}: this build has no S3 support (build with the `s3` feature)")
+}
+
+/// Create `path` empty (or empty it), creating missing directories; not synced.
+fn create_empty(path: &Path) -> std::io::Result<()> {
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+    };
+    match open() {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            open().map(drop)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Write `path` whole through a staging file beside it (`name#n`, the staging name
@@ -563,9 +601,15 @@ mod tests {
         ])
         .await
         .expect("put_all");
-        s.put_unsynced("period=p/entity=g/marker", Vec::new())
-            .await
-            .expect("put_unsynced");
+        s.mark_all(&[
+            "period=p/entity=g/marker".into(),
+            "period=p/entity=new/marker".into(),
+        ])
+        .await
+        .expect("mark_all");
+        for m in ["period=p/entity=g/marker", "period=p/entity=new/marker"] {
+            assert_eq!(s.get(m).await.expect("get"), Some(Vec::new()), "{m}");
+        }
         // file sets: each its data files, then its manifest
         let set = |e: &str| -> FileSet {
             (
@@ -601,7 +645,7 @@ mod tests {
         );
         assert_eq!(
             s.dirs("period=p").await.expect("dirs"),
-            ["entity=e", "entity=g"]
+            ["entity=e", "entity=g", "entity=new"]
         );
         assert!(s.dirs("period=none").await.expect("dirs").is_empty());
     }
