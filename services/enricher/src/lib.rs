@@ -277,13 +277,17 @@ fn table_retry_wait(failures: u32) -> Duration {
         .min(Duration::from_secs(10))
 }
 
-/// Count and report a failed read of the tables (`when`: "start-up" or "refresh");
-/// returns how long to wait before the next.
+/// What the enricher does while a failed read of the tables waits to be tried again.
+const REFRESH_FAILED: &str = "going on with the tables as they are";
+const START_UP_FAILED: &str = "at start-up: no sample is joined before they are read; trying again";
+
+/// Count and report a failed read of the tables (`then`: what the enricher does
+/// meanwhile); returns how long to wait before the next.
 fn table_read_failed(
     e: &anyhow::Error,
     failed_in_a_row: &mut u32,
     failures: &meterflow_runtime::Counter,
-    when: &str,
+    then: &str,
 ) -> Duration {
     *failed_in_a_row += 1;
     failures.inc();
@@ -292,7 +296,7 @@ fn table_read_failed(
         error = format!("{e:#}"),
         failed_in_a_row = *failed_in_a_row,
         retry_in = ?wait,
-        "reading the ownership and instance tables failed ({when}); going on with the tables as they are"
+        "reading the ownership and instance tables failed; {then}"
     );
     wait
 }
@@ -355,8 +359,12 @@ impl TableFeed {
                 let mut recs = Vec::new();
                 if let Err(e) = read_tables(&cfg, &offsets, timeout, |r| recs.push(r)) {
                     // what was read is dropped: the next read starts where this one did
-                    let wait =
-                        table_read_failed(&e, &mut failed_in_a_row, &settings.failures, "refresh");
+                    let wait = table_read_failed(
+                        &e,
+                        &mut failed_in_a_row,
+                        &settings.failures,
+                        REFRESH_FAILED,
+                    );
                     sleep_unless(&st, wait);
                     continue;
                 }
@@ -490,7 +498,8 @@ pub async fn run(cfg: EnricherConfig, ctx: Ctx) -> Result<()> {
         match tables.refresh(&cfg.kafka, cfg.table_read_timeout) {
             Ok(n) => break n,
             Err(e) => {
-                let wait = table_read_failed(&e, &mut failed_in_a_row, &read_failures, "start-up");
+                let wait =
+                    table_read_failed(&e, &mut failed_in_a_row, &read_failures, START_UP_FAILED);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = ctx.shutdown.cancelled() => return Ok(()),
