@@ -11,8 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub struct Pipeline {
-    /// Kept (and printed) when a test fails, for the logs and files.
+    /// Kept (and printed) when a test fails, for the logs and files; kept always under
+    /// `METERFLOW_BENCH_DIR` (see [`run_dir`]).
     pub dir: Option<tempfile::TempDir>,
+    /// Leave `dir` in place at the end (a benchmark's, under `METERFLOW_BENCH_DIR`).
+    keep_dir: bool,
     pub broker: Tansu,
     pub kafka: KafkaConfig,
     pub out: PathBuf,
@@ -33,6 +36,29 @@ pub struct Pipeline {
 /// `METERFLOW_TEST_LOG` overrides the services' log filter (e.g. to debug librdkafka).
 pub(crate) fn log_filter() -> String {
     std::env::var("METERFLOW_TEST_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into())
+}
+
+/// A run's directory (broker data, configuration, logs, settlement files): a new
+/// temporary directory, or — with `METERFLOW_BENCH_DIR` set, as `scripts/proof.sh` does
+/// for the benchmarks — a new directory inside that one, left in place when the run ends
+/// (the caller removes the whole directory once every benchmark has run). Why: on ext4
+/// without a journal, creating a file checks every inode freed in its block group in the
+/// last one to six minutes and passes over them, one by one; a benchmark that deleted the
+/// previous run's thousands of settlement files beside the next run's would charge that
+/// scan to the settler (BENCHMARKS.md, "Creating files where files were just deleted").
+/// Whether to keep it is the second value.
+fn run_dir() -> (tempfile::TempDir, bool) {
+    match std::env::var_os("METERFLOW_BENCH_DIR") {
+        Some(root) => {
+            std::fs::create_dir_all(&root).expect("creating METERFLOW_BENCH_DIR");
+            let dir = tempfile::Builder::new()
+                .prefix("run-")
+                .tempdir_in(&root)
+                .expect("a run directory in METERFLOW_BENCH_DIR");
+            (dir, true)
+        }
+        None => (tempfile::tempdir().expect("tmp"), false),
+    }
 }
 
 fn rules_dir() -> PathBuf {
@@ -111,7 +137,7 @@ impl Pipeline {
         rules: &Path,
         broker_late: bool,
     ) -> Pipeline {
-        let dir = tempfile::tempdir().expect("tmp");
+        let (dir, keep) = run_dir();
         let port = crate::free_port();
         let kafka = KafkaConfig {
             brokers: format!("127.0.0.1:{port}"),
@@ -170,6 +196,7 @@ impl Pipeline {
         };
         Pipeline {
             dir: Some(dir),
+            keep_dir: keep,
             broker,
             kafka,
             out,
@@ -546,6 +573,11 @@ impl Drop for Pipeline {
         if std::thread::panicking() {
             if let Some(d) = self.dir.take() {
                 eprintln!("test files kept in {}", d.keep().display());
+            }
+        } else if self.keep_dir {
+            if let Some(d) = self.dir.take() {
+                // not deleted: the caller removes METERFLOW_BENCH_DIR when it is done
+                let _ = d.keep();
             }
         }
     }
