@@ -14,8 +14,6 @@ pub struct Pipeline {
     /// Kept (and printed) when a test fails, for the logs and files; kept always under
     /// `METERFLOW_BENCH_DIR` (see [`run_dir`]).
     pub dir: Option<tempfile::TempDir>,
-    /// Leave `dir` in place at the end (a benchmark's, under `METERFLOW_BENCH_DIR`).
-    keep_dir: bool,
     pub broker: Tansu,
     pub kafka: KafkaConfig,
     pub out: PathBuf,
@@ -46,18 +44,18 @@ pub(crate) fn log_filter() -> String {
 /// last one to six minutes and passes over them, one by one; a benchmark that deleted the
 /// previous run's thousands of settlement files beside the next run's would charge that
 /// scan to the settler (BENCHMARKS.md, "Creating files where files were just deleted").
-/// Whether to keep it is the second value.
-fn run_dir() -> (tempfile::TempDir, bool) {
+fn run_dir() -> tempfile::TempDir {
     match std::env::var_os("METERFLOW_BENCH_DIR") {
         Some(root) => {
             std::fs::create_dir_all(&root).expect("creating METERFLOW_BENCH_DIR");
-            let dir = tempfile::Builder::new()
+            let mut dir = tempfile::Builder::new()
                 .prefix("run-")
                 .tempdir_in(&root)
                 .expect("a run directory in METERFLOW_BENCH_DIR");
-            (dir, true)
+            dir.disable_cleanup(true);
+            dir
         }
-        None => (tempfile::tempdir().expect("tmp"), false),
+        None => tempfile::tempdir().expect("tmp"),
     }
 }
 
@@ -137,7 +135,7 @@ impl Pipeline {
         rules: &Path,
         broker_late: bool,
     ) -> Pipeline {
-        let (dir, keep) = run_dir();
+        let dir = run_dir();
         let port = crate::free_port();
         let kafka = KafkaConfig {
             brokers: format!("127.0.0.1:{port}"),
@@ -196,7 +194,6 @@ impl Pipeline {
         };
         Pipeline {
             dir: Some(dir),
-            keep_dir: keep,
             broker,
             kafka,
             out,
@@ -573,11 +570,6 @@ impl Drop for Pipeline {
         if std::thread::panicking() {
             if let Some(d) = self.dir.take() {
                 eprintln!("test files kept in {}", d.keep().display());
-            }
-        } else if self.keep_dir {
-            if let Some(d) = self.dir.take() {
-                // not deleted: the caller removes METERFLOW_BENCH_DIR when it is done
-                let _ = d.keep();
             }
         }
     }
