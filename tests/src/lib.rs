@@ -53,6 +53,18 @@ pub fn meterflow_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
     stdout
 }
 
+/// A field of `/proc/<pid>/status` given in kB (`VmHWM`, `RssAnon`, `RssFile`, ...), in
+/// KiB; `None` once the process is gone.
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Path of a workspace binary next to the test executable's profile directory.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -288,13 +300,7 @@ impl Proc {
 
     /// Peak resident memory (VmHWM) in KiB, while the process runs.
     pub fn peak_rss_kib(&self) -> Option<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        s.lines()
-            .find(|l| l.starts_with("VmHWM:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        status_kib(self.pid()?, "VmHWM")
     }
 
     pub fn log(&self) -> String {
