@@ -404,6 +404,52 @@ fn settler_in<R>(
     Ok((baseline, stage, sets))
 }
 
+/// Two (or more) builds of the enricher alternated on the same samples: the collector
+/// runs once, then each round runs every build in turn, each as its own group with its
+/// own usage, parked and state topics (a run must not find the last run's
+/// duplicate-detection checkpoints), against a relay of the samples measured just before
+/// it. The rater and settler do not run; each run's usage count is printed beside it.
+pub fn enricher_ab(
+    run: FleetRun,
+    builds: &[std::path::PathBuf],
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let mut p = prefilled(run)?;
+    let t = p.kafka.topics.clone();
+    println!("| run | build | samples-topic messages | usage-topic messages | enricher s | relay s | vs relay | enricher CPU s | relay CPU s | broker CPU s (enricher / relay) |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    alternated(&mut p, builds, rounds, |p, i, build| {
+        let name = format!("ab{i}");
+        let group = format!("meterflow-enricher-{name}");
+        let usage = format!("{}-{name}", t.usage);
+        p.configure(
+            "enricher",
+            &format!(
+                "group = \"{group}\"\n[kafka.topics]\nusage = \"{usage}\"\n\
+                 parked = \"{}-{name}\"\nenricher_state = \"{}-{name}\"\n",
+                t.parked, t.enricher_state
+            ),
+        );
+        p.enricher.set_program(build);
+        let (n, (relay, relay_cpu, relay_broker)) =
+            relay_here(p, &t.samples, &format!("samples-{name}"))?;
+        let st = stage_alone_in(p, "enricher", &group, &t.samples, |_| true)?;
+        anyhow::ensure!(
+            p.enricher.terminate(Duration::from_secs(30)).is_some(),
+            "enricher run {i} did not stop"
+        );
+        let ratio = relay / st.secs;
+        let row = format!(
+            "{n} | {} | {:.3} | {relay:.3} | {ratio:.2} | {:.3} | {relay_cpu:.3} | {:.3} / {relay_broker:.3}",
+            p.messages(&usage),
+            st.secs,
+            st.cpu,
+            st.broker_cpu
+        );
+        Ok((ratio, row))
+    })
+}
+
 /// Two (or more) builds of the settler alternated on the same revenue events, by `period`
 /// (`month`, its default, or `day`, ...): the enricher and rater run once, then each
 /// round runs every build in turn, each as its own group with its own directory and
@@ -416,10 +462,6 @@ pub fn settler_ab(
     rounds: usize,
     period: &str,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        !builds.is_empty() && rounds > 0,
-        "no settler builds or rounds to compare"
-    );
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
     stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
@@ -428,12 +470,10 @@ pub fn settler_ab(
     p.rater.terminate(Duration::from_secs(30));
     println!("| run | build | revenue events | settler s | relay s | vs relay | settler CPU s | broker CPU s (settler / relay) |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
-    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
-    for i in 0..rounds * builds.len() {
-        let b = i % builds.len();
+    alternated(&mut p, builds, rounds, |p, i, build| {
         let name = format!("ab{i}");
-        p.settler.set_program(&builds[b]);
-        let ((n, (relay, _, relay_broker)), st, _) = settler_in(&mut p, &name, period, |p| {
+        p.settler.set_program(build);
+        let ((n, (relay, _, relay_broker)), st, _) = settler_in(p, &name, period, |p| {
             relay_here(p, &t.rated, &format!("rated-{name}"))
         })?;
         anyhow::ensure!(
@@ -441,15 +481,33 @@ pub fn settler_ab(
             "settler run {i} did not stop"
         );
         let ratio = relay / st.secs;
-        ratios[b].push(ratio);
-        println!(
-            "| {} | {} | {n} | {:.3} | {relay:.3} | {ratio:.2} | {:.3} | {:.3} / {relay_broker:.3} |",
-            i + 1,
-            builds[b].display(),
-            st.secs,
-            st.cpu,
-            st.broker_cpu
+        let row = format!(
+            "{n} | {:.3} | {relay:.3} | {ratio:.2} | {:.3} | {:.3} / {relay_broker:.3}",
+            st.secs, st.cpu, st.broker_cpu
         );
+        Ok((ratio, row))
+    })
+}
+
+/// `rounds` rounds of every build in turn: `one(p, i, build)` runs run `i` and returns
+/// its ratio against its relay and the rest of its table row. Prints each row, then each
+/// build's median ratio, and stops the pipeline.
+fn alternated(
+    p: &mut Pipeline,
+    builds: &[std::path::PathBuf],
+    rounds: usize,
+    mut one: impl FnMut(&mut Pipeline, usize, &std::path::Path) -> anyhow::Result<(f64, String)>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !builds.is_empty() && rounds > 0,
+        "no builds or rounds to compare"
+    );
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
+    for i in 0..rounds * builds.len() {
+        let b = i % builds.len();
+        let (ratio, row) = one(p, i, &builds[b])?;
+        ratios[b].push(ratio);
+        println!("| {} | {} | {row} |", i + 1, builds[b].display());
     }
     p.stop();
     for (b, mut r) in builds.iter().zip(ratios) {

@@ -220,6 +220,10 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a batch waits for one more message once it has some (see `next_batch`).
 pub const BATCH_GAP: Duration = Duration::from_millis(10);
 
+/// At most this many messages' room is taken for a batch before its first message: a
+/// batch larger than this grows as it fills.
+const MAX_BATCH_ROOM: usize = 16_384;
+
 /// The longest a fetch waits at the broker for data (librdkafka's default is 500 ms, which
 /// every hop would add to a window's latency when traffic is light); `[kafka.client]`
 /// `fetch.wait.max.ms` overrides it.
@@ -311,7 +315,10 @@ impl StageIo {
         max_wait: Duration,
         shutdown: &CancellationToken,
     ) -> Result<Batch> {
-        let mut messages = Vec::new();
+        // room for a whole batch at once: grown by pushes, a batch of thousands was
+        // copied a dozen times, into freshly faulted pages (a profile of the enricher,
+        // BENCHMARKS.md, session 43)
+        let mut messages = Vec::with_capacity(max.min(MAX_BATCH_ROOM));
         let deadline = Instant::now() + max_wait;
         // one stream for the whole batch (each `recv` registers a waker slot of its own)
         let mut stream = self.consumer.stream();

@@ -19,6 +19,8 @@
 //! `bench-pipeline settler-ab [instances] [polls] [rounds] [period]`: the settler by
 //! `period` (default `month`, the settler's default), the builds listed in `METERFLOW_BENCH_AB`
 //! (`/path/a:/path/b`) alternated on the same revenue events, each against its own relay.
+//! `bench-pipeline enricher-ab [instances] [polls] [rounds]`: the enricher builds listed in
+//! `METERFLOW_BENCH_AB` alternated on the same samples, each against its own relay.
 //! `bench-pipeline probes [instances] [polls]`: the enricher with its probe off and on.
 //! `bench-pipeline latency [instances] [polls] [poll_s] [speed]`: end-to-end latency of a
 //! paced fleet against the moment each window could close.
@@ -65,7 +67,7 @@ fn main() -> anyhow::Result<()> {
                 num(2, 720)? as u32,
             );
         }
-        "" | "stages" | "chain" | "enricher" | "probes" | "settler-ab" => {}
+        "" | "stages" | "chain" | "enricher" | "probes" | "settler-ab" | "enricher-ab" => {}
         other => anyhow::bail!("unknown mode {other}"),
     }
     let instances = num(0, 200)? as u32;
@@ -84,6 +86,14 @@ fn main() -> anyhow::Result<()> {
             };
             let period = args.get(3).map_or("month", String::as_str);
             return meterflow_tests::bench::settler_ab(run, &builds, num(2, 3)? as usize, period);
+        }
+        "enricher-ab" => {
+            // `METERFLOW_BENCH_AB=/path/a:/path/b`, else this build
+            let builds: Vec<std::path::PathBuf> = match std::env::var("METERFLOW_BENCH_AB") {
+                Ok(v) => std::env::split_paths(&v).collect(),
+                Err(_) => vec![meterflow_tests::bin("meterflow-enricher")],
+            };
+            return meterflow_tests::bench::enricher_ab(run, &builds, num(2, 3)? as usize);
         }
         "chain" => return meterflow_tests::bench::chain(run),
         "enricher" => return enricher(run, samples),
