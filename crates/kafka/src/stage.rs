@@ -211,6 +211,9 @@ pub struct StageIo {
     dlq_topic: String,
     audit_topic: String,
     ledger: crate::audit::Ledger,
+    /// Time spent waiting for acknowledgements and offset commits since the last logged
+    /// commit (reported with it: a stage's stalls, for diagnosis).
+    waited: Duration,
     /// Reused for every record `send_record` encodes (the producer copies the bytes).
     scratch: Vec<u8>,
 }
@@ -299,6 +302,7 @@ impl StageIo {
             dlq_topic: cfg.topics.dlq.clone(),
             audit_topic: cfg.topics.audit.clone(),
             ledger: crate::audit::Ledger::new(stage, member),
+            waited: Duration::ZERO,
             scratch: Vec::with_capacity(1024),
         })
     }
@@ -511,6 +515,7 @@ impl StageIo {
                 }
             }
         }
+        let started = Instant::now();
         match self.delivery {
             Delivery::AtLeastOnce => {
                 self.out.flush().await?;
@@ -547,7 +552,10 @@ impl StageIo {
                 self.in_txn = false;
             }
         }
-        log_commit(&tpl);
+        self.waited += started.elapsed();
+        if tpl.count() > 0 {
+            log_commit(&tpl, std::mem::take(&mut self.waited));
+        }
         Ok(())
     }
 
@@ -672,7 +680,9 @@ pub fn default_member() -> String {
 /// with the wall time (`at_ms`) and the offsets as `topic/partition=next`. Off by default;
 /// the stage benchmark enables it to stop a stage's clock at the commit that reaches the
 /// end of its input, without asking the broker over and over.
-fn log_commit(tpl: &TopicPartitionList) {
+/// `waited`: how long the stage waited for acknowledgements and commits since the last
+/// logged commit, this one's included.
+fn log_commit(tpl: &TopicPartitionList, waited: Duration) {
     if tpl.count() == 0 || !tracing::enabled!(target: "meterflow::commit", tracing::Level::DEBUG) {
         return;
     }
@@ -688,6 +698,7 @@ fn log_commit(tpl: &TopicPartitionList) {
         target: "meterflow::commit",
         at_ms = now_ms(),
         offsets = %offsets.join(","),
+        waited_us = waited.as_micros() as u64,
         "committed"
     );
 }
@@ -700,7 +711,8 @@ pub fn parse_commit_log(line: &str) -> Option<LoggedCommit> {
     const AT: &str = "committed at_ms=";
     let rest = &line[line.find(AT)? + AT.len()..];
     let (at, rest) = rest.split_once(' ')?;
-    let offsets = rest.strip_prefix("offsets=")?.trim_end();
+    // the offsets are one field without spaces; what follows them is not theirs
+    let offsets = rest.strip_prefix("offsets=")?.split_whitespace().next()?;
     let parsed = offsets
         .split(',')
         .filter(|s| !s.is_empty())
@@ -745,7 +757,7 @@ mod commit_log_tests {
             .with_ansi(false)
             .with_writer(move || w.clone())
             .finish();
-        tracing::subscriber::with_default(sub, || log_commit(tpl));
+        tracing::subscriber::with_default(sub, || log_commit(tpl, Duration::from_micros(1500)));
         let out = buf.0.lock().expect("buffer").clone();
         String::from_utf8(out).expect("utf-8")
     }
@@ -764,6 +776,7 @@ mod commit_log_tests {
             .find_map(parse_commit_log)
             .unwrap_or_else(|| panic!("no commit line in {out:?}"));
         assert!(at >= before && at <= now_ms(), "at_ms {at}");
+        assert!(out.contains("waited_us=1500"), "{out}");
         assert_eq!(
             offsets,
             vec![
