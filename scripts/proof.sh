@@ -48,6 +48,12 @@ if ! skip bench; then
   METERFLOW_BENCH_DIR="$(mktemp -d "${BENCH_ROOT:-/var/tmp}/meterflow-bench.XXXXXX")"
   export METERFLOW_BENCH_DIR
   "$rel/bench-pipeline" stages 200 1001
+  # each stage five times more against its relay (the medians: single runs scatter on
+  # a machine whose speed moves within minutes)
+  "$rel/bench-pipeline" enricher-ab 200 1001 5
+  "$rel/bench-pipeline" rater-ab 200 1001 5
+  "$rel/bench-pipeline" settler-ab 200 1001 5 day
+  "$rel/bench-pipeline" settler-ab 200 1001 5 month
   "$rel/bench-pipeline" chain 200 1001
   "$rel/bench-pipeline" 200 1001
   "$rel/bench-pipeline" latency 200 1200 60 300

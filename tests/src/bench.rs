@@ -450,6 +450,56 @@ pub fn enricher_ab(
     })
 }
 
+/// Two (or more) builds of the rater alternated on the same usage: the collector and the
+/// enricher run once, then each round runs every build in turn, each as its own group
+/// with its own rated and state topics (a run must not find the last run's closed
+/// windows), against a relay of the usage measured just before it. The settler does not
+/// run; each run's rated-topic count is printed beside it.
+pub fn rater_ab(run: FleetRun, builds: &[std::path::PathBuf], rounds: usize) -> anyhow::Result<()> {
+    let mut p = prefilled(run)?;
+    let t = p.kafka.topics.clone();
+    stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
+    p.enricher.terminate(Duration::from_secs(30));
+    // the rules and period the pipeline gave the rater, kept for every run
+    let base: String = std::fs::read_to_string(p.path().join("rater.toml"))?
+        .lines()
+        .filter(|l| l.starts_with("rules_dir") || l.starts_with("billing_period"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    println!("| run | build | usage-topic messages | rated-topic messages | rater s | relay s | vs relay | rater CPU s | relay CPU s | broker CPU s (rater / relay) |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    alternated(&mut p, builds, rounds, |p, i, build| {
+        let name = format!("ab{i}");
+        let group = format!("meterflow-rater-{name}");
+        let rated = format!("{}-{name}", t.rated);
+        p.configure(
+            "rater",
+            &format!(
+                "group = \"{group}\"\n{base}[kafka.topics]\nrated = \"{rated}\"\n\
+                 rater_state = \"{}-{name}\"\n",
+                t.rater_state
+            ),
+        );
+        p.rater.set_program(build);
+        let (n, (relay, relay_cpu, relay_broker)) =
+            relay_here(p, &t.usage, &format!("usage-{name}"))?;
+        let st = stage_alone_in(p, "rater", &group, &t.usage, |_| true)?;
+        anyhow::ensure!(
+            p.rater.terminate(Duration::from_secs(30)).is_some(),
+            "rater run {i} did not stop"
+        );
+        let ratio = relay / st.secs;
+        let row = format!(
+            "{n} | {} | {:.3} | {relay:.3} | {ratio:.2} | {:.3} | {relay_cpu:.3} | {:.3} / {relay_broker:.3}",
+            p.messages(&rated),
+            st.secs,
+            st.cpu,
+            st.broker_cpu
+        );
+        Ok((ratio, row))
+    })
+}
+
 /// Two (or more) builds of the settler alternated on the same revenue events, by `period`
 /// (`month`, its default, or `day`, ...): the enricher and rater run once, then each
 /// round runs every build in turn, each as its own group with its own directory and

@@ -19,8 +19,9 @@
 //! `bench-pipeline settler-ab [instances] [polls] [rounds] [period]`: the settler by
 //! `period` (default `month`, the settler's default), the builds listed in `METERFLOW_BENCH_AB`
 //! (`/path/a:/path/b`) alternated on the same revenue events, each against its own relay.
-//! `bench-pipeline enricher-ab [instances] [polls] [rounds]`: the enricher builds listed in
-//! `METERFLOW_BENCH_AB` alternated on the same samples, each against its own relay.
+//! `bench-pipeline enricher-ab [instances] [polls] [rounds]` and `rater-ab …`: likewise
+//! for the enricher on the same samples and the rater on the same usage (with one build,
+//! the same stage `rounds` times: the median of repeated runs, each against its relay).
 //! `bench-pipeline probes [instances] [polls]`: the enricher with its probe off and on.
 //! `bench-pipeline latency [instances] [polls] [poll_s] [speed]`: end-to-end latency of a
 //! paced fleet against the moment each window could close.
@@ -41,6 +42,15 @@ use meterflow_tests::expect::{FleetRun, DAY};
 use meterflow_tests::pipeline::{block_on, Pipeline};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+/// The builds an `-ab` mode alternates: `METERFLOW_BENCH_AB=/path/a:/path/b`, else this
+/// build's `program` run again and again.
+fn ab_builds(program: &str) -> Vec<std::path::PathBuf> {
+    match std::env::var("METERFLOW_BENCH_AB") {
+        Ok(v) => std::env::split_paths(&v).collect(),
+        Err(_) => vec![meterflow_tests::bin(program)],
+    }
+}
 
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -67,7 +77,8 @@ fn main() -> anyhow::Result<()> {
                 num(2, 720)? as u32,
             );
         }
-        "" | "stages" | "chain" | "enricher" | "probes" | "settler-ab" | "enricher-ab" => {}
+        "" | "stages" | "chain" | "enricher" | "probes" | "settler-ab" | "enricher-ab"
+        | "rater-ab" => {}
         other => anyhow::bail!("unknown mode {other}"),
     }
     let instances = num(0, 200)? as u32;
@@ -79,21 +90,17 @@ fn main() -> anyhow::Result<()> {
     match mode.as_str() {
         "stages" => return meterflow_tests::bench::stages(run),
         "settler-ab" => {
-            // the builds to alternate: `METERFLOW_BENCH_AB=/path/a:/path/b`, else this build
-            let builds: Vec<std::path::PathBuf> = match std::env::var("METERFLOW_BENCH_AB") {
-                Ok(v) => std::env::split_paths(&v).collect(),
-                Err(_) => vec![meterflow_tests::bin("meterflow-settler")],
-            };
+            let builds = ab_builds("meterflow-settler");
             let period = args.get(3).map_or("month", String::as_str);
             return meterflow_tests::bench::settler_ab(run, &builds, num(2, 3)? as usize, period);
         }
         "enricher-ab" => {
-            // `METERFLOW_BENCH_AB=/path/a:/path/b`, else this build
-            let builds: Vec<std::path::PathBuf> = match std::env::var("METERFLOW_BENCH_AB") {
-                Ok(v) => std::env::split_paths(&v).collect(),
-                Err(_) => vec![meterflow_tests::bin("meterflow-enricher")],
-            };
+            let builds = ab_builds("meterflow-enricher");
             return meterflow_tests::bench::enricher_ab(run, &builds, num(2, 3)? as usize);
+        }
+        "rater-ab" => {
+            let builds = ab_builds("meterflow-rater");
+            return meterflow_tests::bench::rater_ab(run, &builds, num(2, 3)? as usize);
         }
         "chain" => return meterflow_tests::bench::chain(run),
         "enricher" => return enricher(run, samples),
