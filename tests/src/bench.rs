@@ -414,6 +414,7 @@ pub fn enricher_ab(
     builds: &[std::path::PathBuf],
     rounds: usize,
 ) -> anyhow::Result<()> {
+    check_ab(builds, rounds)?;
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
     println!("| run | build | samples-topic messages | usage-topic messages | enricher s | relay s | vs relay | enricher CPU s | relay CPU s | broker CPU s (enricher / relay) |");
@@ -456,6 +457,7 @@ pub fn enricher_ab(
 /// windows), against a relay of the usage measured just before it. The settler does not
 /// run; each run's rated-topic count is printed beside it.
 pub fn rater_ab(run: FleetRun, builds: &[std::path::PathBuf], rounds: usize) -> anyhow::Result<()> {
+    check_ab(builds, rounds)?;
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
     stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
@@ -512,6 +514,7 @@ pub fn settler_ab(
     rounds: usize,
     period: &str,
 ) -> anyhow::Result<()> {
+    check_ab(builds, rounds)?;
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
     stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
@@ -539,6 +542,15 @@ pub fn settler_ab(
     })
 }
 
+/// Before the expensive part: something to alternate.
+fn check_ab(builds: &[std::path::PathBuf], rounds: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !builds.is_empty() && rounds > 0,
+        "no builds or rounds to compare"
+    );
+    Ok(())
+}
+
 /// `rounds` rounds of every build in turn: `one(p, i, build)` runs run `i` and returns
 /// its ratio against its relay and the rest of its table row. Prints each row, then each
 /// build's median ratio, and stops the pipeline.
@@ -548,10 +560,7 @@ fn alternated(
     rounds: usize,
     mut one: impl FnMut(&mut Pipeline, usize, &std::path::Path) -> anyhow::Result<(f64, String)>,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        !builds.is_empty() && rounds > 0,
-        "no builds or rounds to compare"
-    );
+    check_ab(builds, rounds)?;
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
     for i in 0..rounds * builds.len() {
         let b = i % builds.len();
