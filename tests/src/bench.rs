@@ -417,38 +417,21 @@ pub fn enricher_ab(
     check_ab(builds, rounds)?;
     let mut p = prefilled(run)?;
     let t = p.kafka.topics.clone();
+    let runs = AbStage {
+        stage: "enricher",
+        input: t.samples.clone(),
+        output: t.usage.clone(),
+        config: |name: &str| {
+            format!(
+                "[kafka.topics]\nusage = \"{}-{name}\"\nparked = \"{}-{name}\"\n\
+                 enricher_state = \"{}-{name}\"\n",
+                t.usage, t.parked, t.enricher_state
+            )
+        },
+    };
     println!("| run | build | samples-topic messages | usage-topic messages | enricher s | relay s | vs relay | enricher CPU s | relay CPU s | broker CPU s (enricher / relay) |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    alternated(&mut p, builds, rounds, |p, i, build| {
-        let name = format!("ab{i}");
-        let group = format!("meterflow-enricher-{name}");
-        let usage = format!("{}-{name}", t.usage);
-        p.configure(
-            "enricher",
-            &format!(
-                "group = \"{group}\"\n[kafka.topics]\nusage = \"{usage}\"\n\
-                 parked = \"{}-{name}\"\nenricher_state = \"{}-{name}\"\n",
-                t.parked, t.enricher_state
-            ),
-        );
-        p.enricher.set_program(build);
-        let (n, (relay, relay_cpu, relay_broker)) =
-            relay_here(p, &t.samples, &format!("samples-{name}"))?;
-        let st = stage_alone_in(p, "enricher", &group, &t.samples, |_| true)?;
-        anyhow::ensure!(
-            p.enricher.terminate(Duration::from_secs(30)).is_some(),
-            "enricher run {i} did not stop"
-        );
-        let ratio = relay / st.secs;
-        let row = format!(
-            "{n} | {} | {:.3} | {relay:.3} | {ratio:.2} | {:.3} | {relay_cpu:.3} | {:.3} / {relay_broker:.3}",
-            p.messages(&usage),
-            st.secs,
-            st.cpu,
-            st.broker_cpu
-        );
-        Ok((ratio, row))
-    })
+    alternated(&mut p, builds, rounds, |p, i, build| runs.run(p, i, build))
 }
 
 /// Two (or more) builds of the rater alternated on the same usage: the collector and the
@@ -468,38 +451,66 @@ pub fn rater_ab(run: FleetRun, builds: &[std::path::PathBuf], rounds: usize) -> 
         .filter(|l| l.starts_with("rules_dir") || l.starts_with("billing_period"))
         .map(|l| format!("{l}\n"))
         .collect();
+    let runs = AbStage {
+        stage: "rater",
+        input: t.usage.clone(),
+        output: t.rated.clone(),
+        config: |name: &str| {
+            format!(
+                "{base}[kafka.topics]\nrated = \"{}-{name}\"\nrater_state = \"{}-{name}\"\n",
+                t.rated, t.rater_state
+            )
+        },
+    };
     println!("| run | build | usage-topic messages | rated-topic messages | rater s | relay s | vs relay | rater CPU s | relay CPU s | broker CPU s (rater / relay) |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    alternated(&mut p, builds, rounds, |p, i, build| {
+    alternated(&mut p, builds, rounds, |p, i, build| runs.run(p, i, build))
+}
+
+/// One run of an alternation for the enricher or the rater: `stage` as group
+/// `meterflow-{stage}-ab{i}` reading `input`, configured by `config(name)` (its own
+/// output and state topics, `{topic}-{name}`), against a relay of `input` just before.
+struct AbStage<C> {
+    stage: &'static str,
+    input: String,
+    output: String,
+    config: C,
+}
+
+impl<C: Fn(&str) -> String> AbStage<C> {
+    fn run(
+        &self,
+        p: &mut Pipeline,
+        i: usize,
+        build: &std::path::Path,
+    ) -> anyhow::Result<(f64, String)> {
+        let stage = self.stage;
         let name = format!("ab{i}");
-        let group = format!("meterflow-rater-{name}");
-        let rated = format!("{}-{name}", t.rated);
+        let group = format!("meterflow-{stage}-{name}");
         p.configure(
-            "rater",
-            &format!(
-                "group = \"{group}\"\n{base}[kafka.topics]\nrated = \"{rated}\"\n\
-                 rater_state = \"{}-{name}\"\n",
-                t.rater_state
-            ),
+            stage,
+            &format!("group = \"{group}\"\n{}", (self.config)(&name)),
         );
-        p.rater.set_program(build);
+        stage_proc(p, stage).set_program(build);
         let (n, (relay, relay_cpu, relay_broker)) =
-            relay_here(p, &t.usage, &format!("usage-{name}"))?;
-        let st = stage_alone_in(p, "rater", &group, &t.usage, |_| true)?;
+            relay_here(p, &self.input, &format!("{stage}-{name}"))?;
+        let st = stage_alone_in(p, stage, &group, &self.input, |_| true)?;
         anyhow::ensure!(
-            p.rater.terminate(Duration::from_secs(30)).is_some(),
-            "rater run {i} did not stop"
+            stage_proc(p, stage)
+                .terminate(Duration::from_secs(30))
+                .is_some(),
+            "{stage} run {i} did not stop"
         );
         let ratio = relay / st.secs;
         let row = format!(
             "{n} | {} | {:.3} | {relay:.3} | {ratio:.2} | {:.3} | {relay_cpu:.3} | {:.3} / {relay_broker:.3}",
-            p.messages(&rated),
+            p.messages(&format!("{}-{name}", self.output)),
             st.secs,
             st.cpu,
             st.broker_cpu
         );
         Ok((ratio, row))
-    })
+    }
 }
 
 /// Two (or more) builds of the settler alternated on the same revenue events, by `period`
