@@ -445,10 +445,12 @@ pub fn rater_ab(run: FleetRun, builds: &[std::path::PathBuf], rounds: usize) -> 
     let t = p.kafka.topics.clone();
     stage_alone(&mut p, "enricher", &t.samples, |_| true)?;
     p.enricher.terminate(Duration::from_secs(30));
-    // the rules and period the pipeline gave the rater, kept for every run
+    // what the pipeline configured the rater with (its rules, its period: the top-level
+    // settings but its member name), kept for every run
     let base: String = std::fs::read_to_string(p.path().join("rater.toml"))?
         .lines()
-        .filter(|l| l.starts_with("rules_dir") || l.starts_with("billing_period"))
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("member"))
         .map(|l| format!("{l}\n"))
         .collect();
     let runs = AbStage {
@@ -564,14 +566,14 @@ fn check_ab(builds: &[std::path::PathBuf], rounds: usize) -> anyhow::Result<()> 
 
 /// `rounds` rounds of every build in turn: `one(p, i, build)` runs run `i` and returns
 /// its ratio against its relay and the rest of its table row. Prints each row, then each
-/// build's median ratio, and stops the pipeline.
+/// build's median ratio, and stops the pipeline. Its callers `check_ab` first, before
+/// the pipeline's expensive set-up.
 fn alternated(
     p: &mut Pipeline,
     builds: &[std::path::PathBuf],
     rounds: usize,
     mut one: impl FnMut(&mut Pipeline, usize, &std::path::Path) -> anyhow::Result<(f64, String)>,
 ) -> anyhow::Result<()> {
-    check_ab(builds, rounds)?;
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); builds.len()];
     for i in 0..rounds * builds.len() {
         let b = i % builds.len();
