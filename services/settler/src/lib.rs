@@ -252,6 +252,7 @@ impl Flight {
         let job = tokio::spawn(async move {
             // however the job ends
             let _ended = ended.drop_guard();
+            let (began, sets) = (std::time::Instant::now(), items.len());
             let prepared = futures::future::try_join_all(items.into_iter().map(
                 |(version, label, bounds, entity, events, opts)| {
                     let store = &store;
@@ -270,7 +271,16 @@ impl Flight {
                 },
             ))
             .await?;
-            files::write_versions(&store, prepared).await
+            let encoded = began.elapsed();
+            let written = files::write_versions(&store, prepared).await?;
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            tracing::debug!(
+                sets,
+                encoded_ms = ms(encoded),
+                written_ms = ms(began.elapsed() - encoded),
+                "file sets encoded and written"
+            );
+            Ok(written)
         });
         Flight {
             job,
