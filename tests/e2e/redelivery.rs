@@ -171,9 +171,9 @@ fn a_fetch_from_inside_a_batch_leaves_records_out_and_repeats_the_last_one_and_a
         }
         got
     };
-    // 11,175 lies 43 records into a batch of 120 that begins at 11,132 (92 polls of 121)
-    let from = 11_175;
-    let boundary = 11_132 + 120;
+    // 43 records into the 93rd poll's batch of 120 (11,175; its boundary 11,252)
+    let batch = 92 * 121;
+    let (from, boundary) = (batch + 43, batch + 120);
     let got = plain(from);
     let offsets: Vec<i64> = got.iter().map(|(o, _)| *o).collect();
     let left_out = boundary - from;
@@ -196,7 +196,8 @@ fn a_fetch_from_inside_a_batch_leaves_records_out_and_repeats_the_last_one_and_a
         .map(|(_, p)| p.as_slice())
         .collect();
     assert_eq!(last.len(), 1, "copies of one record");
-    // a stage, committed at 21,175: its rewind (10,000) starts the fetch at 11,175
+    // a stage resuming from 21,175 (a first read commits it): its rewind (10,000)
+    // starts the fetch at 11,175
     let committed = from + cfg.resume_rewind;
     read_all(&cfg, &topic, &ends, committed);
     each_once(&read_all(&cfg, &topic, &ends, committed), committed..end);

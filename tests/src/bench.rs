@@ -429,9 +429,7 @@ pub fn enricher_ab(
             )
         },
     };
-    println!("| run | build | samples-topic messages | usage-topic messages | enricher s | relay s | vs relay | enricher CPU s | relay CPU s | broker CPU s (enricher / relay) |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    alternated(&mut p, builds, rounds, |p, i, build| runs.run(p, i, build))
+    runs.alternate(&mut p, builds, rounds, ("samples", "usage"))
 }
 
 /// Two (or more) builds of the rater alternated on the same usage: the collector and the
@@ -464,9 +462,7 @@ pub fn rater_ab(run: FleetRun, builds: &[std::path::PathBuf], rounds: usize) -> 
             )
         },
     };
-    println!("| run | build | usage-topic messages | rated-topic messages | rater s | relay s | vs relay | rater CPU s | relay CPU s | broker CPU s (rater / relay) |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    alternated(&mut p, builds, rounds, |p, i, build| runs.run(p, i, build))
+    runs.alternate(&mut p, builds, rounds, ("usage", "rated"))
 }
 
 /// One run of an alternation for the enricher or the rater: `stage` as group
@@ -480,6 +476,21 @@ struct AbStage<C> {
 }
 
 impl<C: Fn(&str) -> String> AbStage<C> {
+    /// The table's header (`topics`: how the input and output topics are named in it),
+    /// then every run (`alternated`).
+    fn alternate(
+        &self,
+        p: &mut Pipeline,
+        builds: &[std::path::PathBuf],
+        rounds: usize,
+        topics: (&str, &str),
+    ) -> anyhow::Result<()> {
+        let (s, (input, output)) = (self.stage, topics);
+        println!("| run | build | {input}-topic messages | {output}-topic messages | {s} s | relay s | vs relay | {s} CPU s | relay CPU s | broker CPU s ({s} / relay) |");
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        alternated(p, builds, rounds, |p, i, build| self.run(p, i, build))
+    }
+
     fn run(
         &self,
         p: &mut Pipeline,
