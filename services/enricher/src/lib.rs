@@ -896,6 +896,9 @@ struct Limits {
 
 /// A samples message as the batch's threads leave it for the main loop: a sample is a
 /// view of its message (the batch outlives it; one is copied only when it is parked).
+// Nearly every message is the large variant: boxing it would allocate once a message
+// on the hot path to save space in a batch's one vector.
+#[allow(clippy::large_enum_variant)]
 enum Prepared<'a> {
     Undecodable(meterflow_avro::DecodeError),
     Heartbeat(NodeHeartbeat),

@@ -1201,6 +1201,9 @@ impl Distinct {
 }
 
 /// A usage message as the batch's threads leave it for the main loop.
+// Nearly every message is the large variant: boxing it would allocate once a message
+// on the hot path to save space in a batch's one vector.
+#[allow(clippy::large_enum_variant)]
 enum Prepared<'a> {
     Undecodable(meterflow_avro::DecodeError),
     Watermark(Watermark),
