@@ -115,7 +115,10 @@ fn a_stage_takes_each_record_of_an_assignment_once_and_in_order() {
 /// record K more times — the copies the chaos runs saw after every resumption. A stage
 /// resuming from a committed offset whose rewind lands inside a batch gets every record
 /// from that offset once, in order: the left-out records lie below it, the copies are
-/// dropped. Batches of 120 records and of one, as a collector's poll writes them.
+/// dropped. Batches of 120 records and of one, as a collector's poll writes them. (Both
+/// halves are the broker's: its fetch loop counts on from the offset asked for, so it
+/// asks its storage K records short of the end K more times, and gets the last batch of
+/// one record each time; RELIABILITY.md, session 45.)
 #[test]
 fn a_fetch_from_inside_a_batch_leaves_records_out_and_repeats_the_last_one_and_a_stage_takes_each_once(
 ) {

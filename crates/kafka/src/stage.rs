@@ -28,8 +28,10 @@ pub enum Assignment {
 /// assignment starts each partition `rewind` records before its committed offset.
 ///
 /// Why rewind: Kafka serves a fetch from the record batch that *contains* the requested
-/// offset, but Tansu 0.6 serves it from the first batch whose base offset is at or after
-/// it — a consumer resuming mid-batch would silently skip the rest of that batch.
+/// offset, but Tansu 0.6's in-memory storage serves it from the first batch whose base
+/// offset is at or after it — a consumer resuming mid-batch would silently skip the rest
+/// of that batch (and be handed copies of the partition's last record instead:
+/// RELIABILITY.md, session 45).
 /// Starting up to `rewind` records earlier (no producer batch holds more: librdkafka's
 /// `batch.num.messages` caps it at 10 000) reaches a batch boundary on any broker;
 /// `next_batch` then drops every record below the committed offset, so the stage sees
